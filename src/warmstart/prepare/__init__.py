@@ -1,0 +1,1 @@
+"""`warmstart prepare`: raw ILSVRC2012 archives (official or Kaggle) -> verified ImageFolder trees."""
