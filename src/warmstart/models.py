@@ -36,8 +36,10 @@ HOW_TO_NAME = ("use a torchvision name (resnet50), 'timm:NAME' for a timm model,
                "or 'path/to/file.py:Name' / 'package.module:Name' for your own code")
 
 # torchvision's auxiliary-classifier nets return a tuple in train mode; a plain
-# `--model inception_v3` should train without the user knowing that.
-ZOO_DEFAULT_KWARGS = {"inception_v3": {"aux_logits": False}, "googlenet": {"aux_logits": False}}
+# `--model inception_v3` should train without the user knowing that. init_weights=True is
+# their documented init and silences a FutureWarning about a future default.
+ZOO_DEFAULT_KWARGS = {"inception_v3": {"aux_logits": False, "init_weights": True},
+                      "googlenet": {"aux_logits": False, "init_weights": True}}
 
 
 def build_model(spec: str, num_classes: int, kwargs: dict | None = None) -> tuple[nn.Module, dict]:
@@ -107,7 +109,8 @@ def dry_run(model: nn.Module, images: torch.Tensor, num_classes: int) -> list[st
                 out = model(images)
             except Exception as e:
                 raise UserError(_user_code_error(
-                    e, f"the model's forward failed on a batch of shape {tuple(images.shape)}",
+                    e, f"the model's forward failed on a batch of shape {tuple(images.shape)} "
+                    f"(does it support this input size?)",
                     roots=[])) from None
             if not torch.is_tensor(out):
                 raise UserError(
