@@ -1,0 +1,56 @@
+"""`warmstart` entry point: one parser, one subcommand per stage.
+
+Each stage module exposes HELP (one line), optional DESCRIPTION, add_arguments(parser) and run(args) -> int.
+Only the chosen stage's module is imported, so `warmstart prepare` never pays for importing torch.
+"""
+
+import argparse
+import importlib
+import sys
+
+from warmstart import __version__
+from warmstart.errors import UserError
+
+# Only commands that work are listed here: name -> (module, one-line help shown by `warmstart --help`).
+COMMANDS = {
+    "prepare": ("warmstart.prepare.command", "ILSVRC2012 archives (official or Kaggle) -> verified train/ val/ folders"),
+    "train": ("warmstart.train", "pretrain a model (zoo name or your own file) on train/ + val/ folders"),
+    "evaluate": ("warmstart.evaluate", "evaluate a checkpoint (loss, top-1, top-5) on a folder"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="warmstart",
+        description="Pretrain your own network on ImageNet: prepare the raw archives, train, evaluate.",
+    )
+    parser.add_argument("--version", action="version", version=f"warmstart {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help) in COMMANDS.items():
+        if name != chosen:
+            sub.add_parser(name, help=help)
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help, description=getattr(module, "DESCRIPTION", module.HELP),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"warmstart {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"warmstart {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Training configuration: one dataclass, its defaults, YAML recipes and command-line overrides.
+
+Precedence: dataclass defaults < `--config recipe.yaml` < flags given on the command line. The fully
+resolved result is saved as RUN/config.yaml and inside every checkpoint.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from warmstart.errors import UserError
+
+
+def _opt(default, help: str, *flags: str, choices=None, metavar=None):
+    meta = {"help": help, "flags": flags, "choices": choices, "metavar": metavar}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # what to train, on what, where
+    data: str | None = _opt(None, "dataset folder holding train/ and val/ (ImageFolder layout; what `warmstart prepare` writes)")
+    model: str = _opt("resnet50", "architecture: torchvision name (resnet50), timm:NAME (timm:convnext_tiny), "
+                     "path/file.py:ClassOrFactory or package.module:callable", "-a", "--arch", metavar="MODEL")
+    model_kwargs: dict = _opt({}, "JSON keyword arguments for the model constructor, e.g. '{\"width\": 48}'")
+    out: str | None = _opt(None, "run directory (default runs/<model name>)", metavar="RUN")
+    resume: str | None = _opt(None, "'auto' continues from RUN/checkpoints/last.pt if present; or a checkpoint path", metavar="CKPT")
+    evaluate: bool = _opt(False, "only evaluate (the --resume checkpoint) on the validation set, as in the classic example", "-e")
+    seed: int = _opt(0, "random seed; the same seed gives the same run, bit for bit on CPU")
+    device: str | None = _opt(None, "cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    # schedule and optimiser
+    epochs: int = _opt(32, "number of epochs")
+    batch_size: int = _opt(128, "images per step per process (global batch = this x processes x --accum-steps)", "-b")
+    accum_steps: int = _opt(1, "gradient accumulation: batches per optimiser update")
+    workers: int = _opt(min(8, os.cpu_count() or 1), "data-loading processes per training process (0 = load in the main process)", "-j")
+    opt: str = _opt("sgd", "optimiser: sgd (Nesterov momentum), momentum (plain), adamw, lamb, lars (any timm optimiser name)")
+    lr: float | None = _opt(None, "absolute learning rate; overrides --lr-base scaling")
+    lr_base: float = _opt(1.0, "learning rate for a global batch of 256; scaled linearly with the global batch")
+    momentum: float = _opt(0.9, "SGD/LARS momentum")
+    weight_decay: float = _opt(5e-5, "weight decay (never applied to norms and biases)", "--wd")
+    sched: str = _opt("cosine", "learning-rate schedule, stepped every update", choices=["cosine", "step", "constant"])
+    warmup_epochs: float = _opt(2.0, "linear warmup length in epochs")
+    warmup_lr: float = _opt(1e-5, "learning rate at the start of warmup")
+    min_lr: float = _opt(0.0, "floor of the cosine schedule")
+    decay_epochs: float = _opt(30.0, "step schedule: epochs between decays")
+    decay_rate: float = _opt(0.1, "step schedule: factor applied at each decay")
+    clip_grad: float | None = _opt(None, "clip the global gradient norm to this value")
+    # regularisation
+    label_smoothing: float = _opt(0.1, "label smoothing")
+    mixup: float = _opt(0.0, "mixup alpha (0 = off)")
+    cutmix: float = _opt(0.0, "cutmix alpha (0 = off)")
+    ema: bool = _opt(False, "keep an exponential moving average of the weights (evaluated too)")
+    ema_decay: float = _opt(0.9998, "EMA decay per update")
+    zero_init_last: bool = _opt(True, "zero the last norm of each residual block so blocks start as identity")
+    # data and augmentation
+    img_size: int = _opt(224, "training resolution (the final one with progressive resizing)")
+    img_size_start: int | None = _opt(None, "progressive resizing: first-epoch resolution, ramped linearly to --img-size")
+    eval_img_size: int | None = _opt(None, "evaluation resolution (default --img-size); higher often scores better")
+    crop_pct: float = _opt(0.875, "evaluation centre-crop fraction: resize to size/crop_pct, then crop size")
+    min_scale: float = _opt(0.08, "RandomResizedCrop smallest area fraction")
+    auto_augment: str | None = _opt(None, "trivialaugment, randaugment or randaugment-M (magnitude M)")
+    reprob: float = _opt(0.0, "random-erasing probability")
+    # precision and speed
+    amp: str | None = _opt(None, "mixed precision", choices=["bf16", "fp16"])
+    channels_last: bool = _opt(False, "NHWC memory format (faster convolutions on tensor cores)")
+    compile: bool = _opt(False, "torch.compile the model")
+    # bookkeeping
+    eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)")
+    save_every_minutes: float = _opt(10.0, "also write last.pt every N minutes inside an epoch (fractions allowed)")
+
+    @property
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        name = self.model.split(":")[-1] if ":" in self.model and not self.model.startswith("timm:") else self.model
+        return Path("runs") / name.replace("timm:", "").replace("/", "_")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"width\": 48}}', got {text!r}")
+    return value
+
+
+def _parser_type(f: dataclasses.Field):
+    kind = str(f.type)
+    if "dict" in kind:
+        return _json_dict
+    if "bool" in kind:
+        return _bool
+    if "int" in kind:
+        return int
+    if "float" in kind:
+        return float
+    return str
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--snake-case), plus its aliases; all default to 'not given'."""
+    parser.add_argument("data_pos", nargs="?", metavar="DATA", help="dataset folder (same as --data)")
+    parser.add_argument("--config", metavar="YAML", help="recipe file (see examples/recipes/); flags override it")
+    for name, f in FIELDS.items():
+        flags = [*f.metadata["flags"], "--" + name.replace("_", "-")]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help = f.metadata["help"] + (f" (default: {default})" if default not in (None, False, {}) else "")
+        kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help, metavar=f.metadata["metavar"])
+        if _parser_type(f) is _bool:
+            # `--ema` turns on, `--ema false` / `--no-ema` turn off
+            parser.add_argument(*flags, type=_bool, nargs="?", const=True, **kwargs)
+            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(*flags, type=_parser_type(f), choices=f.metadata["choices"], **kwargs)
+
+
+def _coerce(name: str, value, source: str):
+    if value is None:
+        return None
+    f = FIELDS[name]
+    try:
+        if _parser_type(f) is _json_dict:
+            return value if isinstance(value, dict) else _json_dict(value)
+        return _parser_type(f)(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        raise UserError(f"{source}: bad value for {name}: {value!r} ({e})") from None
+
+
+def load_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist; see examples/recipes/ for recipe files")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p} must be a mapping of option: value (see examples/recipes/)")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise UserError(f"{p}: unknown option(s) {', '.join(unknown)}; valid ones are the --flags of `warmstart train --help`")
+    return {k: _coerce(k, v, str(p)) for k, v in data.items()}
+
+
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    values = {}
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    values.update({k: v for k, v in vars(args).items() if k in FIELDS})
+    if getattr(args, "data_pos", None):
+        values["data"] = args.data_pos
+    cfg = TrainConfig(**values)
+    for name in ("epochs", "batch_size", "accum_steps", "img_size", "eval_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {cfg.workers}")
+    if cfg.auto_augment and cfg.auto_augment != "trivialaugment" and not cfg.auto_augment.startswith("randaugment"):
+        raise UserError(f"--auto-augment {cfg.auto_augment!r}: use trivialaugment, randaugment or randaugment-M")
+    return cfg
+
+
+def save_yaml(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,80 @@
+"""A folder of labelled images, addressed by (index, seed, size) keys from the samplers."""
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from warmstart.data.transforms import eval_resize_size, eval_transform, load_image, train_transform
+
+
+class ImageDataset(Dataset):
+    """train=True: random crops at the size the sampler asks for, seeded per sample.
+    train=False: the deterministic eval transform described by `spec` (see transforms.transform_spec)."""
+
+    def __init__(self, root: Path, samples: list[tuple[str, int]], *, train: bool, spec: dict | None = None,
+                 min_scale: float = 0.08, auto_augment: str | None = None):
+        self.root, self.samples, self.train, self.spec = Path(root), samples, train, spec
+        self.min_scale, self.auto_augment = min_scale, auto_augment
+        self._transforms = {}  # size -> transform, built lazily in each worker
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _transform(self, size: int):
+        if size not in self._transforms:
+            self._transforms[size] = (train_transform(size, min_scale=self.min_scale, auto_augment=self.auto_augment)
+                                      if self.train else eval_transform(self.spec))
+        return self._transforms[size]
+
+    def __getitem__(self, key):
+        index, seed, size = key
+        rel, label = self.samples[index]
+        try:
+            img = load_image(self.root / rel, size if self.train else eval_resize_size(self.spec))
+        except Exception:  # corrupt or unreadable: skipped by collate and counted, never a crash
+            return None, label
+        if not self.train:
+            return self._transform(size)(img), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._transform(size)(img), label
+
+
+def collate(batch):
+    """Stack the readable samples; the third item counts the unreadable ones that were dropped."""
+    good = [(x, y) for x, y in batch if x is not None]
+    if not good:
+        return torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long), len(batch)
+    images = torch.stack([x for x, _ in good])
+    labels = torch.tensor([y for _, y in good])
+    return images, labels, len(batch) - len(good)
+
+
+def make_loader(dataset, sampler, *, batch_size: int, workers: int, train: bool, pin_memory: bool = False):
+    # its own generator: creating an iterator must not draw from the global RNG, or a resumed run would
+    # continue from a different random state than the uninterrupted one
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      drop_last=train, pin_memory=pin_memory, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(0))
+
+
+def read_human_names(root: Path, classes: list[str]) -> list[str] | None:
+    """Human-readable class names from ROOT/synsets.txt ('wnid names' lines, as `warmstart prepare` writes)."""
+    path = Path(root) / "synsets.txt"
+    if not path.is_file():
+        return None
+    names = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)
+    return [names.get(c, c) for c in classes]
+
+
+def eval_loader(split_dir: Path, classes: list[str], spec: dict, *, batch_size: int, workers: int,
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+    """A loader over every image of split_dir once (sharded across ranks), labelled in `classes` order."""
+    from warmstart.data.folder import index_folder
+    from warmstart.data.sampler import EvalSampler
+
+    _, samples = index_folder(split_dir, classes)
+    dataset = ImageDataset(split_dir, samples, train=False, spec=spec)
+    sampler = EvalSampler(len(dataset), size=spec["size"], rank=rank, world_size=world_size)
+    return make_loader(dataset, sampler, batch_size=batch_size, workers=workers, train=False, pin_memory=pin_memory)

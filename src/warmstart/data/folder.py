@@ -1,0 +1,87 @@
+"""ImageFolder-style trees (`train/<class>/*`, `val/<class>/*`) with a cached file index.
+
+Scanning 1.28 M files takes minutes, so the index is cached under ~/.cache/warmstart (or $WARMSTART_CACHE)
+and reused while no class folder's mtime changed (adding or removing a file changes its folder's mtime).
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from warmstart.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("WARMSTART_CACHE", Path.home() / ".cache" / "warmstart"))
+
+
+def list_classes(split_dir: Path) -> list[str]:
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir} is not a folder; expected an ImageFolder tree with one sub-folder per class")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise UserError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image files>")
+    return classes
+
+
+def _scan(split_dir: Path, classes: list[str]) -> dict[str, list[str]]:
+    files = {}
+    for c in classes:
+        names = [e.name for e in os.scandir(split_dir / c)
+                 if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        files[c] = sorted(names)
+    return files
+
+
+def index_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """Return (classes, samples) with samples as (relative path, class index), sorted.
+
+    `classes` fixes the class order (val/ is mapped by name onto train/'s classes); a class folder
+    that is not in it is an error, since its images would have no label.
+    """
+    split_dir = Path(split_dir).resolve()
+    found = list_classes(split_dir)
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UserError(f"{split_dir} has class folders missing from train/: {', '.join(unknown[:5])}"
+                        f"{' …' if len(unknown) > 5 else ''}; every evaluated class must also be a training class")
+    stamp = {c: (split_dir / c).stat().st_mtime_ns for c in found}
+    cache = cache_dir() / "index" / (hashlib.sha1(str(split_dir).encode()).hexdigest() + ".json")
+    files = None
+    try:
+        cached = json.loads(cache.read_text())
+        if cached["stamp"] == stamp:
+            files = cached["files"]
+    except (OSError, ValueError, KeyError):
+        pass
+    if files is None:
+        files = _scan(split_dir, found)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"root": str(split_dir), "stamp": stamp, "files": files}))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only home only costs a rescan next time
+    to_index = {c: i for i, c in enumerate(classes)}
+    samples = [(f"{c}/{name}", to_index[c]) for c in found for name in files[c]]
+    if not samples:
+        raise UserError(f"{split_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return classes, samples
+
+
+def find_split(root: Path, split: str) -> Path:
+    """`root/split`, with a clear error when the tree does not look like a dataset folder."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"data folder {root} does not exist; pass --data DIR holding train/ and val/ "
+                        f"(e.g. the output of `warmstart prepare`)")
+    if not (root / split).is_dir():
+        raise UserError(f"{root} has no {split}/ folder; expected {root}/{split}/<class>/<images> "
+                        f"(the layout `warmstart prepare` writes)")
+    return root / split

@@ -1,0 +1,1 @@
+"""Training and evaluation: the loop, the recipe, distributed plumbing, the run directory."""

@@ -1,0 +1,118 @@
+"""One training epoch and one evaluation pass: the hot loops, kept short and linear."""
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from warmstart.checkpoint import unwrap
+from warmstart.engine.distributed import all_reduce_sum
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint so --resume continues mid-epoch."""
+    epoch: int = 0            # epochs completed
+    batch_in_epoch: int = 0   # batches of the current epoch already trained
+    step: int = 0             # optimiser updates so far
+    best_top1: float = -1.0
+
+
+def autocast(device: torch.device, amp: str | None):
+    if not amp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, pos: Position, device, accum_steps=1,
+                    amp=None, scaler=None, mixup=None, erasing=None, ema=None, clip_grad=None, on_update=None,
+                    show_progress=True, desc="train") -> dict:
+    """Train from pos.batch_in_epoch to the end of the epoch. `on_update()` runs after every optimiser update
+    (the caller saves time-based checkpoints there, where the position is exact)."""
+    model.train()
+    total = pos.batch_in_epoch + len(loader)
+    bar = tqdm(total=total, initial=pos.batch_in_epoch, desc=desc, disable=not show_progress, dynamic_ncols=True,
+               leave=False, unit="batch")
+    loss_sum = torch.zeros((), device=device)
+    seen, skipped, data_wait = 0, 0, 0.0
+    t_start = t_last = time.perf_counter()
+    for images, labels, n_bad in loader:
+        data_wait += time.perf_counter() - t_last
+        skipped += n_bad
+        x, y = normalize(images), labels.to(device, non_blocking=True)
+        if mixup is not None and len(x) % 2:
+            x, y = x[:-1], y[:-1]  # timm's batch mixup pairs samples: needs an even batch
+        if mixup is not None:
+            x, y = mixup(x, y)
+        if erasing is not None:
+            x = erasing(x)
+        update = (pos.batch_in_epoch + 1) % accum_steps == 0
+        # DDP: only all-reduce gradients on the micro-batch that completes an update
+        sync = nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, amp):
+                loss = loss_fn(model(x), y)
+            (scaler.scale(loss / accum_steps) if scaler else loss / accum_steps).backward()
+        pos.batch_in_epoch += 1
+        if update:
+            if clip_grad:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            pos.step += 1
+            scheduler.step_update(pos.step)
+            if ema is not None:
+                ema.update(unwrap(model), step=pos.step)
+            if on_update is not None:
+                on_update()
+        loss_sum += loss.detach() * len(x)
+        seen += len(x)
+        bar.update(1)
+        if show_progress and (bar.n % 10 == 0 or bar.n == total):  # .item() syncs: not every step
+            elapsed = time.perf_counter() - t_start
+            bar.set_postfix_str(f"{seen / elapsed:.0f} img/s, data {100 * data_wait / elapsed:.0f}%, "
+                                f"loss {loss_sum.item() / max(seen, 1):.3f}, lr {optimizer.param_groups[0]['lr']:.3g}")
+        t_last = time.perf_counter()
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    stats = all_reduce_sum(torch.tensor([loss_sum.item(), seen, skipped, data_wait], dtype=torch.float64))
+    return {"train_loss": stats[0].item() / max(stats[1].item(), 1), "train_images": int(stats[1]),
+            "skipped": int(stats[2]), "img_per_s": stats[1].item() / elapsed, "data_wait": data_wait / max(elapsed, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, normalize, device, amp=None, show_progress=True, desc="eval") -> dict:
+    """Loss, top-1 and top-5 (percent) over the whole loader; sums are reduced over ranks so each sample,
+    sharded by EvalSampler, counts exactly once."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    skipped = 0
+    for images, labels, n_bad in tqdm(loader, desc=desc, disable=not show_progress, leave=False, dynamic_ncols=True):
+        skipped += n_bad
+        if len(images) == 0:
+            continue
+        x, y = normalize(images), labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top == y[:, None]
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits[:, 0].sum().double(),
+                             hits.any(1).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=device)])
+    sums = all_reduce_sum(sums).cpu()
+    skipped = int(all_reduce_sum(torch.tensor([skipped], device=device)).item())
+    n = max(sums[3].item(), 1)
+    loss = sums[0].item() / n
+    return {"count": int(sums[3]), "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
+            "loss": loss if math.isfinite(loss) else float("nan"), "skipped": skipped}

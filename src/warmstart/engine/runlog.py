@@ -1,0 +1,97 @@
+"""The run directory's human- and machine-readable record (rank 0 only): log.txt, metrics.csv/.jsonl,
+TensorBoard events and curves.png."""
+
+import csv
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self._tb = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.run_dir / "log.txt", "a")
+
+    def print(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        tqdm.write(msg)
+        self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        self._log.flush()
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter  # slow import; only when there is something to write
+            self._tb = SummaryWriter(str(self.run_dir))
+        for k, v in values.items():
+            self._tb.add_scalar(k, v, step)
+
+    def epoch(self, row: dict) -> None:
+        """One row per epoch in metrics.csv and metrics.jsonl; then redraw curves.png."""
+        if not self.enabled:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows = read_metrics(self.run_dir)
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        self.scalars(row["epoch"], {k: v for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))})
+        plot_curves(rows, self.run_dir / "curves.png")
+
+    def close(self) -> None:
+        if self.enabled:
+            if self._tb is not None:
+                self._tb.close()
+            self._log.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    # a resumed run rewrites epochs it redoes: keep the last row per epoch
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows[r["epoch"]] = r
+    return [rows[e] for e in sorted(rows)]
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [("loss", ["train_loss", "val_loss", "ema_val_loss"]), ("accuracy (%)", ["val_top1", "val_top5", "ema_val_top1"]),
+              ("learning rate", ["lr"])]
+    for ax, (title, keys) in zip(axes, panels):
+        for k in keys:
+            pts = [(e, r[k]) for e, r in zip(epochs, rows) if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=k)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend()
+    best = max((r.get("val_top1") or 0 for r in rows), default=0)
+    fig.suptitle(f"{path.parent.name}: best val top-1 {best:.2f}%")
+    fig.tight_layout()
+    tmp = path.with_name(".curves.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)

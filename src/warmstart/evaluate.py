@@ -1,0 +1,68 @@
+"""`warmstart evaluate`: a checkpoint's loss, top-1 and top-5 on a folder, with the checkpoint's own preprocessing."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from warmstart import checkpoint
+from warmstart.data.dataset import eval_loader
+from warmstart.data.folder import list_classes
+from warmstart.data.transforms import Normalize
+from warmstart.engine.distributed import setup
+from warmstart.engine.loop import evaluate
+from warmstart.errors import UserError
+
+HELP = "evaluate a checkpoint (loss, top-1, top-5) on DATA/val or any class-folder tree"
+DESCRIPTION = """Evaluate a checkpoint with its own preprocessing (size, crop, normalisation) on DIR/val, or on DIR
+itself when it has no val/ folder. Class folders are matched to the checkpoint's classes by name.
+
+example:
+  warmstart evaluate --checkpoint runs/tiny/checkpoints/best.pt --data /data/imagenet --json"""
+
+
+def add_arguments(parser):
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt file written by warmstart")
+    parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder (uses DIR/val if present)")
+    parser.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch (default: 128)")
+    parser.add_argument("-j", "--workers", type=int, default=4, help="data-loading processes (0 = main process; default: 4)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed-precision inference")
+    parser.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
+                        help="which weights: the raw model, its EMA, or whichever scored higher in training (default)")
+    parser.add_argument("--json", action="store_true", help="make the last line of stdout one JSON object")
+
+
+def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, amp=None, weights="auto",
+                        as_json=False) -> dict:
+    root = Path(data)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist")
+    split = root / "val" if (root / "val").is_dir() else root
+    model, ckpt = checkpoint.load_model(path, ema={"auto": None, "model": False, "ema": True}[weights])
+    classes = ckpt["classes"]["names"]
+    unknown = sorted(set(list_classes(split)) - set(classes))
+    if unknown:
+        raise UserError(f"{split} has class folders the checkpoint does not know: {', '.join(unknown[:5])}; "
+                        f"evaluate on data with the checkpoint's classes ({len(classes)})")
+    dev = setup(device).device
+    model.to(dev)
+    loader = eval_loader(split, classes, ckpt["transform"], batch_size=batch_size, workers=workers,
+                         pin_memory=dev.type == "cuda")
+    spec = ckpt["transform"]
+    normalize = Normalize(spec["mean"], spec["std"]).to(dev)
+    metrics = evaluate(model, loader, normalize, dev, amp)
+    print(f"{path}: {metrics['count']} images from {split}: loss {metrics['loss']:.4f}, top-1 {metrics['top1']:.2f}%, "
+          f"top-5 {metrics['top5']:.2f}%" + (f" ({metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ""))
+    if as_json:
+        print(json.dumps(metrics))
+    return metrics
+
+
+def run(args) -> int:
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError("--batch-size must be >= 1 and --workers >= 0")
+    with torch.inference_mode():
+        evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
+                            device=args.device, amp=args.amp, weights=args.weights, as_json=args.json)
+    return 0
