@@ -1,0 +1,245 @@
+"""`warmstart prepare`: the CLI stage. Reads each archive once, writes verified class folders."""
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from warmstart.errors import UserError
+from warmstart.prepare import archives, facts, manifest, verify
+from warmstart.prepare.extract import Output
+
+HELP = "ILSVRC2012 archives (official or Kaggle) -> verified train/ and val/ class folders, offline"
+DESCRIPTION = """\
+Turn the raw ILSVRC2012 downloads into ImageFolder trees, reading each archive once:
+
+  warmstart prepare --archives ~/Downloads/ilsvrc --out /data/imagenet
+
+--archives holds ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, optionally
+ILSVRC2012_img_test[_v10102019].tar and ILSVRC2012_devkit_t12.tar.gz (and MD5SUMS, which
+overrides the official checksums), or Kaggle's imagenet-object-localization-challenge.zip,
+or that zip unzipped (ILSVRC/Data/CLS-LOC/..., LOC_val_solution.csv).
+
+Output:
+  OUT/train/<wnid>/<wnid>_<n>.JPEG    1,281,167 images, 1,000 classes
+  OUT/val/<wnid>/ILSVRC2012_val_*.JPEG  50,000 images, sorted by the shipped ground truth
+  OUT/test/ILSVRC2012_test_*.JPEG     if the test tar is given
+  OUT/synsets.txt                     wnid and names, one line per class, in class-index order
+  OUT/shortN/{train,val,test}/...     with --resize-short N: a pre-resized copy, itself a
+                                      dataset folder (train with --data OUT/shortN)
+  OUT/prepared.json                   counts, checksums, repairs, options; written last,
+                                      so its presence means the folder is complete
+
+Checks MD5s while streaming, counts per class, repairs the PNG and CMYK files (and any
+other file that is not an RGB or greyscale JPEG) as RGB JPEGs, refuses unsafe archive
+members. Interrupted? Run the same command again: finished classes are kept.
+
+  warmstart prepare --from-folder /data/imagenet --resize-short 160 --out /data/imagenet160
+
+resizes any ImageFolder tree (mirrored as-is) instead.
+"""
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+BATCH = 256  # flat-split files per writer task
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--archives", type=Path, metavar="DIR", help="folder holding the official archives or the Kaggle zip/folder")
+    src.add_argument("--from-folder", type=Path, metavar="DIR", help="an ImageFolder tree to resize (needs --resize-short)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created; nothing is written outside it)")
+    p.add_argument("--partial", action="store_true", help="accept a subset (partial download, mini archives) and report what is missing")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="threads for checks/repairs/writes and processes for resizing (default: all cores)")
+    p.add_argument("--resize-short", type=int, metavar="N", help="also write a copy with the shorter side resized to N (aspect kept, never upscaled) to OUT/shortN")
+    p.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of the resized copy (default: 90)")
+    p.add_argument("--resized-only", action="store_true", help="with --resize-short: write only OUT/shortN, not the full-size folders")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resize_short is not None and args.resize_short < 1 or not 1 <= args.quality <= 100:
+        raise UserError("--resize-short must be a positive size and --quality between 1 and 100")
+    if args.resized_only and not args.resize_short:
+        raise UserError("--resized-only needs --resize-short N")
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    out = args.out.expanduser().resolve()
+    if (out / "prepared.json").is_file():
+        shutil.rmtree(out / ".partial", ignore_errors=True)
+        print(f"{out} is already prepared (prepared.json exists); delete it to prepare again")
+        return 0
+    if args.from_folder:
+        return from_folder(args, out)
+    return from_archives(args, out)
+
+
+def check_space(out: Path, need: float) -> None:
+    free = shutil.disk_usage(out).free
+    if need * 1.02 > free:
+        raise UserError(f"{out} has {free / 1e9:.1f} GB free but this needs about {need / 1e9:.1f} GB more; "
+                        "free some space or choose another --out")
+
+
+def progress(split: str, total: int) -> tqdm:
+    return tqdm(total=total, desc=f"{split:>5}", unit="B", unit_scale=True, unit_divisor=1024, disable=None,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def from_archives(args: argparse.Namespace, out: Path) -> int:
+    src = archives.find(args.archives.expanduser().resolve())
+    n, resized = args.resize_short, f"short{args.resize_short}" if args.resize_short else None
+    options = {"layout": src.layout, "resize_short": n, "quality": args.quality if n else None,
+               "resized_only": args.resized_only}
+    splits = [s for s in ("val", "train", "test") if src.archive(s)]
+    out.mkdir(parents=True, exist_ok=True)
+    output = Output(out, options, args.workers, None if args.resized_only else "", resized, n, args.quality)
+    try:
+        done_bytes = sum(r["bytes"] + r["resized_bytes"] for r in output.done.values())
+        todo = sum(src.size(s) for s in splits if s not in output.done)
+        factor = min(1.0, (n / 350) ** 2) if n else 0.0  # resized/full size; ImageNet's shorter side averages ~350
+        check_space(out, todo * ((0 if args.resized_only else 1) + factor) - done_bytes)
+
+        expected = verify.expected_md5(src.root)
+        notes: list[str] = []
+        checksums = [r["checksum"] for r in output.done.values() if r.get("checksum")]
+        if src.devkit and "devkit" not in output.done:
+            md5, labels = verify.devkit_labels(src.devkit)
+            record = verify.check_md5(src.devkit, md5, expected, args.partial, notes)
+            verify.cross_check(src.devkit.name, labels, facts.val_labels())
+            output.commit("devkit", [], [], checksum=record)
+            checksums.append(record)
+        elif src.layout == "kaggle" and (text := src.text("LOC_val_solution.csv")):
+            labels = verify.kaggle_labels(text)
+            verify.cross_check("LOC_val_solution.csv", labels, labels)
+
+        seconds = {}
+        for split in splits:
+            if split in output.done:
+                continue
+            t0, bar = time.perf_counter(), progress(split, src.size(split))
+            futures, count = stream(src, split, output, bar)
+            output.settle(block=True)
+            md5, path = src.md5(split), src.archive(split)
+            record = {"file": path.name, "size": src.size(split), "md5": None}
+            if md5 is not None:
+                try:
+                    record = verify.check_md5(path, md5, expected, args.partial, notes)
+                except UserError:
+                    output.forget(f"{split}/")
+                    raise
+            output.commit(split, [split] if split != "train" else [], futures, checksum=record)
+            output.settle(block=True)
+            bar.close()
+            checksums.append(record)
+            seconds[split] = time.perf_counter() - t0
+
+        records = list(output.done.values())
+        splits_tally = manifest.tally(records)
+        unreadable = [f for r in records for f in r["unreadable"]]
+        missing, wrong = verify.count_problems({s: v["classes"] for s, v in splits_tally.items()}, unreadable)
+        if wrong or (missing and not args.partial):
+            for line in wrong + missing:
+                print(f"  {line}", file=sys.stderr)
+            raise UserError("the archives do not hold ILSVRC2012 as published (see above); "
+                            + ("download the damaged archive again" if wrong else "give all archives, or --partial to accept a subset"))
+        classes = sorted(set(splits_tally.get("train", {}).get("classes", {})) | set(splits_tally.get("val", {}).get("classes", {})))
+        doc = manifest.manifest({**options, "partial": args.partial, "archives": str(src.root)}, splits_tally,
+                                checksums, missing, notes)
+        for root in ([out / resized] if resized else []) + [out]:  # the top-level prepared.json last of all
+            manifest.write_synsets(root, classes)
+            manifest.write_json(root / "prepared.json", doc)
+        output.finish()
+    finally:
+        output.close()
+    print(manifest.table(splits_tally, seconds, resized))
+    for line in [f"repaired {r['file']} (was {r['was']})" for r in doc["repairs"]] + notes:
+        print(line)
+    if missing:
+        print("partial: " + "; ".join(missing))
+    print(f"prepared {out}" + (f" (resized copy: {out / resized})" if resized else ""))
+    return 0
+
+
+def stream(src, split: str, output: Output, bar: tqdm) -> tuple[list, int]:
+    """Feed one split to the writers. -> (futures a flat split's commit waits for, files read)."""
+    futures, count, t0 = [], 0, time.perf_counter()
+    if split == "train":
+        done = {k.split("/")[1] for k in output.done if k.startswith("train/")}
+        for wnid, files in src.train(done):
+            if files is not None:
+                future = output.submit([(f"train/{wnid}/{name}", data) for name, data in files], sum(len(d) for _, d in files))
+                output.commit(f"train/{wnid}", [f"train/{wnid}"], [future])
+                count += len(files)
+            bar.update(src.consumed(split) - bar.n)
+            bar.set_postfix_str(f"{count:,} files, {count / (time.perf_counter() - t0):,.0f} files/s", refresh=False)
+        return futures, count
+    labels = facts.val_labels()
+    batch, nbytes = [], 0
+    for name, data in src.val() if split == "val" else src.test():
+        batch.append((f"val/{labels[name]}/{name}" if split == "val" else f"test/{name}", data))
+        nbytes += len(data)
+        if len(batch) == BATCH:
+            futures.append(output.submit(batch, nbytes))
+            count += len(batch)
+            batch, nbytes = [], 0
+            bar.update(src.consumed(split) - bar.n)
+            bar.set_postfix_str(f"{count:,} files, {count / (time.perf_counter() - t0):,.0f} files/s", refresh=False)
+    if batch:
+        futures.append(output.submit(batch, nbytes))
+        count += len(batch)
+    bar.update(src.consumed(split) - bar.n)
+    return futures, count
+
+
+def from_folder(args: argparse.Namespace, out: Path) -> int:
+    src = args.from_folder.expanduser().resolve()
+    if not args.resize_short:
+        raise UserError("--from-folder makes a resized copy; give --resize-short N (e.g. 160)")
+    if not src.is_dir():
+        raise UserError(f"--from-folder {src} is not a folder")
+    if out == src or src in out.parents or out in src.parents:
+        raise UserError(f"--out {out} must be outside --from-folder {src} (and not contain it)")
+    units: dict[str, list[tuple[str, str]]] = {}
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, src).replace(os.sep, "/")
+        for f in sorted(filenames):
+            stem, suffix = os.path.splitext(f)
+            if suffix.lower() in IMAGE_SUFFIXES:
+                name = f if suffix.lower() in (".jpg", ".jpeg") else stem + ".JPEG"
+                units.setdefault(rel, []).append((name if rel == "." else f"{rel}/{name}", os.path.join(dirpath, f)))
+    if not units:
+        raise UserError(f"--from-folder {src} holds no images")
+    options = {"from_folder": str(src), "resize_short": args.resize_short, "quality": args.quality}
+    out.mkdir(parents=True, exist_ok=True)
+    output = Output(out, options, args.workers, None, "", args.resize_short, args.quality)
+    try:
+        total = sum(os.path.getsize(p) for rel, files in units.items() if rel not in output.done for _, p in files)
+        check_space(out, total * min(1.0, (args.resize_short / 350) ** 2))
+        t0 = time.perf_counter()
+        bar = tqdm(total=sum(len(f) for f in units.values()), desc="resize", unit="img", disable=None, file=sys.stderr)
+        for rel, files in units.items():
+            if rel in output.done:
+                bar.update(len(files))
+                continue
+            future = output.submit(files, 0)
+            future.add_done_callback(lambda f, n=len(files): bar.update(n))
+            output.commit(rel, [rel] if rel != "." else [], [future])
+        output.settle(block=True)
+        bar.close()
+        records = list(output.done.values())
+        splits = manifest.tally([{**r, "counts": {("." if "/" not in d else d): n for d, n in r["counts"].items()}}
+                                 for r in records])
+        if (src / "synsets.txt").is_file():
+            shutil.copyfile(src / "synsets.txt", out / "synsets.txt")
+        unreadable = [f for r in records for f in r["unreadable"]]
+        doc = manifest.manifest({**options, "from_folder": str(src)}, splits, [], [], [f"not decodable, skipped: {f}" for f in unreadable])
+        manifest.write_json(out / "prepared.json", doc)
+        output.finish()
+    finally:
+        output.close()
+    print(manifest.table(splits, {s: time.perf_counter() - t0 for s in splits}, f"short{args.resize_short}"))
+    print(f"prepared {out}" + (f"; {len(unreadable)} undecodable files skipped (see prepared.json)" if unreadable else ""))
+    return 0

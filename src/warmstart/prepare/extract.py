@@ -1,0 +1,146 @@
+"""The output folder while it is being written: checks, repairs and writes run on worker threads
+(resizing on worker processes), each unit (a train class, a whole val or test split) is written
+under OUT/.partial and renamed into place when complete, and a journal of finished units lets a
+rerun skip them."""
+
+import json
+import os
+import shutil
+from collections import Counter, deque
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+from warmstart.prepare import images
+
+INFLIGHT_BYTES = 512 << 20  # bound on image bytes queued for the writers, to cap memory
+RESIZE_BATCH = 32  # images per worker-process task; amortises pickling and IPC
+
+
+class Output:
+    def __init__(self, root: Path, options: dict, workers: int, full_dir: str | None, resized_dir: str | None,
+                 resize: int | None, quality: int):
+        self.root, self.tmp = root, root / ".partial"
+        self.full_dir, self.resized_dir, self.resize, self.quality = full_dir, resized_dir, resize, quality
+        self.journal = self.tmp / "journal.jsonl"
+        self.done: dict[str, dict] = {}
+        options_file = self.tmp / "options.json"
+        if options_file.is_file() and json.loads(options_file.read_text()) == options and self.journal.is_file():
+            for line in self.journal.read_text().splitlines():
+                if line.strip():  # a kill can leave a torn last line; it is redone
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    self.done[record["key"]] = record
+            for p in self.tmp.iterdir():  # half-written units of the killed run are redone from scratch
+                if p not in (options_file, self.journal):
+                    shutil.rmtree(p)
+        else:  # a fresh start, or different options: what is under .partial cannot be trusted
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+            options_file.write_text(json.dumps(options))
+        self.threads = ThreadPoolExecutor(workers, thread_name_prefix="write")
+        self.procs = ProcessPoolExecutor(workers) if resize else None
+        self.inflight: deque[tuple[Future, int]] = deque()
+        self.inflight_bytes = 0
+        self.pending: deque[tuple[str, list[str], list[Future], dict]] = deque()
+        self.made: set[Path] = set()
+
+    def _path(self, prefix: str, rel: str) -> str:
+        path = self.tmp / prefix / rel
+        if path.parent not in self.made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.made.add(path.parent)
+        return str(path)
+
+    def _write(self, files: list[tuple[str, bytes | memoryview | str]]) -> dict:
+        """Runs on a writer thread. files: (path relative to the output root, bytes or source path)."""
+        stats = {"files": 0, "bytes": 0, "resized_bytes": 0, "repairs": [], "unreadable": [], "counts": Counter()}
+        jobs = []
+        for rel, data in files:
+            if isinstance(data, str):
+                with open(data, "rb") as f:
+                    data = f.read()
+            kind = images.kind(data)
+            if not images.is_ok(kind):
+                if self.full_dir is not None:  # the resized copy re-encodes every file anyway
+                    data = images.repair(data)
+                    if data is None:
+                        stats["unreadable"].append(rel)
+                        continue
+                stats["repairs"].append({"file": rel, "was": kind})
+            if self.full_dir is not None:
+                images.write_file(self._path(self.full_dir, rel), data)
+                stats["bytes"] += len(data)
+            if self.resized_dir is not None:
+                jobs.append((rel, bytes(data), self._path(self.resized_dir, rel)))
+            stats["files"] += 1
+            stats["counts"][rel.rpartition("/")[0]] += 1
+        batches = [jobs[i : i + RESIZE_BATCH] for i in range(0, len(jobs), RESIZE_BATCH)]
+        futures = [self.procs.submit(images.write_resized, [j[1:] for j in b], self.resize, self.quality) for b in batches]
+        for batch, future in zip(batches, futures):
+            for (rel, _, _), size in zip(batch, future.result()):
+                if size >= 0:
+                    stats["resized_bytes"] += size
+                elif self.full_dir is None:  # only the resized copy was asked for, and it failed
+                    stats["unreadable"].append(rel)
+                    stats["files"] -= 1
+                    stats["counts"][rel.rpartition("/")[0]] -= 1
+        return stats
+
+    def submit(self, files: list[tuple[str, bytes | memoryview | str]], nbytes: int) -> Future:
+        """Queue files for writing; blocks while too many image bytes are already queued."""
+        while self.inflight and self.inflight_bytes > INFLIGHT_BYTES:
+            future, n = self.inflight.popleft()
+            future.result()
+            self.inflight_bytes -= n
+        future = self.threads.submit(self._write, files)
+        self.inflight.append((future, nbytes))
+        self.inflight_bytes += nbytes
+        self.settle()
+        return future
+
+    def commit(self, key: str, dirs: list[str], futures: list[Future], **extra) -> None:
+        """Once `futures` are done, rename `dirs` from .partial into place and journal the unit."""
+        self.pending.append((key, dirs, futures, extra))
+        self.settle()
+
+    def settle(self, block: bool = False) -> None:
+        """Commit finished units in order; with block, wait for all of them."""
+        while self.pending and (block or all(f.done() for f in self.pending[0][2])):
+            key, dirs, futures, extra = self.pending.popleft()
+            record = {"key": key, "files": 0, "bytes": 0, "resized_bytes": 0, "repairs": [], "unreadable": [],
+                      "counts": Counter(), **extra}
+            for future in futures:
+                for k, v in future.result().items():
+                    record[k] += v
+            for prefix in (p for p in (self.full_dir, self.resized_dir) if p is not None):
+                for d in dirs:
+                    src, dst = self.tmp / prefix / d, self.root / prefix / d
+                    if src.is_dir():
+                        if dst.exists():  # left by a run killed between rename and journal, or a failed checksum
+                            shutil.rmtree(dst)
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(src, dst)
+            self.done[key] = record
+            with open(self.journal, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if block:
+            while self.inflight:
+                self.inflight.popleft()[0].result()
+            self.inflight_bytes = 0
+
+    def forget(self, prefix: str) -> None:
+        """Drop journaled units under `prefix` (their source failed its checksum) so a rerun redoes them."""
+        self.done = {k: r for k, r in self.done.items() if not k.startswith(prefix)}
+        self.journal.write_text("".join(json.dumps(r) + "\n" for r in self.done.values()))
+
+    def close(self) -> None:
+        self.threads.shutdown(cancel_futures=True)
+        if self.procs:
+            self.procs.shutdown(cancel_futures=True)
+
+    def finish(self) -> None:
+        """The output is complete: nothing is left under .partial."""
+        self.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
