@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, JpegImagePlugin
 
 from warmstart.prepare import facts
 
@@ -52,21 +52,25 @@ def sample_image(wnid: str) -> Image.Image:
 
 
 def class_images(wnid: str, count: int) -> list[bytes]:
-    """`count` distinct JPEGs of one class: random crops (70-100%), flips, qualities 80-95."""
+    """`count` distinct JPEGs of one class: random crops (80-100%) and flips, re-encoded with the
+    source's own quantisation tables and subsampling so file sizes stay ImageNet-like."""
     base = sample_image(wnid)
-    mode = base.mode if base.mode in ("L", "RGB") else "RGB"
-    base = base.convert(mode)
+    if base.format == "JPEG":
+        encoding = {"qtables": base.quantization, "subsampling": JpegImagePlugin.get_sampling(base)}
+    else:
+        encoding = {"quality": 90}
+    base = base.convert(base.mode if base.mode in ("L", "RGB") else "RGB")
     rng = random.Random(f"{wnid}/{count}")
     out = []
     for _ in range(count):
         w, h = base.size
-        cw, ch = int(w * rng.uniform(0.7, 1.0)), int(h * rng.uniform(0.7, 1.0))
+        cw, ch = int(w * rng.uniform(0.8, 1.0)), int(h * rng.uniform(0.8, 1.0))
         x, y = rng.randrange(w - cw + 1), rng.randrange(h - ch + 1)
         img = base.crop((x, y, x + cw, y + ch))
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=rng.randrange(80, 96))
+        img.save(buf, "JPEG", **encoding)
         out.append(buf.getvalue())
     return out
 
