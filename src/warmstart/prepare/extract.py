@@ -4,6 +4,7 @@ under OUT/.partial and renamed into place when complete, and a journal of finish
 rerun skip them."""
 
 import json
+import multiprocessing
 import os
 import shutil
 from collections import Counter, deque
@@ -40,11 +41,13 @@ class Output:
             self.tmp.mkdir(parents=True)
             options_file.write_text(json.dumps(options))
         self.threads = ThreadPoolExecutor(workers, thread_name_prefix="write")
-        self.procs = ProcessPoolExecutor(workers) if resize else None
+        # forkserver: forking while the reader and writer threads hold locks could deadlock the children
+        self.procs = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) if resize else None
         self.inflight: deque[tuple[Future, int]] = deque()
         self.inflight_bytes = 0
         self.pending: deque[tuple[str, list[str], list[Future], dict]] = deque()
         self.made: set[Path] = set()
+        self.log = open(self.journal, "a")
 
     def _path(self, prefix: str, rel: str) -> str:
         path = self.tmp / prefix / rel
@@ -108,37 +111,47 @@ class Output:
     def settle(self, block: bool = False) -> None:
         """Commit finished units in order; with block, wait for all of them."""
         while self.pending and (block or all(f.done() for f in self.pending[0][2])):
-            key, dirs, futures, extra = self.pending.popleft()
-            record = {"key": key, "files": 0, "bytes": 0, "resized_bytes": 0, "repairs": [], "unreadable": [],
-                      "counts": Counter(), **extra}
-            for future in futures:
-                for k, v in future.result().items():
-                    record[k] += v
-            for prefix in (p for p in (self.full_dir, self.resized_dir) if p is not None):
-                for d in dirs:
-                    src, dst = self.tmp / prefix / d, self.root / prefix / d
-                    if src.is_dir():
-                        if dst.exists():  # left by a run killed between rename and journal, or a failed checksum
-                            shutil.rmtree(dst)
-                        dst.parent.mkdir(parents=True, exist_ok=True)
-                        os.replace(src, dst)
-            self.done[key] = record
-            with open(self.journal, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._commit_first()
         if block:
             while self.inflight:
                 self.inflight.popleft()[0].result()
             self.inflight_bytes = 0
 
+    def _commit_first(self) -> None:
+        key, dirs, futures, extra = self.pending.popleft()
+        record = {"key": key, "files": 0, "bytes": 0, "resized_bytes": 0, "repairs": [], "unreadable": [],
+                  "counts": Counter(), **extra}
+        for future in futures:
+            for k, v in future.result().items():
+                record[k] += v
+        for prefix in (p for p in (self.full_dir, self.resized_dir) if p is not None):
+            for d in dirs:
+                src, dst = self.tmp / prefix / d, self.root / prefix / d
+                if src.is_dir():
+                    if dst.exists():  # left by a run killed between rename and journal, or a failed checksum
+                        shutil.rmtree(dst)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, dst)
+        self.done[key] = record
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+
     def forget(self, prefix: str) -> None:
         """Drop journaled units under `prefix` (their source failed its checksum) so a rerun redoes them."""
         self.done = {k: r for k, r in self.done.items() if not k.startswith(prefix)}
+        self.log.close()
         self.journal.write_text("".join(json.dumps(r) + "\n" for r in self.done.values()))
+        self.log = open(self.journal, "a")
 
     def close(self) -> None:
-        self.threads.shutdown(cancel_futures=True)
+        """Let the workers finish what was queued (at most INFLIGHT_BYTES) and keep every complete unit,
+        after an interrupt or error too: less to redo on the rerun."""
+        self.threads.shutdown()
         if self.procs:
-            self.procs.shutdown(cancel_futures=True)
+            self.procs.shutdown()
+        while self.pending and all(f.exception() is None for f in self.pending[0][2]):
+            self._commit_first()
+        self.log.close()
 
     def finish(self) -> None:
         """The output is complete: nothing is left under .partial."""
