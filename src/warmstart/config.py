@@ -25,26 +25,29 @@ def _opt(default, help: str, *flags: str, choices=None, metavar=None):
 
 @dataclass
 class TrainConfig:
+    """The defaults are a short schedule that converges quickly (40 epochs, mild crops, strong weight decay):
+    right for a first run and small data. For full ImageNet start from examples/recipes/."""
+
     # what to train, on what, where
     data: str | None = _opt(None, "dataset folder holding train/ and val/ (ImageFolder layout; what `warmstart prepare` writes)")
     model: str = _opt("resnet50", "architecture: torchvision name (resnet50), timm:NAME (timm:convnext_tiny), "
                      "path/file.py:ClassOrFactory or package.module:callable", "-a", "--arch", metavar="MODEL")
-    model_kwargs: dict = _opt({}, "JSON keyword arguments for the model constructor, e.g. '{\"width\": 48}'")
+    model_kwargs: dict = _opt({}, "JSON keyword arguments for the model constructor, e.g. '{\"width\": 48}'", metavar="JSON")
     out: str | None = _opt(None, "run directory (default runs/<model name>)", metavar="RUN")
     resume: str | None = _opt(None, "'auto' continues from RUN/checkpoints/last.pt if present; or a checkpoint path", metavar="CKPT")
     evaluate: bool = _opt(False, "only evaluate (the --resume checkpoint) on the validation set, as in the classic example", "-e")
     seed: int = _opt(0, "random seed; the same seed gives the same run, bit for bit on CPU")
     device: str | None = _opt(None, "cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     # schedule and optimiser
-    epochs: int = _opt(32, "number of epochs")
-    batch_size: int = _opt(128, "images per step per process (global batch = this x processes x --accum-steps)", "-b")
+    epochs: int = _opt(40, "number of epochs")
+    batch_size: int = _opt(64, "images per step per process (global batch = this x processes x --accum-steps)", "-b")
     accum_steps: int = _opt(1, "gradient accumulation: batches per optimiser update")
     workers: int = _opt(min(8, os.cpu_count() or 1), "data-loading processes per training process (0 = load in the main process)", "-j")
     opt: str = _opt("sgd", "optimiser: sgd (Nesterov momentum), momentum (plain), adamw, lamb, lars (any timm optimiser name)")
     lr: float | None = _opt(None, "absolute learning rate; overrides --lr-base scaling")
-    lr_base: float = _opt(1.0, "learning rate for a global batch of 256; scaled linearly with the global batch")
+    lr_base: float = _opt(0.4, "learning rate for a global batch of 256; scaled linearly with the global batch")
     momentum: float = _opt(0.9, "SGD/LARS momentum")
-    weight_decay: float = _opt(5e-5, "weight decay (never applied to norms and biases)", "--wd")
+    weight_decay: float = _opt(5e-4, "weight decay (never applied to norms and biases)", "--wd")
     sched: str = _opt("cosine", "learning-rate schedule, stepped every update", choices=["cosine", "step", "constant"])
     warmup_epochs: float = _opt(2.0, "linear warmup length in epochs")
     warmup_lr: float = _opt(1e-5, "learning rate at the start of warmup")
@@ -64,7 +67,7 @@ class TrainConfig:
     img_size_start: int | None = _opt(None, "progressive resizing: first-epoch resolution, ramped linearly to --img-size")
     eval_img_size: int | None = _opt(None, "evaluation resolution (default --img-size); higher often scores better")
     crop_pct: float = _opt(0.875, "evaluation centre-crop fraction: resize to size/crop_pct, then crop size")
-    min_scale: float = _opt(0.08, "RandomResizedCrop smallest area fraction")
+    min_scale: float = _opt(0.25, "RandomResizedCrop smallest area fraction")
     auto_augment: str | None = _opt(None, "trivialaugment, randaugment or randaugment-M (magnitude M)")
     reprob: float = _opt(0.0, "random-erasing probability")
     # precision and speed
@@ -132,6 +135,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help, metavar=f.metadata["metavar"])
         if _parser_type(f) is _bool:
             # `--ema` turns on, `--ema false` / `--no-ema` turn off
+            kwargs["metavar"] = "BOOL"
             parser.add_argument(*flags, type=_bool, nargs="?", const=True, **kwargs)
             parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False,
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -170,6 +174,10 @@ def load_yaml(path: str) -> dict:
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
     values = {}
+    # `--out RUN --resume auto` alone continues RUN with the configuration it was started with
+    saved = Path(getattr(args, "out", "") or "") / "config.yaml"
+    if getattr(args, "resume", None) == "auto" and getattr(args, "out", None) and saved.is_file():
+        values.update(load_yaml(str(saved)))
     if getattr(args, "config", None):
         values.update(load_yaml(args.config))
     values.update({k: v for k, v in vars(args).items() if k in FIELDS})
