@@ -196,3 +196,21 @@ def test_tinynet_learns_imagenette_quickly(tmp_path):
     assert time.time() - t0 < 120
     best = max(json.loads(line)["val_top1"] for line in (run / "metrics.jsonl").read_text().splitlines())
     assert best >= 35.0
+
+
+def test_torchrun_two_cpu_processes_count_every_val_image_once(data, tmp_path):
+    """DDP over Gloo, the same code path as many GPUs: sharded data, reduced metrics, rank-0 writes."""
+    run = tmp_path / "ddp"
+    env = {**os.environ, "WARMSTART_CACHE": str(tmp_path / "cache")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
+    subprocess.run([*torchrun, "-m", "warmstart", "train", str(data), "--model", TINYNET, "--model-kwargs", '{"width": 8}',
+                    "--out", str(run), "--epochs", "2", "--accum-steps", "2", *QUICK, "-b", "8"],
+                   check=True, env=env, capture_output=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_count"] for r in rows] == [32, 32] and rows[-1]["train_images"] == 96
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    out = subprocess.run([sys.executable, "-m", "warmstart", "evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"),
+                          "--data", str(data), "-j", "0", "--weights", "model", "--json"],
+                         check=True, env=env, capture_output=True, text=True).stdout
+    assert last_json(out)["top1"] == pytest.approx(rows[-1]["val_top1"])

@@ -208,7 +208,7 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
         row = {"epoch": pos.epoch, "lr": optimizer.param_groups[0]["lr"], "img_size": size, **stats}
         if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
             m = evaluate(model, val_loader, normalize, device, cfg.amp, show_progress=dist.is_main)
-            row.update({"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"]})
+            row.update({"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_count": m["count"]})
             top1, prefer_ema = m["top1"], False
             if ema is not None:
                 e = evaluate(ema.module, val_loader, normalize, device, cfg.amp, show_progress=dist.is_main, desc="eval ema")
