@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -104,12 +105,9 @@ def from_archives(args: argparse.Namespace, out: Path) -> int:
         expected = verify.expected_md5(src.root)
         notes: list[str] = []
         checksums = [r["checksum"] for r in output.done.values() if r.get("checksum")]
-        if src.devkit and "devkit" not in output.done:
-            md5, labels = verify.devkit_labels(src.devkit)
-            record = verify.check_md5(src.devkit, md5, expected, args.partial, notes)
-            verify.cross_check(src.devkit.name, labels, facts.val_labels())
-            output.commit("devkit", [], [], checksum=record)
-            checksums.append(record)
+        devkit = None
+        if src.devkit and "devkit" not in output.done:  # checked on a thread while val streams; before val commits
+            devkit = ThreadPoolExecutor(1).submit(verify.devkit_labels, src.devkit)
         elif src.layout == "kaggle" and (text := src.text("LOC_val_solution.csv")):
             labels = verify.kaggle_labels(text)
             verify.cross_check("LOC_val_solution.csv", labels, labels)
@@ -129,6 +127,13 @@ def from_archives(args: argparse.Namespace, out: Path) -> int:
                 except UserError:
                     output.forget(f"{split}/")
                     raise
+            if devkit:
+                md5, labels = devkit.result()
+                devkit_record = verify.check_md5(src.devkit, md5, expected, args.partial, notes)
+                verify.cross_check(src.devkit.name, labels, facts.val_labels())
+                output.commit("devkit", [], [], checksum=devkit_record)
+                checksums.append(devkit_record)
+                devkit = None
             output.commit(split, [split] if split != "train" else [], futures, checksum=record)
             output.settle(block=True)
             bar.close()

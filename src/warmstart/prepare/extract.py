@@ -127,10 +127,15 @@ class Output:
         for prefix in (p for p in (self.full_dir, self.resized_dir) if p is not None):
             for d in dirs:
                 src, dst = self.tmp / prefix / d, self.root / prefix / d
-                if src.is_dir():
-                    if dst.exists():  # left by a run killed between rename and journal, or a failed checksum
-                        shutil.rmtree(dst)
+                if dst.parent not in self.made:
                     dst.parent.mkdir(parents=True, exist_ok=True)
+                    self.made.add(dst.parent)
+                try:
+                    os.replace(src, dst)
+                except FileNotFoundError:  # no file of this unit was writable (all undecodable)
+                    pass
+                except OSError:  # dst left by a run killed between rename and journal, or a failed checksum
+                    shutil.rmtree(dst)
                     os.replace(src, dst)
         self.done[key] = record
         self.log.write(json.dumps(record) + "\n")
