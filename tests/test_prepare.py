@@ -265,3 +265,28 @@ def test_help_explains_every_flag(capsys):
     for flag in ("--archives", "--from-folder", "--out", "--partial", "--workers", "--resize-short", "--quality", "--resized-only"):
         assert flag in text
     assert "OUT/shortN" in text and "prepared.json" in text
+
+
+def test_kaggle_zip_with_traversal_is_refused(tmp_path, capsys):
+    import zipfile
+
+    src = tmp_path / "kaggle"
+    src.mkdir()
+    with zipfile.ZipFile(src / facts.KAGGLE_ZIP, "w") as z:
+        z.writestr("ILSVRC/Data/CLS-LOC/train/n01440764/n01440764_1.JPEG", b"x")
+        z.writestr("ILSVRC/Data/CLS-LOC/../../../evil.JPEG", b"pwned")
+    out = tmp_path / "out"
+    assert prepare(src, out, "--partial") == 2
+    assert "unsafe path" in capsys.readouterr().err
+    assert not (out / "prepared.json").exists() and not list(tmp_path.rglob("evil.JPEG"))
+
+
+def test_resized_only_from_archives(official, tmp_path):
+    out = tmp_path / "out"
+    assert prepare(official, out, "--partial", "--resize-short", "48", "--resized-only") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["prepared.json", "short48", "synsets.txt"]
+    small = tree(out / "short48")
+    assert len(small) == len(CLASSES) * PER_CLASS + VAL + TEST
+    assert all(min(Image.open(io.BytesIO(d)).size) == 48 for d in small.values())
+    doc = json.loads((out / "prepared.json").read_text())
+    assert len(doc["repairs"]) == 2 and doc["splits"]["train"]["bytes"] == 0
