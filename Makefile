@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 
 $(BIN)/warmstart: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

@@ -198,19 +198,65 @@ def test_tinynet_learns_imagenette_quickly(tmp_path):
     assert best >= 35.0
 
 
+UNUSED_PARAM_MODEL = '''
+from torch import nn
+
+class WithSpare(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(8, num_classes))
+        self.spare = nn.Linear(4, 4)  # never used: DDP must be told, or it hangs
+    def forward(self, x):
+        return self.net(x)
+'''
+
+
 def test_torchrun_two_cpu_processes_count_every_val_image_once(data, tmp_path):
-    """DDP over Gloo, the same code path as many GPUs: sharded data, reduced metrics, rank-0 writes."""
+    """DDP over Gloo, the same code path as many GPUs: sharded data, reduced metrics, rank-0 writes,
+    a parameter that gets no gradient."""
     run = tmp_path / "ddp"
+    model_file = tmp_path / "spare.py"
+    model_file.write_text(UNUSED_PARAM_MODEL)
     env = {**os.environ, "WARMSTART_CACHE": str(tmp_path / "cache")}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
-    subprocess.run([*torchrun, "-m", "warmstart", "train", str(data), "--model", TINYNET, "--model-kwargs", '{"width": 8}',
+    subprocess.run([*torchrun, "-m", "warmstart", "train", str(data), "--model", f"{model_file}:WithSpare",
                     "--out", str(run), "--epochs", "2", "--accum-steps", "2", *QUICK, "-b", "8"],
-                   check=True, env=env, capture_output=True)
+                   check=True, env=env, capture_output=True, timeout=300)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["val_count"] for r in rows] == [32, 32] and rows[-1]["train_images"] == 96
+    assert [r["val_count"] for r in rows] == [32, 32] and rows[-1]["train_images"] == 96  # 2 x 48: whole updates
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in ckpt["model"])
     out = subprocess.run([sys.executable, "-m", "warmstart", "evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"),
                           "--data", str(data), "-j", "0", "--weights", "model", "--json"],
                          check=True, env=env, capture_output=True, text=True).stdout
     assert last_json(out)["top1"] == pytest.approx(rows[-1]["val_top1"])
+
+
+def test_resume_between_epochs_with_partial_accumulation_is_exact(data, tmp_path):
+    """96 images at -b 8 x --accum-steps 5: the epoch is trimmed to whole updates, so nothing leaks across it."""
+    args = [str(data), "--model", TINYNET, "--model-kwargs", '{"width": 8}', *QUICK, "-b", "8", "--accum-steps", "5",
+            "--ema", "--sched", "step", "--decay-epochs", "1"]
+    assert main(["train", *args, "--out", str(tmp_path / "a"), "--epochs", "2"]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "b"), "--epochs", "1"]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "b"), "--epochs", "2", "--resume", "auto"]) == 0
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "last.pt", weights_only=True) for r in "ab")
+    assert a["train_state"]["position"]["step"] == 4  # 80 of 96 images per epoch: 2 updates of 40
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]), k
+
+
+def test_checkpoint_code_from_elsewhere_needs_trust_code(data, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--model", TINYNET, "--model-kwargs", '{"width": 8}', "--out", str(run),
+                 "--epochs", "1", "--sched", "constant", *QUICK]) == 0
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    marker = tmp_path / "ran"
+    ckpt["model_spec"]["source"] += f"\nimport pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+    torch.save(ckpt, tmp_path / "tampered.pt")
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "tampered.pt"), "--data", str(data), "-j", "0"]) == 2
+    assert "--trust-code" in capsys.readouterr().err and not marker.exists()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "tampered.pt"), "--data", str(data), "-j", "0",
+                 "--trust-code"]) == 0
+    assert marker.exists()  # the user asked for it, on purpose

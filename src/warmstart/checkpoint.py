@@ -3,8 +3,11 @@
 A checkpoint is a dict of plain data (tensors, numbers, strings, lists, dicts) so that it loads with
 torch.load(weights_only=True): loading never runs code. The one exception is on purpose: a model defined in
 the user's own file is rebuilt from that file's source, which the checkpoint embeds (models.model_from_spec).
+That source runs only when it is known to be the user's own — `warmstart train` records the hash of every
+model file it builds from — or when the user says so (--trust-code); a checkpoint from elsewhere is refused.
 """
 
+import hashlib
 import os
 import pickle
 import random
@@ -56,13 +59,46 @@ def load(path) -> dict:
     return ckpt
 
 
-def load_model(path, num_classes: int | None = None, *, ema: bool | None = None):
+def _trust_file() -> Path:
+    from warmstart.data.folder import cache_dir
+
+    return cache_dir() / "trusted-model-sources.txt"
+
+
+def _source_hash(model_spec: dict) -> str:
+    return hashlib.sha256(model_spec["source"].encode()).hexdigest()
+
+
+def trust_source(model_spec: dict) -> None:
+    """Remember a model file the user trained from, so checkpoints embedding it load without --trust-code."""
+    if not model_spec.get("source"):
+        return
+    path, digest = _trust_file(), _source_hash(model_spec)
+    known = path.read_text().split() if path.is_file() else []
+    if digest not in known:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(digest + "\n")
+
+
+def check_trusted(model_spec: dict, path, trust_code: bool) -> None:
+    if not model_spec.get("source") or trust_code:
+        return
+    digest = _source_hash(model_spec)
+    if _trust_file().is_file() and digest in _trust_file().read_text().split():
+        return
+    raise UserError(f"{path} embeds model code ({model_spec.get('source_file')}, sha256 {digest[:12]}) that was not "
+                    f"trained here; building the model runs it. Read it first (model_spec.source), then pass --trust-code")
+
+
+def load_model(path, *, ema: bool | None = None, trust_code: bool = False):
     """Rebuild the model a checkpoint describes and load its weights: the one loader that evaluate,
     predict, export and finetune share. Returns (model in eval mode, checkpoint dict).
     ema=None uses the weights the checkpoint's evaluation preferred (EMA when it scored higher)."""
     from warmstart.models import model_from_spec
 
     ckpt = load(path)
+    check_trusted(ckpt["model_spec"], path, trust_code)
     model = model_from_spec(ckpt["model_spec"])
     use_ema = ckpt.get("prefer_ema", False) if ema is None else ema
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]

@@ -134,11 +134,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help = f.metadata["help"] + (f" (default: {default})" if default not in (None, False, {}) else "")
         kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help, metavar=f.metadata["metavar"])
         if _parser_type(f) is _bool:
-            # `--ema` turns on, `--ema false` / `--no-ema` turn off
-            kwargs["metavar"] = "BOOL"
-            parser.add_argument(*flags, type=_bool, nargs="?", const=True, **kwargs)
-            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False,
-                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            # --ema / --no-ema: a flag takes no value, so it never swallows the DATA positional
+            del kwargs["metavar"]
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         else:
             parser.add_argument(*flags, type=_parser_type(f), choices=f.metadata["choices"], **kwargs)
 
@@ -187,10 +185,18 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     for name in ("epochs", "batch_size", "accum_steps", "img_size", "eval_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.workers < 0:
-        raise UserError(f"--workers must be 0 or more, got {cfg.workers}")
-    if cfg.auto_augment and cfg.auto_augment != "trivialaugment" and not cfg.auto_augment.startswith("randaugment"):
-        raise UserError(f"--auto-augment {cfg.auto_augment!r}: use trivialaugment, randaugment or randaugment-M")
+    ranges = {"workers": (0, None), "crop_pct": (1e-3, 1), "min_scale": (1e-3, 1), "label_smoothing": (0, 0.999),
+              "reprob": (0, 1), "mixup": (0, None), "cutmix": (0, None), "ema_decay": (0, 1), "lr_base": (0, None),
+              "weight_decay": (0, None), "warmup_epochs": (0, None), "save_every_minutes": (0, None)}
+    for name, (lo, hi) in ranges.items():
+        v = getattr(cfg, name)
+        if v < lo or (hi is not None and v > hi):
+            raise UserError(f"--{name.replace('_', '-')} {v} is out of range: use a value in [{lo}, {hi if hi is not None else 'inf'}]")
+    aa = cfg.auto_augment
+    if aa and not (aa == "trivialaugment" or aa == "randaugment" or (aa.startswith("randaugment-") and aa[12:].isdigit())):
+        raise UserError(f"--auto-augment {aa!r}: use trivialaugment, randaugment or randaugment-M (M an integer magnitude)")
+    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UserError(f"--out {cfg.out} is a file; name a run directory")
     return cfg
 
 

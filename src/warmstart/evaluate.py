@@ -9,7 +9,7 @@ from warmstart import checkpoint
 from warmstart.data.dataset import eval_loader
 from warmstart.data.folder import list_classes
 from warmstart.data.transforms import Normalize
-from warmstart.engine.distributed import setup
+from warmstart.engine import distributed
 from warmstart.engine.loop import evaluate
 from warmstart.errors import UserError
 
@@ -31,31 +31,40 @@ def add_arguments(parser):
     parser.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
                         help="which weights: the raw model, its EMA, or whichever scored higher in training (default)")
     parser.add_argument("--json", action="store_true", help="make the last line of stdout one JSON object")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="build a model whose code is embedded in a checkpoint that was not trained here (read it first)")
 
 
 def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, amp=None, weights="auto",
-                        as_json=False) -> dict:
+                        as_json=False, trust_code=False) -> dict:
     root = Path(data)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
     split = root / "val" if (root / "val").is_dir() else root
-    model, ckpt = checkpoint.load_model(path, ema={"auto": None, "model": False, "ema": True}[weights])
+    model, ckpt = checkpoint.load_model(path, ema={"auto": None, "model": False, "ema": True}[weights],
+                                        trust_code=trust_code)
     classes = ckpt["classes"]["names"]
     unknown = sorted(set(list_classes(split)) - set(classes))
     if unknown:
         raise UserError(f"{split} has class folders the checkpoint does not know: {', '.join(unknown[:5])}; "
                         f"evaluate on data with the checkpoint's classes ({len(classes)})")
-    dev = setup(device).device
-    model.to(dev)
-    loader = eval_loader(split, classes, ckpt["transform"], batch_size=batch_size, workers=workers,
-                         pin_memory=dev.type == "cuda")
-    spec = ckpt["transform"]
-    normalize = Normalize(spec["mean"], spec["std"]).to(dev)
-    metrics = evaluate(model, loader, normalize, dev, amp)
-    print(f"{path}: {metrics['count']} images from {split}: loss {metrics['loss']:.4f}, top-1 {metrics['top1']:.2f}%, "
-          f"top-5 {metrics['top5']:.2f}%" + (f" ({metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ""))
-    if as_json:
-        print(json.dumps(metrics))
+    dist = distributed.setup(device)  # under torchrun each rank evaluates its shard; sums are reduced
+    try:
+        model.to(dist.device)
+        spec = ckpt["transform"]
+        loader = eval_loader(split, classes, spec, batch_size=batch_size, workers=workers, rank=dist.rank,
+                             world_size=dist.world_size, pin_memory=dist.device.type == "cuda")
+        normalize = Normalize(spec["mean"], spec["std"]).to(dist.device)
+        metrics = evaluate(model, loader, normalize, dist.device, amp, show_progress=dist.is_main)
+    finally:
+        distributed.cleanup()
+    if metrics["count"] == 0:
+        raise UserError(f"none of the {metrics['skipped']} images under {split} could be read")
+    if dist.is_main:
+        print(f"{path}: {metrics['count']} images from {split}: loss {metrics['loss']:.4f}, top-1 {metrics['top1']:.2f}%, "
+              f"top-5 {metrics['top5']:.2f}%" + (f" ({metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ""))
+        if as_json:
+            print(json.dumps(metrics))
     return metrics
 
 
@@ -64,5 +73,6 @@ def run(args) -> int:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
     with torch.inference_mode():
         evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
-                            device=args.device, amp=args.amp, weights=args.weights, as_json=args.json)
+                            device=args.device, amp=args.amp, weights=args.weights, as_json=args.json,
+                            trust_code=args.trust_code)
     return 0

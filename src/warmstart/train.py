@@ -62,6 +62,30 @@ def resume_path(cfg: config.TrainConfig, run_dir: Path) -> Path | None:
     return Path(cfg.resume)
 
 
+def load_resumable(path: Path, cfg: config.TrainConfig, model_spec: dict, classes: list[str]) -> dict:
+    """The checkpoint to resume from, after checking it belongs to a run like this one."""
+    ckpt = checkpoint.load(path)
+    if ckpt.get("train_state") is None:
+        raise UserError(f"{path} has no training state to resume from; use `warmstart finetune --from` to start from its weights")
+    theirs, old_cfg = ckpt["model_spec"], ckpt.get("config", {})
+    differences = [what for what, same in [
+        (f"--model {theirs['name']}", theirs["name"] == model_spec["name"]),
+        (f"--model-kwargs {theirs.get('kwargs')}", theirs.get("kwargs", {}) == model_spec["kwargs"]),
+        (f"{len(ckpt['classes']['names'])} classes", ckpt["classes"]["names"] == classes),
+        (f"--opt {old_cfg.get('opt')}", old_cfg.get("opt", cfg.opt) == cfg.opt)] if not same]
+    if differences:
+        raise UserError(f"{path} comes from a different run ({', '.join(differences)}); resume with the same settings "
+                        f"or start a new run with another --out")
+    return ckpt
+
+
+def load_state(target, state: dict, path: Path, what: str) -> None:
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: its {what} do not fit this run ({str(e).splitlines()[0][:160]})") from None
+
+
 def run(args) -> int:
     cfg = config.resolve(args)
     if cfg.evaluate:
@@ -94,9 +118,10 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
     classes, train_samples = index_folder(train_dir)
     class_info = {"names": classes, "human": read_human_names(root, classes)}
     train_set = ImageDataset(train_dir, train_samples, train=True, min_scale=cfg.min_scale, auto_augment=cfg.auto_augment)
-    sampler = TrainSampler(len(train_set), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    sampler = TrainSampler(len(train_set), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                           multiple_of=cfg.batch_size * cfg.accum_steps)
     batches_per_epoch = sampler.per_rank // cfg.batch_size
-    if batches_per_epoch < cfg.accum_steps:
+    if batches_per_epoch == 0:
         raise UserError(f"{len(train_set)} training images give no full update per epoch at --batch-size {cfg.batch_size} x "
                         f"--accum-steps {cfg.accum_steps} x {dist.world_size} process(es); lower --batch-size")
     train_loader = make_loader(train_set, sampler, batch_size=cfg.batch_size, workers=cfg.workers, train=True,
@@ -105,8 +130,9 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
     val_loader = eval_loader(val_dir, classes, eval_spec, batch_size=cfg.batch_size, workers=cfg.workers,
                              rank=dist.rank, world_size=dist.world_size, pin_memory=device.type == "cuda")
 
-    # model: build, check on a real batch, then move and wrap
+    # model: build, check on a real batch, resume its weights, then move
     model, model_spec = build_model(cfg.model, len(classes), cfg.model_kwargs)
+    checkpoint.trust_source(model_spec)  # the user's own file: its checkpoints may rebuild it without --trust-code
     zeroed = zero_init_last_norm(model) if cfg.zero_init_last else 0
     probe, _, _ = collate([train_set[(i % len(train_set), i, size_for_epoch(cfg, 0))] for i in range(2)])
     if len(probe) == 0:
@@ -115,6 +141,12 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
     if unused:
         log.print(f"warning: {len(unused)} parameter(s) got no gradient in a dry run (never trained): "
                   f"{', '.join(unused[:5])}{' …' if len(unused) > 5 else ''}")
+    path = resume_path(cfg, run_dir)
+    ckpt = load_resumable(path, cfg, model_spec, classes) if path else None
+    if ckpt:
+        load_state(model, ckpt["model"], path, "model weights")
+    elif cfg.resume == "auto":
+        log.print(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'} yet, starting from scratch")
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -128,7 +160,7 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
     scheduler = recipe.build_scheduler(cfg, optimizer, updates_per_epoch)
     mixup = recipe.build_mixup(cfg, len(classes))
     loss_fn = recipe.build_loss(cfg, mixup)
-    ema = recipe.build_ema(cfg, model)
+    ema = recipe.build_ema(cfg, model)  # a copy of the (resumed) weights
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     erasing = None
     if cfg.reprob > 0:
@@ -136,28 +168,18 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
 
         erasing = RandomErasing(probability=cfg.reprob, mode="pixel", device=device)
 
-    # resume
-    pos, rng = Position(), None
-    path = resume_path(cfg, run_dir)
-    if path is not None:
-        ckpt = checkpoint.load(path)
-        if ckpt.get("train_state") is None:
-            raise UserError(f"{path} has no training state to resume from; use `warmstart finetune --from` to start from its weights")
-        if ckpt["model_spec"]["name"] != model_spec["name"] or ckpt["classes"]["names"] != classes:
-            raise UserError(f"{path} was trained with --model {ckpt['model_spec']['name']} on {len(ckpt['classes']['names'])} "
-                            f"classes; this run has --model {cfg.model} on {len(classes)} classes: use another --out or resume the matching run")
-        model.load_state_dict(ckpt["model"])
+    # resume the rest of the training state
+    pos, last_metrics, prefer_ema = Position(), {}, False
+    if ckpt:
         state = ckpt["train_state"]
-        optimizer.load_state_dict(state["optimizer"])
+        load_state(optimizer, state["optimizer"], path, "optimizer state")
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         if ema is not None and ckpt.get("ema") is not None:
-            ema.module.load_state_dict(ckpt["ema"])
+            load_state(ema.module, ckpt["ema"], path, "EMA weights")
         pos = Position(**state["position"])
-        rng = ckpt["rng"]
+        last_metrics, prefer_ema = ckpt.get("metrics") or {}, ckpt.get("prefer_ema", False)
         log.print(f"resuming from {path}: epoch {pos.epoch + 1}, batch {pos.batch_in_epoch}, update {pos.step}")
-    elif cfg.resume and cfg.resume != "auto":
-        raise UserError(f"--resume {cfg.resume}: no such checkpoint")
     scheduler.step_update(pos.step)
 
     if dist.is_main:
@@ -169,11 +191,12 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
               f"{cfg.opt} lr {lr:.4g} (lr-base {cfg.lr_base} x {global_batch}/256{', overridden by --lr' if cfg.lr is not None else ''}), "
               f"{cfg.sched} schedule, {cfg.epochs} epochs x {updates_per_epoch} updates -> {run_dir}")
 
-    if cfg.compile:
-        model = torch.compile(model)
     if dist.enabled:
-        ddp_ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_ids)
+        # find_unused_parameters: without it DDP hangs on a model with parameters the loss never reaches
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=bool(unused))
+    if cfg.compile:
+        model = torch.compile(model)  # after DDP, so gradient all-reduce overlaps the backward pass
 
     def save(name: str, metrics: dict | None = None, prefer_ema: bool = False) -> None:
         if not dist.is_main:
@@ -192,9 +215,8 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
             save("last.pt", last_metrics, prefer_ema)
             last_save = time.monotonic()
 
-    if rng is not None:
-        checkpoint.set_rng_state(rng)
-    last_metrics, prefer_ema = {}, False
+    if ckpt:
+        checkpoint.set_rng_state(ckpt["rng"])
     while pos.epoch < cfg.epochs:
         t0 = time.perf_counter()
         size = size_for_epoch(cfg, pos.epoch)
@@ -207,7 +229,12 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
         pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
         row = {"epoch": pos.epoch, "lr": optimizer.param_groups[0]["lr"], "img_size": size, **stats}
         if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
+            distributed.broadcast_buffers(model)
+            if ema is not None:
+                distributed.broadcast_buffers(ema.module)
             m = evaluate(model, val_loader, normalize, device, cfg.amp, show_progress=dist.is_main)
+            if m["count"] == 0:
+                raise UserError(f"none of the {m['skipped']} validation images in {val_dir} could be read")
             row.update({"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_count": m["count"]})
             top1, prefer_ema = m["top1"], False
             if ema is not None:

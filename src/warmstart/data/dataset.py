@@ -2,10 +2,15 @@
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from warmstart.data.transforms import eval_resize_size, eval_transform, load_image, train_transform
+from warmstart.data.transforms import eval_resize_size, eval_transform, load_image, train_decode_size, train_transform
+
+# what a broken file raises while decoding; anything else is a bug or a bad setting and must surface
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class ImageDataset(Dataset):
@@ -14,12 +19,16 @@ class ImageDataset(Dataset):
 
     def __init__(self, root: Path, samples: list[tuple[str, int]], *, train: bool, spec: dict | None = None,
                  min_scale: float = 0.08, auto_augment: str | None = None):
-        self.root, self.samples, self.train, self.spec = Path(root), samples, train, spec
+        self.root, self.train, self.spec = Path(root), train, spec
+        # numpy arrays, not a list of tuples: forked workers would otherwise copy the list page by page
+        # as reference counts change (hundreds of MB per worker at ImageNet scale)
+        self.paths = np.array([p.encode() for p, _ in samples])
+        self.labels = np.array([y for _, y in samples], dtype=np.int64)
         self.min_scale, self.auto_augment = min_scale, auto_augment
         self._transforms = {}  # size -> transform, built lazily in each worker
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.labels)
 
     def _transform(self, size: int):
         if size not in self._transforms:
@@ -29,15 +38,16 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key):
         index, seed, size = key
-        rel, label = self.samples[index]
+        path, label = self.root / self.paths[index].decode(), int(self.labels[index])
+        decode_size = train_decode_size(size, self.min_scale) if self.train else eval_resize_size(self.spec)
         try:
-            img = load_image(self.root / rel, size if self.train else eval_resize_size(self.spec))
-        except Exception:  # corrupt or unreadable: skipped by collate and counted, never a crash
+            img = load_image(path, decode_size)
+        except DECODE_ERRORS:  # corrupt or unreadable: skipped by collate and counted, never a crash
             return None, label
         if not self.train:
             return self._transform(size)(img), label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)  # CPU only: leave CUDA generators alone
             return self._transform(size)(img), label
 
 

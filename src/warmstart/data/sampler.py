@@ -10,9 +10,12 @@ from torch.utils.data import Sampler
 
 
 class TrainSampler(Sampler):
-    def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1):
+    """multiple_of = batch size x accumulation steps: each rank's epoch ends on an optimiser update, so no
+    gradients leak into the next epoch (where a checkpoint could not hold them)."""
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1, multiple_of: int = 1):
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.per_rank = n // world_size  # like DistributedSampler(drop_last=True): equal shards
+        self.per_rank = n // world_size // multiple_of * multiple_of  # equal shards, whole updates
         self.epoch, self.size, self.start = 0, 224, 0
 
     def set_epoch(self, epoch: int, size: int, start: int = 0):

@@ -23,6 +23,11 @@ def load_image(path, min_short_side: int | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
+def train_decode_size(size: int, min_scale: float) -> int:
+    """Shorter side to decode at so that even the smallest RandomResizedCrop needs no upscaling."""
+    return math.ceil(size / math.sqrt(min_scale))
+
+
 def train_transform(size: int, *, min_scale: float = 0.08, auto_augment: str | None = None) -> v2.Compose:
     ops = [v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True), v2.RandomHorizontalFlip()]
     if auto_augment == "trivialaugment":

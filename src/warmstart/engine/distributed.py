@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from warmstart.errors import UserError
+
 
 @dataclass
 class Dist:
@@ -34,10 +36,19 @@ def setup(device: str | None = None) -> Dist:
     local_rank = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        # one GPU per process: torchrun's LOCAL_RANK picks it; a lone process may name one (cuda:N)
+        dev = torch.device("cuda", local_rank if world > 1 or dev.index is None else dev.index)
         torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True  # fastest conv algorithms for fixed input sizes
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device}: warmstart runs on cpu or cuda")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Dist(rank, world, local_rank, dev)
@@ -49,9 +60,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def barrier() -> None:
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics drift apart per rank), so all ranks
+    evaluate the model that rank 0 saves."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
 
 
 def cleanup() -> None:

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from warmstart.checkpoint import unwrap
 from warmstart.engine.distributed import all_reduce_sum
+from warmstart.errors import UserError
 
 
 @dataclass
@@ -44,12 +45,15 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
         data_wait += time.perf_counter() - t_last
         skipped += n_bad
         x, y = normalize(images), labels.to(device, non_blocking=True)
+        if len(x) == 0:
+            raise UserError(f"a whole batch of {n_bad} training images was unreadable; the dataset looks broken "
+                            f"(check it with `warmstart prepare --from-folder` or rebuild it)")
+        if erasing is not None:  # erase, then mix (timm's order)
+            x = erasing(x)
         if mixup is not None and len(x) % 2:
             x, y = x[:-1], y[:-1]  # timm's batch mixup pairs samples: needs an even batch
         if mixup is not None:
             x, y = mixup(x, y)
-        if erasing is not None:
-            x = erasing(x)
         update = (pos.batch_in_epoch + 1) % accum_steps == 0
         # DDP: only all-reduce gradients on the micro-batch that completes an update
         sync = nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
@@ -85,9 +89,10 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
         t_last = time.perf_counter()
     bar.close()
     elapsed = time.perf_counter() - t_start
-    stats = all_reduce_sum(torch.tensor([loss_sum.item(), seen, skipped, data_wait], dtype=torch.float64))
-    return {"train_loss": stats[0].item() / max(stats[1].item(), 1), "train_images": int(stats[1]),
-            "skipped": int(stats[2]), "img_per_s": stats[1].item() / elapsed, "data_wait": data_wait / max(elapsed, 1e-9)}
+    # on the device: NCCL reduces CUDA tensors only
+    stats = all_reduce_sum(torch.tensor([loss_sum.item(), seen, skipped], dtype=torch.float64, device=device)).tolist()
+    return {"train_loss": stats[0] / max(stats[1], 1), "train_images": int(stats[1]), "skipped": int(stats[2]),
+            "img_per_s": stats[1] / elapsed, "data_wait": data_wait / max(elapsed, 1e-9)}
 
 
 @torch.no_grad()

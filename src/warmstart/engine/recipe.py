@@ -26,7 +26,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torc
 
 def build_scheduler(cfg: TrainConfig, optimizer, updates_per_epoch: int):
     """Stepped per update (step_on_epochs=False): timm converts the epoch figures into update counts."""
-    sched = {"cosine": "cosine", "step": "step", "constant": "const"}[cfg.sched]
+    sched = {"cosine": "cosine", "step": "step", "constant": "constant"}[cfg.sched]
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
         min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, cooldown_epochs=0,
