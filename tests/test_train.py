@@ -49,7 +49,7 @@ def test_tinynet_learns_and_writes_run_dir(data, tmp_path, capsys):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert "class TinyNet" in ckpt["model_spec"]["source"]
     assert ckpt["classes"]["names"] == ["c00", "c01", "c02", "c03"]
-    assert ckpt["transform"]["size"] == 32 and ckpt["ema"] is not None
+    assert ckpt["transform"]["size"] == 40 and ckpt["ema"] is not None  # evaluated at 1.25 x 32
 
     # evaluate with the checkpoint's own preprocessing reproduces the training-time figure
     capsys.readouterr()

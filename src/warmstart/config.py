@@ -65,7 +65,9 @@ class TrainConfig:
     # data and augmentation
     img_size: int = _opt(224, "training resolution (the final one with progressive resizing)")
     img_size_start: int | None = _opt(None, "progressive resizing: first-epoch resolution, ramped linearly to --img-size")
-    eval_img_size: int | None = _opt(None, "evaluation resolution (default --img-size); higher often scores better")
+    eval_img_size: int | None = _opt(None, "evaluation resolution (default: 1.25 x --img-size, rounded to 8: random-resized "
+                                     "crops make objects look larger in training, so evaluating larger scores higher, as in "
+                                     "FixRes and the torchvision/FFCV recipes)")
     crop_pct: float = _opt(0.875, "evaluation centre-crop fraction: resize to size/crop_pct, then crop size")
     min_scale: float = _opt(0.25, "RandomResizedCrop smallest area fraction")
     auto_augment: str | None = _opt(None, "trivialaugment, randaugment or randaugment-M (magnitude M)")
@@ -77,6 +79,10 @@ class TrainConfig:
     # bookkeeping
     eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)")
     save_every_minutes: float = _opt(10.0, "also write last.pt every N minutes inside an epoch (fractions allowed)")
+
+    @property
+    def eval_size(self) -> int:
+        return self.eval_img_size or int(round(1.25 * self.img_size / 8) * 8)
 
     @property
     def run_dir(self) -> Path:

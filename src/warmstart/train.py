@@ -126,7 +126,7 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
                         f"--accum-steps {cfg.accum_steps} x {dist.world_size} process(es); lower --batch-size")
     train_loader = make_loader(train_set, sampler, batch_size=cfg.batch_size, workers=cfg.workers, train=True,
                                pin_memory=device.type == "cuda")
-    eval_spec = transform_spec(cfg.eval_img_size or cfg.img_size, cfg.crop_pct)
+    eval_spec = transform_spec(cfg.eval_size, cfg.crop_pct)
     val_loader = eval_loader(val_dir, classes, eval_spec, batch_size=cfg.batch_size, workers=cfg.workers,
                              rank=dist.rank, world_size=dist.world_size, pin_memory=device.type == "cuda")
 
