@@ -42,8 +42,8 @@ class HashingReader:
         try:
             with open(self.path, "rb", buffering=0) as f:
                 while chunk := f.read(self.CHUNK):
+                    self.chunks.put(chunk)  # parse this chunk while it is hashed
                     self.md5.update(chunk)
-                    self.chunks.put(chunk)
         except BaseException as e:  # surfaced in the reading thread
             self.chunks.put(e)
             return

@@ -46,15 +46,17 @@ class Output:
         self.inflight: deque[tuple[Future, int]] = deque()
         self.inflight_bytes = 0
         self.pending: deque[tuple[str, list[str], list[Future], dict]] = deque()
-        self.made: set[Path] = set()
+        self.made: set[str] = set()  # folders known to exist
+        self.tmp_str = str(self.tmp)
         self.log = open(self.journal, "a")
 
     def _path(self, prefix: str, rel: str) -> str:
-        path = self.tmp / prefix / rel
-        if path.parent not in self.made:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.made.add(path.parent)
-        return str(path)
+        path = os.path.join(self.tmp_str, prefix, rel)  # plain strings: this runs once per image
+        parent = path.rpartition("/")[0]
+        if parent not in self.made:
+            os.makedirs(parent, exist_ok=True)
+            self.made.add(parent)
+        return path
 
     def _write(self, files: list[tuple[str, bytes | memoryview | str]]) -> dict:
         """Runs on a writer thread. files: (path relative to the output root, bytes or source path)."""
@@ -127,9 +129,9 @@ class Output:
         for prefix in (p for p in (self.full_dir, self.resized_dir) if p is not None):
             for d in dirs:
                 src, dst = self.tmp / prefix / d, self.root / prefix / d
-                if dst.parent not in self.made:
+                if str(dst.parent) not in self.made:
                     dst.parent.mkdir(parents=True, exist_ok=True)
-                    self.made.add(dst.parent)
+                    self.made.add(str(dst.parent))
                 try:
                     os.replace(src, dst)
                 except FileNotFoundError:  # no file of this unit was writable (all undecodable)
