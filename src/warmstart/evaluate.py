@@ -1,6 +1,7 @@
 """`warmstart evaluate`: a checkpoint's loss, top-1 and top-5 on a folder, with the checkpoint's own preprocessing."""
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -25,7 +26,9 @@ def add_arguments(parser):
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt file written by warmstart")
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder (uses DIR/val if present)")
     parser.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch (default: 128)")
-    parser.add_argument("-j", "--workers", type=int, default=4, help="data-loading processes (0 = main process; default: 4)")
+    workers = min(8, os.cpu_count() or 1)
+    parser.add_argument("-j", "--workers", type=int, default=workers,
+                        help=f"data-loading processes (0 = main process; default: {workers}, the cores up to 8)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed-precision inference")
     parser.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
