@@ -89,9 +89,12 @@ def main() -> None:
     p.add_argument("--val", type=int, default=1300, help="validation images")
     p.add_argument("--repeat", type=int, default=2, help="runs of each, alternating; the best time counts")
     p.add_argument("--settle", type=float, default=61, help="seconds to wait before each timed run (see timed())")
-    p.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, deleted after)")
+    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "warmstart-bench",
+                   help="scratch folder; a temporary folder inside it is deleted after (default: ~/.cache/warmstart-bench, "
+                   "away from /tmp, where other users' deletions slow file creation: see timed())")
     args = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="warmstart-bench-", dir=args.work))
+    args.work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=args.work))
     try:
         t0 = time.perf_counter()
         archives = work / "archives"

@@ -2,6 +2,9 @@
 
 import io
 import json
+import signal
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -125,6 +128,32 @@ def test_resume_after_interrupt(official, tmp_path, monkeypatch, capsys):
     assert all(p.stat().st_ino == ino for p, ino in inodes.items())  # finished classes were not rewritten
     assert tree(out) == tree(prepared_again(official, tmp_path))
     assert json.loads((out / "prepared.json").read_text())["splits"]["train"]["images"] == len(CLASSES) * PER_CLASS
+
+
+KILL_AT_CLASS = """
+import os, signal, sys
+from warmstart.prepare import archives
+real, seen = archives.inner_files, []
+def killed(*a):
+    seen.append(a[1])
+    if len(seen) == 4:  # a real SIGKILL: no cleanup, writer threads die mid-file
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a)
+archives.inner_files = killed
+from warmstart.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_sigkill(official, tmp_path):
+    out = tmp_path / "out"
+    args = ["prepare", "--archives", str(official), "--out", str(out), "--partial"]
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_CLASS, *args], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "prepared.json").exists() and (out / ".partial" / "journal.jsonl").exists()
+    assert all(len(list(d.iterdir())) == PER_CLASS for d in out.glob("train/*"))  # only whole classes, if any
+    assert prepare(official, out, "--partial") == 0
+    assert tree(out) == tree(prepared_again(official, tmp_path)) and not (out / ".partial").exists()
 
 
 def prepared_again(official: Path, tmp_path: Path) -> Path:

@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def devkit_labels(path: Path) -> tuple[str, dict[str, str]]:
     """(md5, val file name -> wnid) from the devkit's meta.mat and validation ground truth.
 
     The ground truth holds devkit ILSVRC2012_IDs, which are not sorted-wnid indices: meta.mat maps them."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # else numpy's BLAS threads spin beside the writers
     import scipy.io
 
     data = path.read_bytes()
