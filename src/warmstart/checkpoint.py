@@ -88,7 +88,7 @@ def check_trusted(model_spec: dict, path, trust_code: bool) -> None:
     if _trust_file().is_file() and digest in _trust_file().read_text().split():
         return
     raise UserError(f"{path} embeds model code ({model_spec.get('source_file')}, sha256 {digest[:12]}) that was not "
-                    f"trained here; building the model runs it. Read it first (model_spec.source), then pass --trust-code")
+                    f"trained here; building the model runs it. Read it first (model_spec.source), then pass --trust-code to `warmstart evaluate`")
 
 
 def load_model(path, *, ema: bool | None = None, trust_code: bool = False):
