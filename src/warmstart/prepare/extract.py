@@ -36,6 +36,7 @@ class Output:
             for p in self.tmp.iterdir():  # half-written units of the killed run are redone from scratch
                 if p not in (options_file, self.journal):
                     shutil.rmtree(p)
+            self.journal.write_text("".join(json.dumps(r) + "\n" for r in self.done.values()))  # drop a torn line
         else:  # a fresh start, or different options: what is under .partial cannot be trusted
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir(parents=True)
@@ -89,6 +90,7 @@ class Output:
                     stats["resized_bytes"] += size
                 elif self.full_dir is None:  # only the resized copy was asked for, and it failed
                     stats["unreadable"].append(rel)
+                    stats["repairs"] = [r for r in stats["repairs"] if r["file"] != rel]
                     stats["files"] -= 1
                     stats["counts"][rel.rpartition("/")[0]] -= 1
         return stats
