@@ -11,7 +11,8 @@ from pathlib import Path
 
 from warmstart.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+# what counts as an image, for training and for `prepare --from-folder` alike
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
 
 def cache_dir() -> Path:

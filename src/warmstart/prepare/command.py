@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from warmstart.data.folder import IMAGE_EXTENSIONS
 from warmstart.errors import UserError
 from warmstart.prepare import archives, facts, manifest, verify
 from warmstart.prepare.extract import Output
@@ -43,7 +44,6 @@ members. Interrupted? Run the same command again: finished classes are kept.
 
 resizes any ImageFolder tree (mirrored as-is) instead.
 """
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 BATCH = 256  # flat-split files per writer task
 
 
@@ -212,7 +212,7 @@ def from_folder(args: argparse.Namespace, out: Path) -> int:
         rel = os.path.relpath(dirpath, src).replace(os.sep, "/")
         for f in sorted(filenames):
             stem, suffix = os.path.splitext(f)
-            if suffix.lower() in IMAGE_SUFFIXES:
+            if suffix.lower() in IMAGE_EXTENSIONS:
                 name = f if suffix.lower() in (".jpg", ".jpeg") else stem + ".JPEG"
                 units.setdefault(rel, []).append((name if rel == "." else f"{rel}/{name}", os.path.join(dirpath, f)))
     if not units:
