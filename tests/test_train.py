@@ -14,10 +14,11 @@ import torch
 
 from synth import make_image_folder
 from warmstart.cli import main
+from warmstart.prepare.fixtures import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
 TINYNET = str(REPO / "examples" / "tinynet.py") + ":TinyNet"
-SHARED = Path(os.environ.get("WARMSTART_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = shared_data() or REPO.parent / "shared" / "data"  # same lookup as the fixtures ($WARMSTART_SHARED_DATA)
 QUICK = ["--img-size", "32", "-b", "16", "-j", "0", "--warmup-epochs", "0.5", "--lr-base", "0.4"]
 
 

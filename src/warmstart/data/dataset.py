@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from warmstart.data.folder import index_folder
+from warmstart.data.sampler import EvalSampler
 from warmstart.data.transforms import eval_resize_size, eval_transform, load_image, train_decode_size, train_transform
 
 # what a broken file raises while decoding; anything else is a bug or a bad setting and must surface
@@ -81,9 +83,6 @@ def read_human_names(root: Path, classes: list[str]) -> list[str] | None:
 def eval_loader(split_dir: Path, classes: list[str], spec: dict, *, batch_size: int, workers: int,
                 rank: int = 0, world_size: int = 1, pin_memory: bool = False):
     """A loader over every image of split_dir once (sharded across ranks), labelled in `classes` order."""
-    from warmstart.data.folder import index_folder
-    from warmstart.data.sampler import EvalSampler
-
     _, samples = index_folder(split_dir, classes)
     dataset = ImageDataset(split_dir, samples, train=False, spec=spec)
     sampler = EvalSampler(len(dataset), size=spec["size"], rank=rank, world_size=world_size)
