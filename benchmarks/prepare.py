@@ -8,14 +8,18 @@ present), then times, in one run:
              process each, deleting each after), `tar -xf` the val tar, then valprep.sh's
              `mkdir -p` per class and one `mv` per validation file
   warmstart: `warmstart prepare --archives A --out OUT --partial` (MD5s, counts, repairs, manifest)
-alternating the two --repeat times (the machine is shared: the best time of each counts), and
-samples each output/working folder's disk usage in a background thread for the peak.
+in --repeat rounds (the machine is shared: the best time of each counts), each after a sync and a
+settle of --settle seconds (see SETTLE), and samples each output/working folder's disk usage in a
+background thread for the peak. Needs about 2.5x the archives' size of free disk per round; takes
+about --repeat x 6 minutes, mostly waiting.
 """
 
 import argparse
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -45,15 +49,12 @@ def fs_used(path: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize  # ext4 counts delayed-allocation blocks as used
 
 
-def timed(cmd: list[str], cwd: Path, watch: Path, start_size: int, settle: float) -> tuple[float, int]:
-    """Run cmd; -> (seconds, peak size of the `watch` folder).
+def timed(cmd: list[str], cwd: Path, watch: Path, start_size: int, settle: float) -> tuple[float, int, float]:
+    """Run cmd; -> (seconds, peak size of the `watch` folder, CPU seconds of cmd and its children).
 
     The peak is the folder's size at the start plus the file system's peak growth, sampled every
     10 ms (one statvfs call: walking the folder that often would slow the run it measures).
-    Waits `settle` seconds first: ext4 without a journal skips inodes deleted in the last 60 s
-    (`recently_deleted`) on every file creation, so creating files right after mass deletions (the
-    shell recipe deletes its archives and inner tars; other users delete temp folders) costs
-    several times more. Both contestants get the same quiet start."""
+    Syncs, then waits `settle` seconds first (see SETTLE)."""
     subprocess.run(["sync"])
     time.sleep(settle)
     start, peak, stop = fs_used(cwd), [0], threading.Event()
@@ -64,13 +65,23 @@ def timed(cmd: list[str], cwd: Path, watch: Path, start_size: int, settle: float
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - t0
+    seconds, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     stop.set()
     thread.join()
-    return seconds, start_size + max(peak[0], fs_used(cwd) - start)
+    cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    return seconds, start_size + max(peak[0], fs_used(cwd) - start), cpu
 
+
+# ext4 without a journal (this VM's root) skips, on every file creation, each free inode of the
+# group that was deleted in the last 60 s, or in the last 360 s once its inode-table block is dirty
+# again, which the first new file in that block makes it (fs/ext4/ialloc.c, recently_deleted()).
+# Creating thousands of files right after thousands of deletions therefore costs several times
+# more. So the benchmark deletes nothing until it has finished, and waits this long before each
+# round; within a round warmstart goes first, since the shell recipe deletes its own tars (that
+# cost is the recipe's own) and would otherwise charge warmstart for them.
+SETTLE = 361
 
 SHELL = """set -e
 mkdir train && mv ILSVRC2012_img_train.tar train/ && cd train
@@ -88,10 +99,10 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=3, help="train images per class")
     p.add_argument("--val", type=int, default=1300, help="validation images")
     p.add_argument("--repeat", type=int, default=2, help="runs of each, alternating; the best time counts")
-    p.add_argument("--settle", type=float, default=61, help="seconds to wait before each timed run (see timed())")
+    p.add_argument("--settle", type=float, default=SETTLE, help=f"seconds to wait before each round (default {SETTLE}; see SETTLE)")
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "warmstart-bench",
                    help="scratch folder; a temporary folder inside it is deleted after (default: ~/.cache/warmstart-bench, "
-                   "away from /tmp, where other users' deletions slow file creation: see timed())")
+                   "away from /tmp, where other users' deletions slow file creation: see SETTLE)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.work))
@@ -110,11 +121,9 @@ def main() -> None:
         with tarfile.open(archives / facts.VAL_TAR) as tar:
             names = tar.getnames()
         lines = [f"mkdir -p {w}" for w in sorted({labels[n] for n in names})] + [f"mv {n} {labels[n]}/" for n in names]
-        # Alternate the two, so load from other users hits both alike. Before each run, delete the
-        # previous run's output of the other contestant (this VM writes much faster into page cache it
-        # has used before), then settle (see timed()).
-        runs = {"shell": [], "warmstart": []}  # (seconds, peak disk, final disk) per repeat
-        out = None
+        # Alternate the two, so load from other users hits both alike; nothing is deleted before the end
+        # (see SETTLE), and both write into fresh folders of the same file system.
+        runs = {"shell": [], "warmstart": []}  # (seconds, peak disk, final disk, CPU seconds) per repeat
         for r in range(args.repeat):
             shell_dir = work / f"shell{r}"
             shell_dir.mkdir()
@@ -122,17 +131,14 @@ def main() -> None:
             for name in (facts.TRAIN_TAR, facts.VAL_TAR):
                 shutil.copyfile(archives / name, shell_dir / name)
             shell_start = disk_usage(shell_dir)
-            if out:
-                shutil.rmtree(out)
-            t, peak = timed(["bash", "-c", SHELL], shell_dir, shell_dir, shell_start, args.settle)
-            (shell_dir / "valprep.sh").unlink()
-            runs["shell"].append((t, peak, disk_usage(shell_dir)))
 
-            shutil.rmtree(shell_dir)
             out = work / f"warmstart{r}"
-            t, peak = timed([str(BIN / "warmstart"), "prepare", "--archives", str(archives), "--out", str(out),
-                             "--partial"], work, out, 0, args.settle)
-            runs["warmstart"].append((t, peak, disk_usage(out)))
+            t, peak, cpu = timed([str(BIN / "warmstart"), "prepare", "--archives", str(archives), "--out", str(out),
+                                  "--partial"], work, out, 0, args.settle)
+            runs["warmstart"].append((t, peak, disk_usage(out), cpu))
+            t, peak, cpu = timed(["bash", "-c", SHELL], shell_dir, shell_dir, shell_start, 1)
+            (shell_dir / "valprep.sh").unlink()
+            runs["shell"].append((t, peak, disk_usage(shell_dir), cpu))
             # The prepared folder must be right, not only fast.
             doc = json.loads((out / "prepared.json").read_text())
             assert doc["splits"]["train"]["images"] == args.classes * args.per_class
@@ -141,14 +147,17 @@ def main() -> None:
             assert {facts.PNG_FILES[0], "n01739381_1309.JPEG"} <= repaired, repaired
         after = {p.name: (fixtures.md5sum(p), p.stat().st_mtime_ns) for p in archives.iterdir()}
 
-        print(f"\n{'':10}{'best time':>10}{'all runs':>24}{'peak disk':>12}{'final':>9}{'peak/final':>12}")
+        print(f"\n{'':10}{'best time':>10}{'all runs (CPU s)':>34}{'peak disk':>12}{'final':>9}{'peak/final':>12}")
         best = {}
         for name, rs in runs.items():
-            best[name] = min(t for t, _, _ in rs)
-            peak, final = max(p for _, p, _ in rs), rs[-1][2]
-            print(f"{name:10}{best[name]:9.1f}s{' '.join(f'{t:.1f}' for t, _, _ in rs):>24}{peak / 1e6:9.0f} MB"
-                  f"{final / 1e6:6.0f} MB{max(p / f for _, p, f in rs):11.2f}x")
+            best[name] = min(r[0] for r in rs)
+            peak, final = max(r[1] for r in rs), rs[-1][2]
+            every = " ".join(f"{t:.1f} ({c:.1f})" for t, _, _, c in rs)
+            print(f"{name:10}{best[name]:9.1f}s{every:>34}{peak / 1e6:9.0f} MB"
+                  f"{final / 1e6:6.0f} MB{max(r[1] / r[2] for r in rs):11.2f}x")
+        median = {name: statistics.median(r[0] for r in rs) for name, rs in runs.items()}
         print(f"\nwarmstart is {best['shell'] / best['warmstart']:.1f}x faster (best of {args.repeat}; "
+              f"{median['shell'] / median['warmstart']:.1f}x by median; "
               f"{args.classes} classes x {args.per_class} + {args.val} val, {os.cpu_count()} cores). "
               f"The shell's peak includes the archive copies it consumes ({shell_start / 1e6:.0f} MB at start).")
         print(f"archives untouched by warmstart: {before == after}; repairs: {len(doc['repairs'])}; "
