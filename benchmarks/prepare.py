@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=1000, help="classes in the mini archives")
     p.add_argument("--per-class", type=int, default=3, help="train images per class")
     p.add_argument("--val", type=int, default=1300, help="validation images")
-    p.add_argument("--repeat", type=int, default=2, help="runs of each, alternating; the best time counts")
+    p.add_argument("--repeat", type=int, default=3, help="rounds, each timing warmstart then the shell recipe; the best time counts")
     p.add_argument("--settle", type=float, default=SETTLE, help=f"seconds to wait before each round (default {SETTLE}; see SETTLE)")
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "warmstart-bench",
                    help="scratch folder; a temporary folder inside it is deleted after (default: ~/.cache/warmstart-bench, "
@@ -155,13 +155,13 @@ def main() -> None:
             assert {facts.PNG_FILES[0], "n01739381_1309.JPEG"} <= repaired, repaired
         after = {p.name: (fixtures.md5sum(p), p.stat().st_mtime_ns) for p in archives.iterdir()}
 
-        print(f"\n{'':10}{'best time':>10}{'all runs (CPU s)':>34}{'peak disk':>12}{'final':>9}{'peak/final':>12}")
+        print(f"\n{'':10}{'best time':>10}  {'all runs, s (CPU s)':<38}{'peak disk':>12}{'final':>9}{'peak/final':>12}")
         best = {}
         for name, rs in runs.items():
             best[name] = min(r[0] for r in rs)
             peak, final = max(r[1] for r in rs), rs[-1][2]
             every = " ".join(f"{t:.1f} ({c:.1f})" for t, _, _, c in rs)
-            print(f"{name:10}{best[name]:9.1f}s{every:>34}{peak / 1e6:9.0f} MB"
+            print(f"{name:10}{best[name]:9.1f}s  {every:<38}{peak / 1e6:9.0f} MB"
                   f"{final / 1e6:6.0f} MB{max(r[1] / r[2] for r in rs):11.2f}x")
         median = {name: statistics.median(r[0] for r in rs) for name, rs in runs.items()}
         print(f"\nwarmstart is {best['shell'] / best['warmstart']:.1f}x faster (best of {args.repeat}; "
