@@ -10,7 +10,7 @@ present), then times, in one run:
   warmstart: `warmstart prepare --archives A --out OUT --partial` (MD5s, counts, repairs, manifest)
 in --repeat rounds (the machine is shared: the best time of each counts), each after a sync and a
 settle of --settle seconds (see SETTLE), and samples each output/working folder's disk usage in a
-background thread for the peak. Needs about 2.5x the archives' size of free disk per round; takes
+background thread for the peak. Needs about 2x the archives' size of free disk per round; takes
 about --repeat x 6 minutes, mostly waiting.
 """
 
@@ -128,8 +128,8 @@ def main() -> None:
         with tarfile.open(archives / facts.VAL_TAR) as tar:
             names = tar.getnames()
         lines = [f"mkdir -p {w}" for w in sorted({labels[n] for n in names})] + [f"mv {n} {labels[n]}/" for n in names]
-        # Alternate the two, so load from other users hits both alike; nothing is deleted before the end
-        # (see SETTLE), and both write into fresh folders of the same file system.
+        # Rounds of warmstart then the shell recipe, so load from other users hits both alike; nothing is
+        # deleted before the end (see SETTLE), and both write into fresh folders of the same file system.
         runs = {"shell": [], "warmstart": []}  # (seconds, peak disk, final disk, CPU seconds) per repeat
         for r in range(args.repeat):
             shell_dir = work / f"shell{r}"
