@@ -140,7 +140,7 @@ def test_package_module_callable(tmp_path, monkeypatch):
     model, spec = build_model("mypkg.arch:tiny", 6)
     assert out_shape(model, size=4) == (2, 6)
     assert spec["source"] is None
-    assert out_shape(model_from_spec(spec), size=4) == (2, 6)
+    assert out_shape(model_from_spec(spec, allow_code=True), size=4) == (2, 6)
 
 
 # ---------------------------------------------------------------- model_from_spec
@@ -155,7 +155,7 @@ def test_rebuild_from_embedded_source_after_file_is_gone(tmp_path):
     torch.save({"model_spec": spec}, buf)
     buf.seek(0)
     spec2 = torch.load(buf, weights_only=True)["model_spec"]
-    rebuilt = model_from_spec(spec2)
+    rebuilt = model_from_spec(spec2, allow_code=True)
     a, b = model.state_dict(), rebuilt.state_dict()
     assert list(a) == list(b)
     assert all(a[k].shape == b[k].shape for k in a)
@@ -166,24 +166,24 @@ def test_rebuild_uses_embedded_source_not_changed_file(tmp_path):
     f = write_model(tmp_path)
     _, spec = build_model(f"{f}:Net", 4)
     f.write_text("raise RuntimeError('the file changed')\n")
-    assert out_shape(model_from_spec(spec)) == (2, 4)
+    assert out_shape(model_from_spec(spec, allow_code=True)) == (2, 4)
 
 
 def test_num_classes_override(tmp_path):
     f = write_model(tmp_path)
     _, spec = build_model(f"{f}:Net", 4)
-    assert out_shape(model_from_spec(spec, num_classes=11)) == (2, 11)
+    assert out_shape(model_from_spec(spec, num_classes=11, allow_code=True)) == (2, 11)
     _, spec = build_model("resnet18", 1000)
-    assert out_shape(model_from_spec(spec, num_classes=3)) == (2, 3)
+    assert out_shape(model_from_spec(spec, num_classes=3, allow_code=True)) == (2, 3)
     _, spec = build_model("timm:resnet18", 1000)
-    assert out_shape(model_from_spec(spec, num_classes=2)) == (2, 2)
+    assert out_shape(model_from_spec(spec, num_classes=2, allow_code=True)) == (2, 2)
 
 
 def test_embedded_source_traceback_points_into_checkpoint_copy(tmp_path):
     f = write_model(tmp_path, BROKEN_PY.replace("        helper()", "        pass"), "bad.py")
     _, spec = build_model(f"{f}:Bad", 2)
     spec["source"] = BROKEN_PY
-    msg = error_of(model_from_spec, spec)
+    msg = error_of(model_from_spec, spec, allow_code=True)
     assert "checkpoint copy of bad.py" in msg and 'raise ValueError("boom in user code")' in msg
 
 

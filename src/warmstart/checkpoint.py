@@ -1,21 +1,27 @@
-"""The checkpoint format, defined once (see DESIGN.md "Checkpoint format").
+"""The checkpoint format, defined once (see DESIGN.md "Checkpoint format"), and the one function that loads a model
+from a checkpoint (every command and the Python API go through load_model).
 
 A checkpoint is a dict of plain data (tensors, numbers, strings, lists, dicts) so that it loads with
-torch.load(weights_only=True): loading never runs code. The one exception is on purpose: a model defined in
-the user's own file is rebuilt from that file's source, which the checkpoint embeds (models.model_from_spec).
-That source runs only when it is known to be the user's own — `warmstart train` records the hash of every
-model file it builds from — or when the user says so (--trust-code); a checkpoint from elsewhere is refused.
+torch.load(weights_only=True): unpickling never runs code. Rebuilding the model can: a spec naming the user's own
+file embeds its source, and a `package.module:callable` spec imports and calls what it names. So a checkpoint's
+model is built without asking only when its spec names a torchvision or timm model. Any other spec runs only when
+the user trusted it: `warmstart train` / `finetune` record the SHA-256 of every spec they build (name, kwargs,
+source) in the user's config directory, and `--trust-code` vouches for one checkpoint after reading it.
 """
 
 import hashlib
+import json
 import os
 import pickle
 import random
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from warmstart import fileio
 from warmstart.errors import UserError
 
 FORMAT = "warmstart/1"
@@ -32,79 +38,171 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def _size(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_size(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_size(v) for v in obj)
+    return 0
+
+
 def save(state: dict, path: Path) -> None:
-    """Atomic: a crash mid-write leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    """Durable and atomic (fileio.atomic_write): a crash, a SIGKILL or a full disk mid-write leaves the previous
+    file intact, and a full disk ends in one line saying so."""
+    fileio.atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp),
+                        what="the previous checkpoint is intact", needed=_size(state))
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Temp files of saves that were killed mid-write (a new run starts by cleaning them up)."""
+    for name in ("last.pt", "best.pt"):
+        fileio.remove_stale_temps(Path(run_dir) / "checkpoints" / name)
+
+
+def _not_a_checkpoint(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not a warmstart checkpoint ({why}); pass a .pt file that `warmstart train` or "
+                     f"`warmstart finetune` wrote, e.g. RUN/checkpoints/best.pt")
 
 
 def load(path) -> dict:
+    """The checkpoint dict, read as plain data; a clear UserError for anything else."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by warmstart "
                         f"(e.g. RUN/checkpoints/best.pt)")
+    with open(path, "rb") as f:
+        head = f.read(1)
+    # torch.save writes a zip archive; the legacy format (and a bare pickle) starts with a PROTO opcode
+    if not (zipfile.is_zipfile(path) or head == b"\x80"):
+        raise _not_a_checkpoint(path, "not a file written by torch.save")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e)
+        if "weights_only" not in text.lower().replace(" ", "_"):
+            raise _not_a_checkpoint(path, f"unreadable: {(text.strip().splitlines() or ['?'])[0][:120]}") from None
+        first = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                     text.strip().splitlines()[0] if text.strip() else type(e).__name__)
         raise UserError(f"refusing to load {path}: it holds pickled Python objects, which could run code "
                         f"({first[:160]}); only load checkpoints you trust, re-saved as plain tensors") from None
-    except Exception as e:  # truncated / not a torch file
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    except Exception as e:  # truncated zip, torn write
+        raise _not_a_checkpoint(path, f"unreadable, perhaps truncated: {type(e).__name__}: {str(e)[:160]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_spec" not in ckpt:
-        raise UserError(f"{path} is not a warmstart checkpoint (no model / model_spec entries)")
+        raise _not_a_checkpoint(path, "a torch file without model / model_spec entries")
     return ckpt
 
 
+# ---------------------------------------------------------------------------- trust
+
+ZOO_UNSAFE_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                     "pretrained_strict", "cache_dir", "weights"}  # would read files or reach the network
+
+
+def runs_code(model_spec: dict) -> bool:
+    """Does building this spec run code the checkpoint chose? Only plain zoo names do not."""
+    name = str(model_spec.get("name", ""))
+    zoo = name.startswith("timm:") or (":" not in name and not name.endswith(".py"))
+    return not zoo or bool(model_spec.get("source"))
+
+
+def describe_code(model_spec: dict) -> str:
+    """What building this spec would run, in words, for the refusal message."""
+    name, kwargs = model_spec.get("name"), model_spec.get("kwargs") or {}
+    args = f" with kwargs {json.dumps(kwargs)[:120]}" if kwargs else ""
+    if model_spec.get("source"):
+        return (f"the Python source of {model_spec.get('source_file') or name} embedded in it "
+                f"(sha256 {hashlib.sha256(model_spec['source'].encode()).hexdigest()[:12]}), building {name!r}{args}")
+    return f"an import and call of {name!r}{args}"
+
+
+def spec_digest(model_spec: dict) -> str:
+    """SHA-256 over everything in a spec that decides what code runs: name, kwargs, source and its file name.
+    num_classes is left out: an integer runs nothing, and finetuning changes it."""
+    keyed = {k: model_spec.get(k) for k in ("name", "kwargs", "source", "source_file")}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+
+
 def _trust_file() -> Path:
-    from warmstart.data.folder import cache_dir
-
-    return cache_dir() / "trusted-model-sources.txt"
-
-
-def _source_hash(model_spec: dict) -> str:
-    return hashlib.sha256(model_spec["source"].encode()).hexdigest()
+    """In the user's config directory, never in a cache that $WARMSTART_CACHE may point at a shared folder."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "warmstart" / "trusted-models.txt"
 
 
-def trust_source(model_spec: dict) -> None:
-    """Remember a model file the user trained from, so checkpoints embedding it load without --trust-code."""
-    if not model_spec.get("source"):
+def _trusted_digests() -> set[str]:
+    path = _trust_file()
+    return set(path.read_text().split()) if path.is_file() else set()
+
+
+def trust(model_spec: dict) -> None:
+    """Remember a spec the user built on this machine, so checkpoints holding it load without --trust-code."""
+    if not runs_code(model_spec):
         return
-    path, digest = _trust_file(), _source_hash(model_spec)
-    known = path.read_text().split() if path.is_file() else []
-    if digest not in known:
+    digest = spec_digest(model_spec)
+    if digest not in _trusted_digests():
+        path = _trust_file()
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(digest + "\n")
 
 
 def check_trusted(model_spec: dict, path, trust_code: bool) -> None:
-    if not model_spec.get("source") or trust_code:
+    """Raise unless building model_spec is safe (a zoo name) or trusted (built here before, or --trust-code)."""
+    if not runs_code(model_spec):
+        unsafe = sorted(ZOO_UNSAFE_KWARGS & set(model_spec.get("kwargs") or {}))
+        if unsafe and not trust_code:
+            raise UserError(f"{path} asks to build {model_spec.get('name')!r} with {', '.join(unsafe)}, which would read "
+                            f"files or download; remove them or pass --trust-code if you mean it")
         return
-    digest = _source_hash(model_spec)
-    if _trust_file().is_file() and digest in _trust_file().read_text().split():
+    if trust_code or spec_digest(model_spec) in _trusted_digests():
         return
-    raise UserError(f"{path} embeds model code ({model_spec.get('source_file')}, sha256 {digest[:12]}) that was not "
-                    f"trained here; building the model runs it. Read it first (model_spec.source), then pass --trust-code to `warmstart evaluate`")
+    raise UserError(f"{path} would run {describe_code(model_spec)}, and it was not trained on this machine; "
+                    f"read model_spec in it (torch.load(path, weights_only=True)['model_spec']), then pass --trust-code")
 
 
-def load_model(path, *, ema: bool | None = None, trust_code: bool = False):
-    """Rebuild the model a checkpoint describes and load its weights: the one loader that evaluate,
-    predict, export and finetune share. Returns (model in eval mode, checkpoint dict).
-    ema=None uses the weights the checkpoint's evaluation preferred (EMA when it scored higher)."""
+@dataclass
+class Loaded:
+    """A model rebuilt from a checkpoint, with what the checkpoint says about using it."""
+    model: torch.nn.Module         # in eval mode, on the CPU
+    model_spec: dict
+    classes: list[str]             # class names in output order (WNIDs for ImageNet)
+    human: list[str] | None        # human-readable names, same order, when known
+    transform: dict                # eval preprocessing: data.transforms.transform_spec
+    metrics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    path: Path | None = None
+    used_ema: bool = False
+
+    @property
+    def display_names(self) -> list[str]:
+        return self.human or self.classes
+
+
+def load_model(path, *, ema: bool | None = None, trust_code: bool = False) -> Loaded:
+    """Rebuild the model a checkpoint describes and load its weights: the one loader that evaluate, predict, export,
+    finetune and the Python API share. ema=None uses the weights the checkpoint's evaluation preferred (EMA when it
+    scored higher)."""
     from warmstart.models import model_from_spec
 
     ckpt = load(path)
-    check_trusted(ckpt["model_spec"], path, trust_code)
-    model = model_from_spec(ckpt["model_spec"])
-    use_ema = ckpt.get("prefer_ema", False) if ema is None else ema
-    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    model.load_state_dict(weights)
+    spec = ckpt["model_spec"]
+    check_trusted(spec, path, trust_code)
+    model = model_from_spec(spec, allow_code=True)  # trusted (or a zoo name) by now
+    use_ema = bool(ckpt.get("prefer_ema", False) if ema is None else ema) and ckpt.get("ema") is not None
+    if ema and ckpt.get("ema") is None:
+        raise UserError(f"{path} holds no EMA weights (trained without --ema); use the model weights")
+    weights = ckpt["ema"] if use_ema else ckpt["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"{path}: its weights do not fit the model its spec builds "
+                        f"({str(e).splitlines()[0][:160]})") from None
     model.eval()
-    return model, ckpt
+    classes = ckpt.get("classes") or {}
+    return Loaded(model=model, model_spec=spec, classes=list(classes.get("names") or []), human=classes.get("human"),
+                  transform=ckpt.get("transform") or {}, metrics=ckpt.get("metrics") or {},
+                  config=ckpt.get("config") or {}, path=Path(path), used_ema=use_ema)
 
 
 def rng_state() -> dict:

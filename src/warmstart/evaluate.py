@@ -1,12 +1,11 @@
 """`warmstart evaluate`: a checkpoint's loss, top-1 and top-5 on a folder, with the checkpoint's own preprocessing."""
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from warmstart import checkpoint
+from warmstart import checkpoint, options
 from warmstart.data.dataset import eval_loader
 from warmstart.data.folder import list_classes
 from warmstart.data.transforms import Normalize
@@ -23,19 +22,9 @@ example:
 
 
 def add_arguments(parser):
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt file written by warmstart")
+    options.add(parser, "checkpoint")
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder (uses DIR/val if present)")
-    parser.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch (default: 128)")
-    workers = min(8, os.cpu_count() or 1)
-    parser.add_argument("-j", "--workers", type=int, default=workers,
-                        help=f"data-loading processes (0 = main process; default: {workers}, the cores up to 8)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed-precision inference")
-    parser.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
-                        help="which weights: the raw model, its EMA, or whichever scored higher in training (default)")
-    parser.add_argument("--json", action="store_true", help="make the last line of stdout one JSON object")
-    parser.add_argument("--trust-code", action="store_true",
-                        help="build a model whose code is embedded in a checkpoint that was not trained here (read it first)")
+    options.add(parser, "batch_size", "workers", "device", "amp", "weights", "json", "trust_code")
 
 
 def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, amp=None, weights="auto",
@@ -44,9 +33,8 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
     split = root / "val" if (root / "val").is_dir() else root
-    model, ckpt = checkpoint.load_model(path, ema={"auto": None, "model": False, "ema": True}[weights],
-                                        trust_code=trust_code)
-    classes = ckpt["classes"]["names"]
+    loaded = checkpoint.load_model(path, ema=options.ema_choice(weights), trust_code=trust_code)
+    model, classes, spec = loaded.model, loaded.classes, loaded.transform
     unknown = sorted(set(list_classes(split)) - set(classes))
     if unknown:
         raise UserError(f"{split} has class folders the checkpoint does not know: {', '.join(unknown[:5])}; "
@@ -54,7 +42,6 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
     dist = distributed.setup(device)  # under torchrun each rank evaluates its shard; sums are reduced
     try:
         model.to(dist.device)
-        spec = ckpt["transform"]
         loader = eval_loader(split, classes, spec, batch_size=batch_size, workers=workers, rank=dist.rank,
                              world_size=dist.world_size, pin_memory=dist.device.type == "cuda")
         normalize = Normalize(spec["mean"], spec["std"]).to(dist.device)
@@ -72,8 +59,6 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
 
 
 def run(args) -> int:
-    if args.batch_size < 1 or args.workers < 0:
-        raise UserError("--batch-size must be >= 1 and --workers >= 0")
     with torch.inference_mode():
         evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, amp=args.amp, weights=args.weights, as_json=args.json,

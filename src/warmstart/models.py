@@ -58,15 +58,88 @@ def build_model(spec: str, num_classes: int, kwargs: dict | None = None) -> tupl
     return model, model_spec
 
 
-def model_from_spec(model_spec: dict, num_classes: int | None = None) -> nn.Module:
+def model_from_spec(model_spec: dict, num_classes: int | None = None, *, allow_code: bool = False) -> nn.Module:
     """Rebuild the architecture (random weights) from a checkpoint's model_spec.
 
     A file model runs the source embedded in the spec, never the file on disk (it may have
-    changed). num_classes overrides the spec's, for fine-tuning.
+    changed). num_classes overrides the spec's. Only checkpoint.load_model, after its trust
+    check, passes allow_code=True: without it, a spec that would run code is refused here too.
     """
-    n = model_spec["num_classes"] if num_classes is None else num_classes
-    return _build(model_spec["name"], n, dict(model_spec.get("kwargs") or {}),
-                  source=model_spec.get("source"), source_file=model_spec.get("source_file"))
+    from warmstart.checkpoint import runs_code
+
+    if runs_code(model_spec) and not allow_code:
+        raise UserError(f"building {model_spec.get('name')!r} from a checkpoint runs code; load it through "
+                        f"warmstart.checkpoint.load_model, which checks that it is trusted")
+    head = model_spec.get("head")  # a fine-tuned model: the pretrained architecture with a new classifier
+    n = model_spec["num_classes"] if num_classes is None or head else num_classes
+    model = _build(model_spec["name"], n, dict(model_spec.get("kwargs") or {}),
+                   source=model_spec.get("source"), source_file=model_spec.get("source_file"))
+    if head:
+        replace_head(model, head["num_classes"] if num_classes is None else num_classes, head["module"])
+    return model
+
+
+# ---------------------------------------------------------------------------- the classifier head
+
+
+def _module_name(model: nn.Module, target: nn.Module) -> str | None:
+    return next((name for name, m in model.named_modules() if m is target), None)
+
+
+def find_head(model: nn.Module, num_classes: int | None = None, name: str | None = None) -> str:
+    """Dotted name of the classifier: `name` when given; else the module timm's get_classifier() returns; else the
+    last nn.Linear (or 1x1 Conv2d) with num_classes outputs. A clear error naming --head otherwise."""
+    modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and n]
+    if name:
+        if name not in modules or not name:
+            close = difflib.get_close_matches(name, linears, n=3)
+            raise UserError(f"--head {name!r} is not a module of this model; "
+                            f"{'did you mean ' + ', '.join(close) + '? ' if close else ''}its linear layers are: "
+                            f"{', '.join(linears[-8:]) or '(none)'}")
+        return name
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        found = _module_name(model, get())
+        if found:
+            return found
+    for n in reversed(list(modules)):
+        m = modules[n]
+        outs = m.out_features if isinstance(m, nn.Linear) else m.out_channels if isinstance(m, nn.Conv2d) else None
+        if n and outs is not None and (num_classes is None or outs == num_classes) and (
+                isinstance(m, nn.Linear) or m.kernel_size == (1, 1)):
+            return n
+    raise UserError(f"cannot find the classifier of this model (no nn.Linear with {num_classes} outputs); "
+                    f"name it with --head MODULE_NAME, one of: {', '.join(linears[-8:]) or '(no linear layers)'}")
+
+
+def replace_head(model: nn.Module, num_classes: int, name: str) -> nn.Module:
+    """Swap the classifier module `name` for a freshly initialised one with num_classes outputs. Returns it."""
+    old = model.get_submodule(name)
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    elif isinstance(old, nn.Conv2d):
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
+    else:
+        raise UserError(f"the classifier {name!r} is a {type(old).__name__}, not a Linear or Conv2d layer; "
+                        f"name the layer inside it with --head")
+    new.to(device=next(old.parameters()).device, dtype=next(old.parameters()).dtype)
+    model.set_submodule(name, new)
+    if hasattr(model, "num_classes"):
+        with contextlib.suppress(AttributeError, TypeError):
+            model.num_classes = num_classes
+    return new
+
+
+def backbone(model: nn.Module, head: str | None = None) -> tuple[nn.Module, int]:
+    """The model without its classifier, returning (N, feature_dim) pooled features; modifies `model` in place."""
+    name = find_head(model, None, head)
+    old = model.get_submodule(name)
+    dim = old.in_features if isinstance(old, nn.Linear) else old.in_channels
+    if isinstance(old, nn.Conv2d):  # a 1x1-conv classifier is followed by pooling: keep the features spatial
+        raise UserError(f"the classifier {name!r} is a convolution; features of this model are not pooled vectors")
+    model.set_submodule(name, nn.Identity())
+    return model, dim
 
 
 def zero_init_last_norm(model: nn.Module) -> int:
@@ -151,9 +224,12 @@ def _build(spec: str, num_classes: int, kwargs: dict, source: str | None,
         path_str, name = spec.rsplit(":", 1) if ":" in spec else (spec, "")
         if source is not None:
             module, roots = _exec_source(source, source_file or Path(path_str).name, Path(path_str))
+            # a directory a checkpoint names goes last on sys.path: it must never shadow installed modules
+            where = _on_sys_path(str(Path(path_str).resolve().parent), first=False)
         else:
             module, roots = _import_file(Path(path_str), spec)
-        with _on_sys_path(str(Path(path_str).resolve().parent)):  # factories may import lazily
+            where = _on_sys_path(str(Path(path_str).resolve().parent))
+        with where:  # factories may import lazily
             return _call_user(_get_callable(module, name, spec), spec, num_classes, kwargs, roots)
     if ":" in spec:
         mod_name, name = spec.rsplit(":", 1)
@@ -228,8 +304,9 @@ def _exec_source(source: str, source_file: str, orig_path: Path) -> tuple[types.
     module = types.ModuleType(mod_name)
     module.__file__ = filename
     sys.modules[mod_name] = module
-    # Sibling imports can only come from the original directory, if it is still there.
-    with _on_sys_path(str(orig_path.resolve().parent)):
+    # Sibling imports can only come from the original directory, if it is still there; last on sys.path, since
+    # the checkpoint names it.
+    with _on_sys_path(str(orig_path.resolve().parent), first=False):
         try:
             exec(compile(source, filename, "exec"), module.__dict__)
         except Exception as e:
@@ -365,9 +442,12 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _on_sys_path(directory: str) -> Iterator[None]:
-    """Put the model file's directory first on sys.path so its sibling imports work."""
-    sys.path.insert(0, directory)
+def _on_sys_path(directory: str, first: bool = True) -> Iterator[None]:
+    """Put the model file's directory on sys.path (first, for the user's own file) so its sibling imports work."""
+    if directory in sys.path:
+        yield
+        return
+    sys.path.insert(0, directory) if first else sys.path.append(directory)
     try:
         yield
     finally:

@@ -132,7 +132,7 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
 
     # model: build, check on a real batch, resume its weights, then move
     model, model_spec = build_model(cfg.model, len(classes), cfg.model_kwargs)
-    checkpoint.trust_source(model_spec)  # the user's own file: its checkpoints may rebuild it without --trust-code
+    checkpoint.trust(model_spec)  # the user's own code: its checkpoints may rebuild it without --trust-code
     zeroed = zero_init_last_norm(model) if cfg.zero_init_last else 0
     probe, _, _ = collate([train_set[(i % len(train_set), i, size_for_epoch(cfg, 0))] for i in range(2)])
     if len(probe) == 0:

@@ -96,11 +96,13 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, normalize, device, amp=None, show_progress=True, desc="eval") -> dict:
+def evaluate(model, loader, normalize, device, amp=None, show_progress=True, desc="eval", num_classes=None) -> dict:
     """Loss, top-1 and top-5 (percent) over the whole loader; sums are reduced over ranks so each sample,
-    sharded by EvalSampler, counts exactly once."""
+    sharded by EvalSampler, counts exactly once. With num_classes, also "confusion": a (true, predicted) count
+    matrix (int64 tensor, CPU) for per-class reports."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    confusion = torch.zeros(num_classes or 1, num_classes or 1, dtype=torch.int64, device=device)
     skipped = 0
     for images, labels, n_bad in tqdm(loader, desc=desc, disable=not show_progress, leave=False, dynamic_ncols=True):
         skipped += n_bad
@@ -115,9 +117,14 @@ def evaluate(model, loader, normalize, device, amp=None, show_progress=True, des
         hits = top == y[:, None]
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits[:, 0].sum().double(),
                              hits.any(1).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=device)])
+        if num_classes:
+            confusion.view(-1).index_add_(0, y * num_classes + top[:, 0], torch.ones_like(y))
     sums = all_reduce_sum(sums).cpu()
     skipped = int(all_reduce_sum(torch.tensor([skipped], device=device)).item())
     n = max(sums[3].item(), 1)
     loss = sums[0].item() / n
-    return {"count": int(sums[3]), "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
-            "loss": loss if math.isfinite(loss) else float("nan"), "skipped": skipped}
+    out = {"count": int(sums[3]), "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
+           "loss": loss if math.isfinite(loss) else float("nan"), "skipped": skipped}
+    if num_classes:
+        out["confusion"] = all_reduce_sum(confusion).cpu()
+    return out
