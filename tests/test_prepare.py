@@ -55,7 +55,10 @@ def test_layout_and_labels(prepared, official):
     assert doc["splits"]["train"]["classes"] == dict.fromkeys(CLASSES, PER_CLASS)
     assert doc["splits"]["val"]["images"] == VAL and doc["splits"]["test"]["images"] == TEST
     assert {c["file"] for c in doc["checksums"]} == {p.name for p in official.iterdir() if p.name != "MD5SUMS"}
-    assert all(c["ok"] for c in doc["checksums"])
+    # Mini archives match the MD5SUMS written beside them, never the official MD5s: accepted (--partial), not ok.
+    assert all(c["md5sums_match"] for c in doc["checksums"])
+    assert {c["file"]: c["ok"] for c in doc["checksums"]} == {**dict.fromkeys(facts.MD5, False), facts.TEST_TARS[0]: True}
+    assert doc["verified"] is False and len(doc["unverified_reasons"]) == 3
     assert doc["missing"] and not (prepared / ".partial").exists()
 
 
@@ -85,7 +88,14 @@ def test_format_check_reads_headers_only():
     assert images.kind(enc["JPEG", "RGB"][:20]) == "JPEG corrupt" and images.kind(b"hello") == "unknown"
 
 
-def test_full_mode_refuses_a_subset(official, tmp_path, capsys):
+def as_official(monkeypatch, archive_dir: Path) -> None:
+    """Make the mini archives' own MD5s the published ones, as if they were the real downloads."""
+    for name in facts.MD5:
+        monkeypatch.setitem(facts.MD5, name, fixtures.md5sum(archive_dir / name))
+
+
+def test_full_mode_refuses_a_subset(official, tmp_path, monkeypatch, capsys):
+    as_official(monkeypatch, official)
     assert prepare(official, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "--partial" in err and "train: 994 of 1000 classes absent" in err

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from warmstart import fileio
 from warmstart.data.folder import IMAGE_EXTENSIONS
 from warmstart.errors import UserError
-from warmstart.prepare import archives, facts, manifest, verify
+from warmstart.prepare import archives, facts, images, manifest, verify
 from warmstart.prepare.extract import Output
 
 HELP = "ILSVRC2012 archives (official or Kaggle) -> verified train/ and val/ class folders, offline"
@@ -22,9 +23,10 @@ Turn the raw ILSVRC2012 downloads into ImageFolder trees, reading each archive o
   warmstart prepare --archives ~/Downloads/ilsvrc --out /data/imagenet
 
 --archives holds ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, optionally
-ILSVRC2012_img_test[_v10102019].tar and ILSVRC2012_devkit_t12.tar.gz (and MD5SUMS, which
-overrides the official checksums), or Kaggle's imagenet-object-localization-challenge.zip,
-or that zip unzipped (ILSVRC/Data/CLS-LOC/..., LOC_val_solution.csv).
+ILSVRC2012_img_test[_v10102019].tar and ILSVRC2012_devkit_t12.tar.gz (and optionally MD5SUMS,
+checked in addition to the official MD5s, never instead of them), or Kaggle's
+imagenet-object-localization-challenge.zip, or that zip unzipped (ILSVRC/Data/CLS-LOC/...,
+LOC_val_solution.csv).
 
 Output:
   OUT/train/<wnid>/<wnid>_<n>.JPEG    1,281,167 images, 1,000 classes
@@ -33,12 +35,14 @@ Output:
   OUT/synsets.txt                     wnid and names, one line per class, in class-index order
   OUT/shortN/{train,val,test}/...     with --resize-short N: a pre-resized copy, itself a
                                       dataset folder (train with --data OUT/shortN)
-  OUT/prepared.json                   counts, checksums, repairs, options; written last,
-                                      so its presence means the folder is complete
+  OUT/prepared.json                   counts, checksums, repairs, options, "verified"; written
+                                      last, so its presence means the folder is complete
 
-Checks MD5s while streaming, counts per class, repairs the PNG and CMYK files (and any
-other file that is not an RGB or greyscale JPEG) as RGB JPEGs, refuses unsafe archive
-members. Interrupted? Run the same command again: finished classes are kept.
+Checks MD5s while streaming (an archive that differs from its official MD5 is an error;
+--partial accepts it and prepared.json then says "verified": false, with the reasons),
+counts per class, repairs the PNG and CMYK files (and any other file that is not an RGB or
+greyscale JPEG) as RGB JPEGs, refuses unsafe archive members. Interrupted, or out of disk
+space? Run the same command again: finished classes are kept.
 
   warmstart prepare --from-folder /data/imagenet --resize-short 160 --out /data/imagenet160
 
@@ -52,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--archives", type=Path, metavar="DIR", help="folder holding the official archives or the Kaggle zip/folder")
     src.add_argument("--from-folder", type=Path, metavar="DIR", help="an ImageFolder tree to resize (needs --resize-short)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created; nothing is written outside it)")
-    p.add_argument("--partial", action="store_true", help="accept a subset (partial download, mini archives) and report what is missing")
+    p.add_argument("--partial", action="store_true", help="accept a subset (partial download, mini archives) and report what is missing; also accept "
+                   "archives that differ from the official MD5s, marking the data unverified in prepared.json")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="threads for checks/repairs/writes and processes for resizing (default: all cores)")
     p.add_argument("--resize-short", type=int, metavar="N", help="also write a copy with the shorter side resized to N (aspect kept, never upscaled) to OUT/shortN")
     p.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of the resized copy (default: 90)")
@@ -71,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(out / ".partial", ignore_errors=True)
         print(f"{out} is already prepared (prepared.json exists); delete it to prepare again")
         return 0
-    if args.from_folder:
-        return from_folder(args, out)
-    return from_archives(args, out)
+    try:
+        return from_folder(args, out) if args.from_folder else from_archives(args, out)
+    except OSError as e:  # image writes report a full disk themselves; this catches the journal, folders and the rest
+        images.raise_if_full(e, e.filename or out)
+        raise
 
 
 def check_space(out: Path, need: float) -> None:
@@ -102,7 +109,7 @@ def from_archives(args: argparse.Namespace, out: Path) -> int:
         factor = min(1.0, (n / 350) ** 2) if n else 0.0  # resized/full size; ImageNet's shorter side averages ~350
         check_space(out, todo * ((0 if args.resized_only else 1) + factor) - done_bytes)
 
-        expected = verify.expected_md5(src.root)
+        sums = verify.md5sums(src.root)
         notes: list[str] = []
         checksums = [r["checksum"] for r in output.done.values() if r.get("checksum")]
         devkit = None
@@ -120,16 +127,18 @@ def from_archives(args: argparse.Namespace, out: Path) -> int:
             futures, count = stream(src, split, output, bar)
             output.settle(block=True)
             md5, path = src.md5(split), src.archive(split)
-            record = {"file": path.name, "size": src.size(split), "md5": None}
+            record = verify.checksum_record(path.name, src.size(split), None, None, None)  # Kaggle: none published
             if md5 is not None:
                 try:
-                    record = verify.check_md5(path, md5, expected, args.partial, notes)
-                except UserError:
-                    output.forget(f"{split}/")
+                    record = verify.check_md5(path, md5, sums, args.partial, notes)
+                except UserError as e:
+                    output.discard(split)
+                    if split == "train":  # its classes were moved into place as they finished, before the MD5 was known
+                        raise UserError(f"{e}; the class folders already extracted from it were removed") from None
                     raise
             if devkit:
                 md5, labels = devkit.result()
-                devkit_record = verify.check_md5(src.devkit, md5, expected, args.partial, notes)
+                devkit_record = verify.check_md5(src.devkit, md5, sums, args.partial, notes)
                 verify.cross_check(src.devkit.name, labels, facts.val_labels())
                 output.commit("devkit", [], [], checksum=devkit_record)
                 checksums.append(devkit_record)
@@ -140,6 +149,10 @@ def from_archives(args: argparse.Namespace, out: Path) -> int:
             checksums.append(record)
             seconds[split] = time.perf_counter() - t0
 
+        unverified = manifest.unverified_reasons(checksums)
+        if unverified and not args.partial:  # accepted by an earlier run with --partial, whose units this run kept
+            raise UserError(f"an earlier run with --partial accepted {'; '.join(unverified)}; give --partial again "
+                            f"to finish with the data marked unverified, or delete {out} and start over")
         records = list(output.done.values())
         splits_tally = manifest.tally(records)
         unreadable = [f for r in records for f in r["unreadable"]]
@@ -163,6 +176,8 @@ def from_archives(args: argparse.Namespace, out: Path) -> int:
         print(line)
     if missing:
         print("partial: " + "; ".join(missing))
+    if not doc["verified"]:
+        print("unverified: " + "; ".join(doc["unverified_reasons"]))
     print(f"prepared {out}" + (f" (resized copy: {out / resized})" if resized else ""))
     return 0
 
@@ -238,9 +253,11 @@ def from_folder(args: argparse.Namespace, out: Path) -> int:
         splits = manifest.tally([{**r, "counts": {("." if "/" not in d else d): n for d, n in r["counts"].items()}}
                                  for r in records])
         if (src / "synsets.txt").is_file():
-            shutil.copyfile(src / "synsets.txt", out / "synsets.txt")
+            fileio.atomic_write(out / "synsets.txt", lambda tmp: shutil.copyfile(src / "synsets.txt", tmp))
         unreadable = [f for r in records for f in r["unreadable"]]
-        doc = manifest.manifest({**options, "from_folder": str(src)}, splits, [], [], [f"not decodable, skipped: {f}" for f in unreadable])
+        reason = manifest.unverified_reason(src)  # a copy of unverified data is unverified too
+        doc = manifest.manifest({**options, "from_folder": str(src)}, splits, [], [], [f"not decodable, skipped: {f}" for f in unreadable],
+                                [f"resized from {src}, which is unverified: {reason}"] if reason else [])
         manifest.write_json(out / "prepared.json", doc)
         output.finish()
     finally:

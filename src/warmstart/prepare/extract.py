@@ -11,6 +11,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
+from warmstart import fileio
 from warmstart.prepare import images
 
 INFLIGHT_BYTES = 512 << 20  # bound on image bytes queued for the writers, to cap memory
@@ -33,14 +34,14 @@ class Output:
                     except json.JSONDecodeError:
                         continue
                     self.done[record["key"]] = record
-            for p in self.tmp.iterdir():  # half-written units of the killed run are redone from scratch
+            for p in self.tmp.iterdir():  # half-written units (and temp files) of the killed run are redone from scratch
                 if p not in (options_file, self.journal):
-                    shutil.rmtree(p)
-            self.journal.write_text("".join(json.dumps(r) + "\n" for r in self.done.values()))  # drop a torn line
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            self.rewrite_journal()  # drops a torn line
         else:  # a fresh start, or different options: what is under .partial cannot be trusted
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir(parents=True)
-            options_file.write_text(json.dumps(options))
+            fileio.write_text(options_file, json.dumps(options))
         self.threads = ThreadPoolExecutor(workers, thread_name_prefix="write")
         # forkserver: forking while the reader and writer threads hold locks could deadlock the children
         self.procs = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) if resize else None
@@ -145,12 +146,20 @@ class Output:
         self.log.write(json.dumps(record) + "\n")
         self.log.flush()
 
-    def forget(self, prefix: str) -> None:
-        """Drop journaled units under `prefix` (their source failed its checksum) so a rerun redoes them."""
-        self.done = {k: r for k, r in self.done.items() if not k.startswith(prefix)}
+    def rewrite_journal(self) -> None:
+        fileio.write_text(self.journal, "".join(json.dumps(r) + "\n" for r in self.done.values()))
+
+    def discard(self, split: str) -> None:
+        """Drop a split whose archive failed its checksum: its journaled units, so a rerun redoes them, then its
+        folders already moved into place (train classes are, as each finishes), so none of it looks verified."""
+        self.done = {k: r for k, r in self.done.items() if k.split("/")[0] != split}
         self.log.close()
-        self.journal.write_text("".join(json.dumps(r) + "\n" for r in self.done.values()))
+        self.rewrite_journal()  # first: a kill between the two must not leave journaled units without folders
         self.log = open(self.journal, "a")
+        for prefix in (p for p in (self.full_dir, self.resized_dir) if p is not None):
+            if (self.root / prefix / split).exists():
+                shutil.rmtree(self.root / prefix / split)
+        self.made.clear()
 
     def close(self) -> None:
         """Let the workers finish what was queued (at most INFLIGHT_BYTES) and keep every complete unit,

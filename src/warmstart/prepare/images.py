@@ -2,8 +2,11 @@
 
 import io
 import os
+from pathlib import Path
 
 from PIL import Image
+
+from warmstart import fileio
 
 SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 MAGIC = {b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
@@ -79,15 +82,27 @@ def write_resized(jobs: list[tuple[bytes | str, str]], short: int, quality: int)
         except (OSError, ValueError, Image.DecompressionBombError):
             sizes.append(-1)
             continue
-        with open(dst, "wb") as f:
-            f.write(buf.getvalue())
+        write_file(dst, buf.getbuffer())
         sizes.append(buf.tell())
     return sizes
 
 
 def write_file(path: str, data: bytes | memoryview) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    """Every image prepare writes goes through here (extraction threads and resize processes alike)."""
     try:
-        os.write(fd, data)  # one syscall for files below 2 GiB; no Python file-object buffering
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:  # one syscall for files below 2 GiB; a nearly full disk writes short, then raises
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise_if_full(e, path)
+        raise
+
+
+def raise_if_full(e: BaseException, path) -> None:
+    """A full disk (or quota) as the one-line UserError naming the file; a rerun keeps what was finished."""
+    if fileio.is_out_of_space(e):
+        raise fileio.out_of_space_error(Path(path), None, "; the classes and splits already finished are kept") from None

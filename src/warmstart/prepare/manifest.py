@@ -1,23 +1,48 @@
-"""OUT/prepared.json (written last and atomically: its presence means complete) and the summary table."""
+"""OUT/prepared.json (written last and atomically: its presence means complete), whether its data is verified,
+and the summary table."""
 
 import json
-import os
+import re
 from collections import Counter
 from pathlib import Path
 
-from warmstart import __version__
+from warmstart import __version__, fileio
 from warmstart.prepare import facts
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    fileio.write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def write_synsets(root: Path, classes: list[str]) -> None:
     names = facts.synsets()
-    (root / "synsets.txt").write_text("".join(f"{w} {names.get(w, w)}\n" for w in classes))
+    fileio.write_text(root / "synsets.txt", "".join(f"{w} {names.get(w, w)}\n" for w in classes))
+
+
+def unverified_reasons(checksums: list[dict]) -> list[str]:
+    """Official archives (train, val, devkit) whose MD5 is not the published one: only --partial accepts them.
+    Judged from the computed MD5 and the shipped facts, so a record journaled by an older version counts too."""
+    return [f"{c['file']} does not match its official MD5" for c in checksums
+            if c.get("md5") and facts.MD5.get(c["file"], c["md5"]) != c["md5"]]
+
+
+def unverified_reason(root: Path) -> str | None:
+    """Why the prepared dataset at `root` is unverified (one short line), or None when it is verified or was not
+    made by `prepare`. `root` may also be a shortN copy whose prepared.json lives only in the parent."""
+    root = Path(root)
+    path = root / "prepared.json"
+    if not path.is_file() and re.fullmatch(r"short\d+", root.name):
+        path = root.parent / "prepared.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        reasons = doc.get("unverified_reasons")
+        if reasons is None:  # written before prepare recorded it: judge the checksums it lists
+            reasons = unverified_reasons(doc.get("checksums") or [])
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return f"{path} is unreadable or not written by warmstart prepare"
+    return "; ".join(map(str, reasons)) or None
 
 
 def tally(records: list[dict]) -> dict[str, dict]:
@@ -56,10 +81,14 @@ def size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def manifest(options: dict, splits: dict, checksums: list[dict], missing: list[str], notes: list[str]) -> dict:
+def manifest(options: dict, splits: dict, checksums: list[dict], missing: list[str], notes: list[str],
+             unverified: list[str] = ()) -> dict:
+    reasons = unverified_reasons(checksums) + list(unverified)
     return {
         "tool": f"warmstart {__version__}",
         "options": options,
+        "verified": not reasons,  # every official archive matched its published MD5 (Kaggle publishes none)
+        "unverified_reasons": reasons,
         "checksums": checksums,
         "splits": {k: {"images": v["images"], "bytes": v["bytes"], "resized_bytes": v["resized_bytes"],
                        "classes": v["classes"]} for k, v in splits.items()},

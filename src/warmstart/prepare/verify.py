@@ -4,6 +4,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -11,32 +12,54 @@ from warmstart.errors import UserError
 from warmstart.prepare import facts
 from warmstart.prepare.archives import safe_name, tar_error
 
+MD5SUMS_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")  # as `md5sum` writes it: text or binary mode
 
-def expected_md5(root: Path) -> dict[str, str]:
-    """Official MD5s, overridden by an MD5SUMS file (`md5  name` lines) next to the archives."""
-    sums = dict(facts.MD5)
-    if (root / "MD5SUMS").is_file():
-        for line in (root / "MD5SUMS").read_text().splitlines():
-            if line.strip():
-                md5, name = line.split(maxsplit=1)
-                sums[name.lstrip("*")] = md5.lower()
+
+def md5sums(root: Path) -> dict[str, str]:
+    """file name -> MD5 from an MD5SUMS file next to the archives ({} without one). It is checked in addition to the
+    official MD5s, never instead of them: anyone can write a file that matches the archive they have."""
+    path = root / "MD5SUMS"
+    if not path.is_file():
+        return {}
+    sums = {}
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = MD5SUMS_LINE.fullmatch(line)
+        if not m:
+            raise UserError(f"{path} line {n} is not an MD5SUMS line ({line[:60]!r}); each line must be "
+                            "`<32 hex digits>  <file name>` as md5sum writes it: fix the line or delete the file")
+        sums[m[2]] = m[1].lower()
     return sums
 
 
-def check_md5(path: Path, md5: str, expected: dict[str, str], partial: bool, notes: list[str]) -> dict:
-    """Raise on a mismatch, except a non-official archive under --partial (a mini fixture or subset)."""
-    want = expected.get(path.name)
-    record = {"file": path.name, "size": path.stat().st_size, "md5": md5, "expected": want, "ok": md5 == want}
-    if want is None:
+def checksum_record(name: str, size: int, md5: str | None, official: str | None, listed: str | None) -> dict:
+    """What was compared with what: the computed MD5 against the official one and against MD5SUMS, each on its own
+    (None: nothing to compare with). ok: the reference that counts matched, the official MD5 where one exists."""
+    def match(want):
+        return None if want is None or md5 is None else md5 == want
+    return {"file": name, "size": size, "md5": md5, "official_md5": official, "official_match": match(official),
+            "md5sums_md5": listed, "md5sums_match": match(listed), "ok": match(official) if official else match(listed)}
+
+
+def check_md5(path: Path, md5: str, sums: dict[str, str], partial: bool, notes: list[str]) -> dict:
+    """Raise on a mismatch; only --partial accepts an official archive that differs from the published one (a mini
+    fixture or a subset): its record says so, and the manifest marks the data unverified."""
+    official, listed = facts.MD5.get(path.name), sums.get(path.name)
+    record = checksum_record(path.name, path.stat().st_size, md5, official, listed)
+    if official and md5 == official:
+        if listed and listed != md5:
+            notes.append(f"{path.name}: matches the official MD5; MD5SUMS lists {listed}, which is wrong")
+    elif listed and md5 != listed:
+        raise UserError(f"{path.name}: MD5 {md5} does not match MD5SUMS ({listed}); the download is corrupt or "
+                        "incomplete, download it again")
+    elif official and not partial:  # an MD5SUMS line that matches cannot stand in for the published MD5
+        vouch = " (MD5SUMS lists it, but cannot stand in for the official MD5)" if listed else ""
+        raise UserError(f"{path.name}: MD5 {md5} does not match the official MD5 ({official}){vouch}; the download "
+                        "is corrupt or not the published archive: download it again, or give --partial to keep "
+                        "it as unverified data")
+    elif not official and not listed:
         notes.append(f"{path.name}: no published MD5 to check against (md5 {md5})")
-    elif md5 != want:
-        official = facts.MD5.get(path.name) == want
-        if official and partial:
-            notes.append(f"{path.name}: not the official archive (md5 {md5}); accepted with --partial")
-        else:
-            source = "the official MD5" if official else "MD5SUMS"
-            raise UserError(f"{path.name}: MD5 {md5} does not match {source} ({want}); the download is corrupt or "
-                            "incomplete, download it again")
     return record
 
 
