@@ -205,6 +205,39 @@ def load_model(path, *, ema: bool | None = None, trust_code: bool = False) -> Lo
                   config=ckpt.get("config") or {}, path=Path(path), used_ema=use_ema)
 
 
+@dataclass
+class Resume:
+    """What a checkpoint holds for `--resume`: the weights and the run's training state."""
+    path: Path
+    model_spec: dict
+    classes: list[str]
+    config: dict
+    model: dict                    # state_dict
+    ema: dict | None
+    prefer_ema: bool
+    metrics: dict
+    train_state: dict              # optimizer, scaler, position, layout
+    rng: dict | None
+
+    @property
+    def run_state(self) -> dict:
+        """The keys engine.run.Run.load_state_dict takes (the inverse of build)."""
+        return {"model": self.model, "ema": self.ema, "prefer_ema": self.prefer_ema, "metrics": self.metrics,
+                "train_state": self.train_state, "rng": self.rng}
+
+
+def load_resumable(path) -> Resume:
+    """Read a checkpoint to continue its run. Builds no model, so runs no code from it."""
+    ckpt = load(path)
+    if ckpt.get("train_state") is None:
+        raise UserError(f"{path} holds no training state to resume from (a weights-only copy); start a new run from "
+                        f"its weights with `warmstart finetune --from {path} --data DIR --out RUN`")
+    return Resume(path=Path(path), model_spec=ckpt["model_spec"], classes=list(ckpt["classes"]["names"]),
+                  config=ckpt.get("config") or {}, model=ckpt["model"], ema=ckpt.get("ema"),
+                  prefer_ema=bool(ckpt.get("prefer_ema")), metrics=ckpt.get("metrics") or {},
+                  train_state=ckpt["train_state"], rng=ckpt.get("rng"))
+
+
 def rng_state() -> dict:
     """Every RNG the training step can touch: torch (CPU and CUDA), numpy (mixup) and Python's random."""
     np_state = np.random.get_state()
@@ -227,19 +260,19 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def build(model, model_spec: dict, classes: dict, transform: dict, *, ema=None, prefer_ema: bool = False,
-          metrics: dict | None = None, config: dict | None = None, train_state: dict | None = None) -> dict:
-    """Everything a checkpoint holds. `train_state` (optimizer, scaler, epoch, step, batch_in_epoch,
-    best_top1) is what --resume needs; a checkpoint without it still evaluates, predicts and fine-tunes."""
+def build(run_state: dict, model_spec: dict, classes: dict, transform: dict, config: dict | None = None) -> dict:
+    """Everything a checkpoint holds, from engine.run.Run.state_dict() (model, ema, prefer_ema, metrics, train_state,
+    rng) and what describes the model. A checkpoint whose train_state is None still evaluates, predicts and
+    fine-tunes; it just cannot be resumed."""
     return {
-        "model": unwrap(model).state_dict(),
-        "ema": unwrap(ema).state_dict() if ema is not None else None,
-        "prefer_ema": prefer_ema,
+        "model": run_state["model"],
+        "ema": run_state.get("ema"),
+        "prefer_ema": bool(run_state.get("prefer_ema")),
         "model_spec": model_spec,
         "classes": classes,        # {"names": [wnid, ...], "human": [str, ...] | None}
         "transform": transform,    # data.transforms.transform_spec
-        "metrics": metrics or {},
+        "metrics": run_state.get("metrics") or {},
         "config": config or {},
-        "train_state": train_state,
-        "rng": rng_state() if train_state is not None else None,
+        "train_state": run_state.get("train_state"),  # optimizer, scaler, position, layout
+        "rng": run_state.get("rng"),
     }

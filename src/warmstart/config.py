@@ -7,17 +7,18 @@ resolved result is saved as RUN/config.yaml and inside every checkpoint.
 import argparse
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from warmstart import fileio, options
 from warmstart.errors import UserError
 
 
-def _opt(default, help: str, *flags: str, choices=None, metavar=None):
-    meta = {"help": help, "flags": flags, "choices": choices, "metavar": metavar}
+def _opt(default, help: str, *flags: str, choices=None, metavar=None, only: str | None = None):
+    """A TrainConfig field and its flag. only="finetune": the flag exists for that command alone."""
+    meta = {"help": help, "flags": flags, "choices": choices, "metavar": metavar, "only": only}
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,15 +38,36 @@ class TrainConfig:
     resume: str | None = _opt(None, "'auto' continues from RUN/checkpoints/last.pt if present; or a checkpoint path", metavar="CKPT")
     evaluate: bool = _opt(False, "only evaluate (the --resume checkpoint) on the validation set, as in the classic example", "-e")
     seed: int = _opt(0, "random seed; the same seed gives the same run, bit for bit on CPU")
-    device: str | None = _opt(None, "cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    device: str | None = _opt(None, options.HELP["device"])
+    trust_code: bool = _opt(False, options.HELP["trust_code"])
+    # fine-tuning (warmstart finetune)
+    from_: str | None = _opt(None, "the pretrained checkpoint (a warmstart .pt), or torchvision:NAME / timm:NAME with "
+                             "--weights FILE for a zoo model", "--from", metavar="CKPT", only="finetune")
+    weights: str | None = _opt(None, "with --from torchvision:NAME or timm:NAME: a state_dict file (.pth/.pt/"
+                               ".safetensors) to start from; nothing is downloaded", metavar="FILE", only="finetune")
+    head: str | None = _opt(None, "the classifier module to replace (default: found automatically)", metavar="MODULE",
+                            only="finetune")
+    linear_probe: bool = _opt(False, "train only the new head: backbone frozen, its BatchNorm in eval mode",
+                              only="finetune")
+    freeze_until: str | None = _opt(None, "freeze parameters up to and including this module (e.g. layer2)",
+                                    metavar="MODULE", only="finetune")
+    head_lr_mult: float = _opt(1.0, "learning-rate multiplier for the new head", only="finetune")
+    layer_decay: float | None = _opt(None, "layer-wise LR decay: each block closer to the input gets this factor "
+                                     "more (e.g. 0.75)", only="finetune")
+    val_split: float = _opt(0.1, "with no val/ folder (or no split column in a CSV): hold out this stratified, "
+                            "seeded fraction of the training images", only="finetune")
     # schedule and optimiser
     epochs: int = _opt(40, "number of epochs")
-    batch_size: int = _opt(64, "images per step per process (global batch = this x processes x --accum-steps)", "-b")
+    batch_size: int = _opt(64, options.HELP["batch_size"] + " (global batch = this x processes x --accum-steps)", "-b")
     accum_steps: int = _opt(1, "gradient accumulation: batches per optimiser update")
-    workers: int = _opt(min(8, os.cpu_count() or 1), "data-loading processes per training process (0 = load in the main process)", "-j")
+    workers: int = _opt(options.DEFAULT_WORKERS, options.HELP["workers"], "-j")
     opt: str = _opt("sgd", "optimiser: sgd (Nesterov momentum), momentum (plain), adamw, lamb, lars (any timm optimiser name)")
     lr: float | None = _opt(None, "absolute learning rate; overrides --lr-base scaling")
-    lr_base: float = _opt(0.4, "learning rate for a global batch of 256; scaled linearly with the global batch")
+    lr_base: float | None = _opt(None, "learning rate for a global batch of 256, scaled to the global batch by "
+                                 "--lr-scale (default per optimiser: 0.4 for SGD/LARS, 5e-4 AdamW, 2e-3 LAMB; "
+                                 "fine-tuning: a tenth of that)")
+    lr_scale: str | None = _opt(None, "how --lr-base follows the global batch (default: linear for SGD/LARS, sqrt for "
+                                "adaptive optimisers, as timm does)", choices=["linear", "sqrt", "none"])
     momentum: float = _opt(0.9, "SGD/LARS momentum")
     weight_decay: float = _opt(5e-4, "weight decay (never applied to norms and biases)", "--wd")
     sched: str = _opt("cosine", "learning-rate schedule, stepped every update", choices=["cosine", "step", "constant"])
@@ -73,7 +95,7 @@ class TrainConfig:
     auto_augment: str | None = _opt(None, "trivialaugment, randaugment or randaugment-M (magnitude M)")
     reprob: float = _opt(0.0, "random-erasing probability")
     # precision and speed
-    amp: str | None = _opt(None, "mixed precision", choices=["bf16", "fp16"])
+    amp: str | None = _opt(None, options.HELP["amp"], choices=["bf16", "fp16"])
     channels_last: bool = _opt(False, "NHWC memory format (faster convolutions on tensor cores)")
     compile: bool = _opt(False, "torch.compile the model")
     # bookkeeping
@@ -130,13 +152,20 @@ def _parser_type(f: dataclasses.Field):
     return str
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def flag_name(name: str) -> str:
+    return "--" + name.rstrip("_").replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, command: str = "train") -> None:
     """One flag per TrainConfig field (--snake-case), plus its aliases; all default to 'not given'."""
     parser.add_argument("data_pos", nargs="?", metavar="DATA", help="dataset folder (same as --data)")
     parser.add_argument("--config", metavar="YAML", help="recipe file (see examples/recipes/); flags override it")
+    defaults = {**dataclasses.asdict(TrainConfig()), **COMMAND_DEFAULTS.get(command, {})}
     for name, f in FIELDS.items():
-        flags = [*f.metadata["flags"], "--" + name.replace("_", "-")]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.metadata["only"] not in (None, command):
+            continue
+        flags = list(dict.fromkeys([*f.metadata["flags"], flag_name(name)]))
+        default = defaults[name]
         help = f.metadata["help"] + (f" (default: {default})" if default not in (None, False, {}) else "")
         kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help, metavar=f.metadata["metavar"])
         if _parser_type(f) is _bool:
@@ -169,34 +198,51 @@ def load_yaml(path: str) -> dict:
         raise UserError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{p} must be a mapping of option: value (see examples/recipes/)")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = {("from_" if k == "from" else k.replace("-", "_")): v for k, v in data.items()}
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise UserError(f"{p}: unknown option(s) {', '.join(unknown)}; valid ones are the --flags of `warmstart train --help`")
     return {k: _coerce(k, v, str(p)) for k, v in data.items()}
 
 
-def resolve(args: argparse.Namespace) -> TrainConfig:
-    values = {}
+# A fine-tuning recipe: short, gentle, no heavy augmentation; the pretrained weights must not be re-initialised.
+# Resolution, crop and normalisation default to the checkpoint's own (finetune.py fills them in).
+COMMAND_DEFAULTS = {
+    "finetune": {"epochs": 10, "warmup_epochs": 1.0, "weight_decay": 1e-4, "min_scale": 0.35, "label_smoothing": 0.1,
+                 "zero_init_last": False},
+}
+
+
+def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
+    """defaults < the command's defaults < a saved run's config.yaml (--resume auto) < --config < flags.
+    cfg.given holds the names set by anything above the defaults (finetune only fills in what was not given)."""
+    values = dict(COMMAND_DEFAULTS.get(command, {}))
+    given = set()
     # `--out RUN --resume auto` alone continues RUN with the configuration it was started with
     saved = Path(getattr(args, "out", "") or "") / "config.yaml"
     if getattr(args, "resume", None) == "auto" and getattr(args, "out", None) and saved.is_file():
-        values.update(load_yaml(str(saved)))
+        given |= (loaded := load_yaml(str(saved))).keys()
+        values.update(loaded)
     if getattr(args, "config", None):
-        values.update(load_yaml(args.config))
-    values.update({k: v for k, v in vars(args).items() if k in FIELDS})
+        given |= (loaded := load_yaml(args.config)).keys()
+        values.update(loaded)
+    flags = {k: v for k, v in vars(args).items() if k in FIELDS}
+    given |= flags.keys()
+    values.update(flags)
     if getattr(args, "data_pos", None):
         values["data"] = args.data_pos
     cfg = TrainConfig(**values)
+    cfg.given = given
     for name in ("epochs", "batch_size", "accum_steps", "img_size", "eval_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     ranges = {"workers": (0, None), "crop_pct": (1e-3, 1), "min_scale": (1e-3, 1), "label_smoothing": (0, 0.999),
               "reprob": (0, 1), "mixup": (0, None), "cutmix": (0, None), "ema_decay": (0, 1), "lr_base": (0, None),
               "weight_decay": (0, None), "warmup_epochs": (0, None), "save_every_minutes": (0, None)}
+    ranges.update({"head_lr_mult": (0, None), "layer_decay": (1e-3, 1), "val_split": (0, 0.9)})
     for name, (lo, hi) in ranges.items():
         v = getattr(cfg, name)
-        if v < lo or (hi is not None and v > hi):
+        if v is not None and (v < lo or (hi is not None and v > hi)):
             raise UserError(f"--{name.replace('_', '-')} {v} is out of range: use a value in [{lo}, {hi if hi is not None else 'inf'}]")
     aa = cfg.auto_augment
     if aa and not (aa == "trivialaugment" or aa == "randaugment" or (aa.startswith("randaugment-") and aa[12:].isdigit())):
@@ -207,4 +253,4 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
 
 
 def save_yaml(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    fileio.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -31,10 +31,13 @@ def autocast(device: torch.device, amp: str | None):
 
 def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, pos: Position, device, accum_steps=1,
                     amp=None, scaler=None, mixup=None, erasing=None, ema=None, clip_grad=None, on_update=None,
-                    show_progress=True, desc="train") -> dict:
+                    show_progress=True, frozen_norms=(), desc="train") -> dict:
     """Train from pos.batch_in_epoch to the end of the epoch. `on_update()` runs after every optimiser update
-    (the caller saves time-based checkpoints there, where the position is exact)."""
+    (the caller saves time-based checkpoints there, where the position is exact). `frozen_norms` stay in eval mode
+    (a frozen backbone keeps its pretrained BatchNorm statistics)."""
     model.train()
+    for m in frozen_norms:
+        m.eval()
     total = pos.batch_in_epoch + len(loader)
     bar = tqdm(total=total, initial=pos.batch_in_epoch, desc=desc, disable=not show_progress, dynamic_ncols=True,
                leave=False, unit="batch")

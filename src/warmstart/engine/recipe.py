@@ -11,15 +11,64 @@ from warmstart.config import TrainConfig
 from warmstart.errors import UserError
 
 
-def effective_lr(cfg: TrainConfig, global_batch: int) -> float:
-    return cfg.lr if cfg.lr is not None else cfg.lr_base * global_batch / 256
+ADAPTIVE = ("adam", "lamb", "adabelief", "madgrad", "adafactor", "lion", "nadam", "radam", "adan")
+DEFAULT_LR_BASE = {"adamw": 5e-4, "adam": 5e-4, "lamb": 2e-3, "lion": 1e-4}  # per 256 images; SGD/LARS/others 0.4
+FINETUNE_LR_FACTOR = 0.1  # fine-tuning starts from good weights: a tenth of the pretraining rate
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    # filter_bias_and_bn: no weight decay on norms and biases (timm's rule: parameters with ndim <= 1)
+def lr_rule(cfg: TrainConfig, finetune: bool = False) -> tuple[float, str]:
+    """(base LR per 256 images, scaling rule): linear for SGD-like optimisers, square root for adaptive ones (timm's
+    rule; a linear rule sends AdamW to lr 1.6 at batch 1024). --lr-base / --lr-scale override."""
+    name = cfg.opt.lower().split("_")[-1]
+    adaptive = any(a in name for a in ADAPTIVE)
+    base = cfg.lr_base if cfg.lr_base is not None else DEFAULT_LR_BASE.get(name, 5e-4 if adaptive else 0.4) * (
+        FINETUNE_LR_FACTOR if finetune else 1)
+    return base, cfg.lr_scale or ("sqrt" if adaptive else "linear")
+
+
+def effective_lr(cfg: TrainConfig, global_batch: int, finetune: bool = False) -> tuple[float, str]:
+    """The peak learning rate and a few words on where it came from (for the start-of-run line)."""
+    if cfg.lr is not None:
+        return cfg.lr, "set by --lr"
+    base, scale = lr_rule(cfg, finetune)
+    factor = {"linear": global_batch / 256, "sqrt": (global_batch / 256) ** 0.5, "none": 1.0}[scale]
+    how = {"linear": f"x {global_batch}/256", "sqrt": f"x sqrt({global_batch}/256)", "none": "unscaled"}[scale]
+    return base * factor, f"lr-base {base:.3g} {how}, {scale} rule for {cfg.opt}"
+
+
+def _block(name: str) -> str:
+    """The block a parameter belongs to, for layer-wise decay: 'layer1.0.conv1.weight' -> 'layer1.0',
+    'features.3.conv.weight' -> 'features.3', 'stem.weight' -> 'stem'."""
+    parts = name.split(".")[:-1] or [name]
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, head: str | None = None, head_lr_mult: float = 1.0,
+                 layer_decay: float | None = None) -> list[dict]:
+    """Trainable parameters in groups: no weight decay on norms and biases (ndim <= 1, timm's rule); with
+    layer_decay, each block (in definition order, the head last) gets layer_decay x the LR of the block after it;
+    the head's LR is further multiplied by head_lr_mult. Frozen parameters are left out. timm's schedulers apply
+    each group's lr_scale."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    in_head = (lambda n: n.startswith(head + ".")) if head else (lambda n: False)
+    blocks = list(dict.fromkeys(_block(n) for n, _ in named if not in_head(n)))
+    groups: dict[tuple, dict] = {}
+    for n, p in named:
+        depth = len(blocks) if in_head(n) else blocks.index(_block(n))
+        scale = layer_decay ** (len(blocks) - depth) if layer_decay else 1.0
+        scale *= head_lr_mult if in_head(n) else 1.0
+        wd = 0.0 if p.ndim <= 1 else weight_decay
+        g = groups.setdefault((scale, wd), {"params": [], "weight_decay": wd, "lr_scale": scale})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float, head: str | None = None) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, head, cfg.head_lr_mult, cfg.layer_decay)
+    if not groups:
+        raise UserError("no trainable parameters: everything is frozen; loosen --freeze-until or drop --linear-probe")
     try:
-        return create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
-                                   momentum=cfg.momentum, filter_bias_and_bn=True)
+        return create_optimizer_v2(groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     except (AssertionError, ValueError) as e:
         raise UserError(f"--opt {cfg.opt!r}: {e}; try sgd, adamw, lamb or lars") from None
 

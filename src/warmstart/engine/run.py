@@ -1,0 +1,253 @@
+"""One training run as one object (DESIGN.md "The engine: one run object").
+
+`train` and `finetune` differ in how they build the model (fresh, or pretrained with a new head, frozen parts and
+per-layer learning rates); both hand it to Run, which owns everything else: data loaders, optimiser, schedule, EMA,
+grad scaler, position and RNG. state_dict() / load_state_dict() capture and restore all of it (checkpoint.py lays
+it out in the file); fit() trains to the last epoch, evaluating and saving as it goes.
+"""
+
+import time
+from dataclasses import asdict
+
+import torch
+
+from warmstart import checkpoint, config
+from warmstart.data.dataset import ImageDataset, collate, make_loader
+from warmstart.data.sampler import EvalSampler, TrainSampler
+from warmstart.data.sources import Splits
+from warmstart.data.transforms import Normalize
+from warmstart.engine import distributed, recipe
+from warmstart.engine.loop import Position, evaluate, train_one_epoch
+from warmstart.engine.runlog import RunLog
+from warmstart.errors import UserError
+from warmstart.models import dry_run
+
+# settings that change what a resumed run means: listed in a warning when they differ from the checkpoint's
+MEANING = ("lr", "lr_base", "lr_scale", "sched", "epochs", "warmup_epochs", "weight_decay", "img_size",
+           "img_size_start", "min_scale", "mixup", "cutmix", "label_smoothing")
+
+
+def size_for_epoch(cfg: config.TrainConfig, epoch: int) -> int:
+    """Progressive resizing (FFCV-style): ramp from img_size_start at epoch 0 to img_size at 85% of the run,
+    in steps of 8 pixels."""
+    if not cfg.img_size_start:
+        return cfg.img_size
+    end = max(1, round(0.85 * (cfg.epochs - 1)))
+    if epoch >= end:
+        return cfg.img_size
+    size = cfg.img_size_start + (cfg.img_size - cfg.img_size_start) * epoch / end
+    return int(round(size / 8) * 8)
+
+
+def _load(target, state: dict, where, what: str) -> None:
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{where}: its {what} do not fit this run ({str(e).splitlines()[0][:160]})") from None
+
+
+class Run:
+    def __init__(self, cfg: config.TrainConfig, dist: distributed.Dist, *, model: torch.nn.Module, model_spec: dict,
+                 splits: Splits, eval_spec: dict, log: RunLog, head: str | None = None, finetune: bool = False,
+                 frozen_norms: tuple = ()):
+        self.cfg, self.dist, self.log, self.device = cfg, dist, log, dist.device
+        self.model_spec, self.eval_spec, self.frozen_norms = model_spec, eval_spec, tuple(frozen_norms)
+        self.class_info = {"names": splits.classes, "human": splits.human}
+        self.run_dir = cfg.run_dir
+        checkpoint.remove_stale_temps(self.run_dir)  # temp files of a save that was killed
+
+        # data: one global permutation, sharded; batches the sampler marks with a seed and an image size
+        self.train_set = ImageDataset(splits.train_root, splits.train, train=True, min_scale=cfg.min_scale,
+                                      auto_augment=cfg.auto_augment)
+        self.sampler = TrainSampler(len(self.train_set), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                                    multiple_of=cfg.batch_size * cfg.accum_steps)
+        self.batches_per_epoch = self.sampler.per_rank // cfg.batch_size
+        if self.batches_per_epoch == 0:
+            raise UserError(f"{len(self.train_set)} training images give no full update per epoch at --batch-size "
+                            f"{cfg.batch_size} x --accum-steps {cfg.accum_steps} x {dist.world_size} process(es); "
+                            f"lower --batch-size")
+        cuda = self.device.type == "cuda"
+        self.train_loader = make_loader(self.train_set, self.sampler, batch_size=cfg.batch_size, workers=cfg.workers,
+                                        train=True, pin_memory=cuda)
+        val_set = ImageDataset(splits.val_root, splits.val, train=False, spec=eval_spec)
+        self.val_loader = make_loader(val_set, EvalSampler(len(val_set), size=eval_spec["size"], rank=dist.rank,
+                                                           world_size=dist.world_size),
+                                      batch_size=cfg.batch_size, workers=cfg.workers, train=False, pin_memory=cuda)
+
+        # model: checked on a real batch before anything else is built around it
+        probe, _, _ = collate([self.train_set[(i % len(self.train_set), i, size_for_epoch(cfg, 0))] for i in range(2)])
+        if len(probe) == 0:
+            raise UserError(f"the first training images in {splits.train_root} cannot be decoded; check the dataset")
+        normalize = Normalize(eval_spec["mean"], eval_spec["std"])
+        self.unused = dry_run(model, normalize(probe), len(splits.classes))
+        if self.unused:
+            log.print(f"warning: {len(self.unused)} parameter(s) got no gradient in a dry run (never trained): "
+                      f"{', '.join(self.unused[:5])}{' …' if len(self.unused) > 5 else ''}")
+        self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.normalize = Normalize(eval_spec["mean"], eval_spec["std"], channels_last=cfg.channels_last).to(self.device)
+
+        # recipe
+        self.global_batch = cfg.batch_size * dist.world_size * cfg.accum_steps
+        self.lr, self.lr_how = recipe.effective_lr(cfg, self.global_batch, finetune)
+        self.optimizer = recipe.build_optimizer(cfg, self.model, self.lr, head)
+        self.updates_per_epoch = self.batches_per_epoch // cfg.accum_steps
+        self.scheduler = recipe.build_scheduler(cfg, self.optimizer, self.updates_per_epoch)
+        self.mixup = recipe.build_mixup(cfg, len(splits.classes))
+        self.loss_fn = recipe.build_loss(cfg, self.mixup)
+        self.ema = recipe.build_ema(cfg, self.model)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
+        self.erasing = None
+        if cfg.reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erasing = RandomErasing(probability=cfg.reprob, mode="pixel", device=self.device)
+
+        self.pos, self.metrics, self.prefer_ema, self._rng = Position(), {}, False, None
+
+    # ------------------------------------------------------------------ state
+
+    def layout(self) -> dict:
+        """What decides which samples each batch holds: a mid-epoch resume must keep it."""
+        return {"world_size": self.dist.world_size, "batch_size": self.cfg.batch_size,
+                "accum_steps": self.cfg.accum_steps}
+
+    def state_dict(self) -> dict:
+        return {
+            "model": checkpoint.unwrap(self.model).state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "prefer_ema": self.prefer_ema,
+            "metrics": self.metrics,
+            "train_state": {"optimizer": self.optimizer.state_dict(),
+                            "scaler": self.scaler.state_dict() if self.scaler else None,
+                            "position": asdict(self.pos), "layout": self.layout()},
+            "rng": checkpoint.rng_state(),
+        }
+
+    def load_state_dict(self, state: dict, where="checkpoint", saved_config: dict | None = None) -> None:
+        """Continue a run from state_dict() output. Refuses a mid-epoch resume whose batches would differ."""
+        train = state["train_state"]
+        pos = Position(**train["position"])
+        saved_config = saved_config or {}
+        old = train.get("layout") or {k: saved_config.get(k) for k in ("batch_size", "accum_steps")}
+        changed = [f"{k.replace('_', '-')} {old[k]} -> {v}" for k, v in self.layout().items()
+                   if old.get(k) is not None and old[k] != v]
+        if changed and pos.batch_in_epoch > 0:
+            raise UserError(f"{where} stopped inside epoch {pos.epoch + 1}; resuming it with a different "
+                            f"{', '.join(changed)} would train some of its samples twice and skip others; resume with "
+                            f"the same settings (or from the last end-of-epoch checkpoint)")
+        meaning = [f"{config.flag_name(k)} {saved_config[k]} -> {getattr(self.cfg, k)}" for k in MEANING
+                   if k in saved_config and saved_config[k] != getattr(self.cfg, k)]
+        if meaning:
+            self.log.print(f"warning: resuming with settings that differ from the checkpoint's: {'; '.join(meaning)}")
+        _load(checkpoint.unwrap(self.model), state["model"], where, "model weights")
+        if self.ema is not None:
+            _load(self.ema.module, state["ema"] if state.get("ema") is not None else state["model"], where, "EMA weights")
+        _load(self.optimizer, train["optimizer"], where, "optimizer state")
+        if self.scaler is not None and train.get("scaler"):
+            self.scaler.load_state_dict(train["scaler"])
+        if changed:  # at an epoch boundary: same epochs, new update count per epoch
+            pos.step = pos.epoch * self.updates_per_epoch
+            self.log.print(f"resuming at the start of epoch {pos.epoch + 1} with {', '.join(changed)}: the schedule "
+                           f"continues at update {pos.step}")
+        self.pos, self.metrics, self.prefer_ema = pos, state.get("metrics") or {}, bool(state.get("prefer_ema"))
+        self._rng = state.get("rng") if not changed else None
+        self.log.print(f"resuming from {where}: epoch {pos.epoch + 1}, batch {pos.batch_in_epoch}, update {pos.step}")
+
+    def save(self, name: str) -> None:
+        if self.dist.is_main:
+            ckpt = checkpoint.build(self.state_dict(), self.model_spec, self.class_info, self.eval_spec,
+                                    self.cfg.to_dict())
+            checkpoint.save(ckpt, self.run_dir / "checkpoints" / name)
+
+    # ------------------------------------------------------------------ training
+
+    def describe(self, what: str) -> None:
+        cfg, dist = self.cfg, self.dist
+        n_params = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        frozen = f", {n_params - trainable:,} frozen" if trainable < n_params else ""
+        self.log.print(f"{what} ({n_params / 1e6:.2f} M parameters{frozen}) on {self.device} x {dist.world_size}, "
+                       f"{len(self.class_info['names'])} classes, {len(self.train_set)} train / "
+                       f"{len(self.val_loader.dataset)} val images")
+        self.log.print(f"global batch {self.global_batch} ({cfg.batch_size} x {dist.world_size} process(es) x "
+                       f"{cfg.accum_steps} accum), {cfg.opt} lr {self.lr:.4g} ({self.lr_how}), {cfg.sched} schedule, "
+                       f"{cfg.epochs} epochs x {self.updates_per_epoch} updates -> {self.run_dir}")
+
+    def fit(self) -> None:
+        cfg, dist, log = self.cfg, self.dist, self.log
+        if dist.is_main:
+            config.save_yaml(cfg, self.run_dir / "config.yaml")
+        model = self.model
+        self.scheduler.step_update(self.pos.step)
+        if dist.enabled:
+            # find_unused_parameters: without it DDP hangs on a model with parameters the loss never reaches
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(self.unused))
+        if cfg.compile:
+            model = torch.compile(model)  # after DDP, so gradient all-reduce overlaps the backward pass
+        self.model = model
+        last_save = time.monotonic()
+
+        def on_update() -> None:
+            nonlocal last_save
+            if time.monotonic() - last_save >= cfg.save_every_minutes * 60:
+                self.save("last.pt")
+                last_save = time.monotonic()
+
+        if self._rng is not None:
+            checkpoint.set_rng_state(self._rng)
+        pos = self.pos
+        while pos.epoch < cfg.epochs:
+            t0 = time.perf_counter()
+            size = size_for_epoch(cfg, pos.epoch)
+            self.sampler.set_epoch(pos.epoch, size, start=pos.batch_in_epoch * cfg.batch_size)
+            stats = train_one_epoch(
+                model=model, loader=self.train_loader, normalize=self.normalize, loss_fn=self.loss_fn,
+                optimizer=self.optimizer, scheduler=self.scheduler, pos=pos, device=self.device,
+                accum_steps=cfg.accum_steps, amp=cfg.amp, scaler=self.scaler, mixup=self.mixup, erasing=self.erasing,
+                ema=self.ema, clip_grad=cfg.clip_grad, on_update=on_update, show_progress=dist.is_main,
+                frozen_norms=self.frozen_norms, desc=f"epoch {pos.epoch + 1}/{cfg.epochs} @{size}px")
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+            row = {"epoch": pos.epoch, "lr": max(g["lr"] for g in self.optimizer.param_groups), "img_size": size,
+                   **stats}
+            if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
+                row.update(self.evaluate())
+                self.metrics = dict(row)
+                top1 = max(row["val_top1"], row.get("ema_val_top1", -1))
+                if top1 > pos.best_top1:
+                    pos.best_top1 = top1
+                    self.save("best.pt")
+            row["epoch_time_s"] = time.perf_counter() - t0
+            log.epoch(row)
+            ema_txt = f", ema top-1 {row['ema_val_top1']:.2f}%" if "ema_val_top1" in row else ""
+            val_txt = (f" | val loss {row['val_loss']:.3f}, top-1 {row['val_top1']:.2f}%, top-5 {row['val_top5']:.2f}%"
+                       f"{ema_txt}" if "val_top1" in row else "")
+            log.print(f"epoch {pos.epoch}/{cfg.epochs} @{size}px: train loss {stats['train_loss']:.3f}, "
+                      f"{stats['img_per_s']:.0f} img/s, data wait {100 * stats['data_wait']:.0f}%{val_txt} | "
+                      f"{row['epoch_time_s']:.0f} s"
+                      + (f", skipped {stats['skipped']} unreadable images" if stats["skipped"] else ""))
+            self.save("last.pt")
+            last_save = time.monotonic()
+        log.print(f"done: best val top-1 {pos.best_top1:.2f}% -> {self.run_dir / 'checkpoints' / 'best.pt'}; "
+                  f"curves in {self.run_dir / 'curves.png'}")
+
+    def evaluate(self) -> dict:
+        """Validation metrics of the model (and its EMA); sets prefer_ema to whichever scored higher."""
+        distributed.broadcast_buffers(self.model)
+        if self.ema is not None:
+            distributed.broadcast_buffers(self.ema.module)
+        m = evaluate(self.model, self.val_loader, self.normalize, self.device, self.cfg.amp,
+                     show_progress=self.dist.is_main)
+        if m["count"] == 0:
+            raise UserError(f"none of the {m['skipped']} validation images could be read")
+        row = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_count": m["count"]}
+        self.prefer_ema = False
+        if self.ema is not None:
+            e = evaluate(self.ema.module, self.val_loader, self.normalize, self.device, self.cfg.amp,
+                         show_progress=self.dist.is_main, desc="eval ema")
+            row.update({"ema_val_loss": e["loss"], "ema_val_top1": e["top1"], "ema_val_top5": e["top5"]})
+            self.prefer_ema = e["top1"] > m["top1"]
+        return row
