@@ -35,8 +35,10 @@ class Output:
                         continue
                     self.done[record["key"]] = record
             for p in self.tmp.iterdir():  # half-written units (and temp files) of the killed run are redone from scratch
-                if p not in (options_file, self.journal):
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p not in (options_file, self.journal):
+                    p.unlink()
             self.rewrite_journal()  # drops a torn line
         else:  # a fresh start, or different options: what is under .partial cannot be trusted
             shutil.rmtree(self.tmp, ignore_errors=True)
