@@ -15,6 +15,7 @@ from warmstart.errors import UserError
 COMMANDS = {
     "prepare": ("warmstart.prepare.command", "ILSVRC2012 archives (official or Kaggle) -> verified train/ val/ folders"),
     "train": ("warmstart.train", "pretrain a model (zoo name or your own file) on train/ + val/ folders"),
+    "finetune": ("warmstart.finetune", "fine-tune a pretrained checkpoint on your dataset (new head)"),
     "evaluate": ("warmstart.evaluate", "evaluate a checkpoint (loss, top-1, top-5) on a folder"),
 }
 

@@ -32,11 +32,12 @@ class TrainConfig:
     # what to train, on what, where
     data: str | None = _opt(None, "dataset folder holding train/ and val/ (ImageFolder layout; what `warmstart prepare` writes)")
     model: str = _opt("resnet50", "architecture: torchvision name (resnet50), timm:NAME (timm:convnext_tiny), "
-                     "path/file.py:ClassOrFactory or package.module:callable", "-a", "--arch", metavar="MODEL")
+                     "path/file.py:ClassOrFactory or package.module:callable", "-a", "--arch", metavar="MODEL", only="train")
     model_kwargs: dict = _opt({}, "JSON keyword arguments for the model constructor, e.g. '{\"width\": 48}'", metavar="JSON")
     out: str | None = _opt(None, "run directory (default runs/<model name>)", metavar="RUN")
     resume: str | None = _opt(None, "'auto' continues from RUN/checkpoints/last.pt if present; or a checkpoint path", metavar="CKPT")
-    evaluate: bool = _opt(False, "only evaluate (the --resume checkpoint) on the validation set, as in the classic example", "-e")
+    evaluate: bool = _opt(False, "only evaluate (the --resume checkpoint) on the validation set, as in the classic example", "-e",
+                          only="train")
     seed: int = _opt(0, "random seed; the same seed gives the same run, bit for bit on CPU")
     device: str | None = _opt(None, options.HELP["device"])
     trust_code: bool = _opt(False, options.HELP["trust_code"])
@@ -83,7 +84,8 @@ class TrainConfig:
     cutmix: float = _opt(0.0, "cutmix alpha (0 = off)")
     ema: bool = _opt(False, "keep an exponential moving average of the weights (evaluated too)")
     ema_decay: float = _opt(0.9998, "EMA decay per update")
-    zero_init_last: bool = _opt(True, "zero the last norm of each residual block so blocks start as identity")
+    zero_init_last: bool = _opt(True, "zero the last norm of each residual block so blocks start as identity",
+                                only="train")
     # data and augmentation
     img_size: int = _opt(224, "training resolution (the final one with progressive resizing)")
     img_size_start: int | None = _opt(None, "progressive resizing: first-epoch resolution, ramped linearly to --img-size")

@@ -1,16 +1,13 @@
 """`warmstart train`: pretrain any architecture on an ImageFolder tree with a modern recipe, resumable to the bit."""
 
-import random
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from warmstart import checkpoint, config
 from warmstart.data.sources import load_splits
 from warmstart.data.transforms import transform_spec
 from warmstart.engine import distributed
-from warmstart.engine.run import Run
+from warmstart.engine.run import Run, resumable, resume_path, seed_everything
 from warmstart.engine.runlog import RunLog
 from warmstart.errors import UserError
 from warmstart.models import build_model, zero_init_last_norm
@@ -30,36 +27,6 @@ checkpoints/{last,best}.pt, metrics.csv/.jsonl, TensorBoard events, curves.png a
 
 def add_arguments(parser):
     config.add_config_arguments(parser, "train")
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def resume_path(cfg: config.TrainConfig, run_dir: Path) -> Path | None:
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        last = run_dir / "checkpoints" / "last.pt"
-        return last if last.is_file() else None
-    return Path(cfg.resume)
-
-
-def load_resumable(path: Path, cfg: config.TrainConfig, model_spec: dict, classes: list[str]) -> checkpoint.Resume:
-    """The checkpoint to resume from, after checking it belongs to a run like this one."""
-    res = checkpoint.load_resumable(path)
-    theirs, old_cfg = res.model_spec, res.config
-    differences = [what for what, same in [
-        (f"--model {theirs['name']}", theirs["name"] == model_spec["name"]),
-        (f"--model-kwargs {theirs.get('kwargs')}", theirs.get("kwargs", {}) == model_spec["kwargs"]),
-        (f"{len(res.classes)} classes", res.classes == classes),
-        (f"--opt {old_cfg.get('opt')}", old_cfg.get("opt", cfg.opt) == cfg.opt)] if not same]
-    if differences:
-        raise UserError(f"{path} comes from a different run ({', '.join(differences)}); resume with the same settings "
-                        f"or start a new run with another --out")
-    return res
 
 
 def unverified_warning(root: Path) -> str | None:
@@ -105,7 +72,7 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
               eval_spec=transform_spec(cfg.eval_size, cfg.crop_pct), log=log)
     path = resume_path(cfg, cfg.run_dir)
     if path:
-        res = load_resumable(path, cfg, model_spec, splits.classes)
+        res = resumable(path, cfg, model_spec, splits.classes)
         run.load_state_dict(res.run_state, path, res.config)
     elif cfg.resume == "auto":
         log.print(f"--resume auto: no checkpoint in {cfg.run_dir / 'checkpoints'} yet, starting from scratch")

@@ -6,9 +6,12 @@ grad scaler, position and RNG. state_dict() / load_state_dict() capture and rest
 it out in the file); fit() trains to the last epoch, evaluating and saving as it goes.
 """
 
+import random
 import time
+from pathlib import Path
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
 from warmstart import checkpoint, config
@@ -37,6 +40,36 @@ def size_for_epoch(cfg: config.TrainConfig, epoch: int) -> int:
         return cfg.img_size
     size = cfg.img_size_start + (cfg.img_size - cfg.img_size_start) * epoch / end
     return int(round(size / 8) * 8)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def resume_path(cfg: config.TrainConfig, run_dir: Path) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    return Path(cfg.resume)
+
+
+def resumable(path: Path, cfg: config.TrainConfig, model_spec: dict, classes: list[str]) -> checkpoint.Resume:
+    """The checkpoint to resume from, after checking it belongs to a run like this one."""
+    res = checkpoint.load_resumable(path)
+    theirs, old_cfg = res.model_spec, res.config
+    differences = [what for what, same in [
+        (f"--model {theirs['name']}", theirs["name"] == model_spec["name"]),
+        (f"--model-kwargs {theirs.get('kwargs')}", theirs.get("kwargs", {}) == model_spec["kwargs"]),
+        (f"{len(res.classes)} classes", res.classes == classes),
+        (f"--opt {old_cfg.get('opt')}", old_cfg.get("opt", cfg.opt) == cfg.opt)] if not same]
+    if differences:
+        raise UserError(f"{path} comes from a different run ({', '.join(differences)}); resume with the same settings "
+                        f"or start a new run with another --out")
+    return res
 
 
 def _load(target, state: dict, where, what: str) -> None:
