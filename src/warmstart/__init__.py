@@ -1,3 +1,15 @@
-"""warmstart: ImageNet pretraining for your own network."""
+"""warmstart: ImageNet pretraining for your own network, then fine-tuning.
+
+The Python API (warmstart.api): load_model, load_backbone, eval_transform.
+"""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # lazy: `warmstart prepare` and the CLI's help must not pay for importing torch
+    if name in ("load_model", "load_backbone", "eval_transform"):
+        from warmstart import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'warmstart' has no attribute {name!r}")

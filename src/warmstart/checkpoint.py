@@ -205,6 +205,11 @@ def load_model(path, *, ema: bool | None = None, trust_code: bool = False) -> Lo
                   config=ckpt.get("config") or {}, path=Path(path), used_ema=use_ema)
 
 
+def read_transform(path) -> dict:
+    """The checkpoint's eval preprocessing (size, crop_pct, interpolation, mean, std), without building its model."""
+    return dict(load(path).get("transform") or {})
+
+
 @dataclass
 class Resume:
     """What a checkpoint holds for `--resume`: the weights and the run's training state."""
