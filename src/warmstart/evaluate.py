@@ -17,21 +17,29 @@ HELP = "evaluate a checkpoint (loss, top-1, top-5) on DATA/val or any class-fold
 DESCRIPTION = """Evaluate a checkpoint with its own preprocessing (size, crop, normalisation) on DIR/val, or on DIR
 itself when it has no val/ folder. Class folders are matched to the checkpoint's classes by name.
 
+With --out DIR it also writes DIR/metrics.json, DIR/per_class.csv (count, accuracy and most-confused class for
+each class) and DIR/confusion.png (the full matrix up to 30 classes; the most frequent mistakes beyond).
+
 example:
-  warmstart evaluate --checkpoint runs/tiny/checkpoints/best.pt --data /data/imagenet --json"""
+  warmstart evaluate --checkpoint runs/tiny/checkpoints/best.pt --data /data/imagenet --json --out runs/tiny/eval"""
 
 
 def add_arguments(parser):
     options.add(parser, "checkpoint")
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder (uses DIR/val if present)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="also write metrics.json, per_class.csv and confusion.png in DIR")
     options.add(parser, "batch_size", "workers", "device", "amp", "weights", "json", "trust_code")
 
 
 def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, amp=None, weights="auto",
-                        as_json=False, trust_code=False) -> dict:
+                        as_json=False, trust_code=False, out=None) -> dict:
+    """Metrics as engine.loop.evaluate computes them during training; with `out`, the report files in that folder."""
     root = Path(data)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
+    if out and Path(out).exists() and not Path(out).is_dir():  # say so before a long evaluation, not after
+        raise UserError(f"--out {out} is a file; pass a folder for metrics.json, per_class.csv and confusion.png")
     split = root / "val" if (root / "val").is_dir() else root
     loaded = checkpoint.load_model(path, ema=options.ema_choice(weights), trust_code=trust_code)
     model, classes, spec = loaded.model, loaded.classes, loaded.transform
@@ -45,7 +53,9 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
         loader = eval_loader(split, classes, spec, batch_size=batch_size, workers=workers, rank=dist.rank,
                              world_size=dist.world_size, pin_memory=dist.device.type == "cuda")
         normalize = Normalize(spec["mean"], spec["std"]).to(dist.device)
-        metrics = evaluate(model, loader, normalize, dist.device, amp, show_progress=dist.is_main)
+        metrics = evaluate(model, loader, normalize, dist.device, amp, show_progress=dist.is_main,
+                           num_classes=len(classes) if out else None)
+        confusion = metrics.pop("confusion", None)  # the report's; metrics stay the plain numbers
     finally:
         distributed.cleanup()
     if metrics["count"] == 0:
@@ -53,6 +63,13 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
     if dist.is_main:
         print(f"{path}: {metrics['count']} images from {split}: loss {metrics['loss']:.4f}, top-1 {metrics['top1']:.2f}%, "
               f"top-5 {metrics['top5']:.2f}%" + (f" ({metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ""))
+        if out:
+            from warmstart import report  # matplotlib: only imported when a report is asked for
+
+            report.write_report(out, {**metrics, "checkpoint": str(path), "data": str(split),
+                                      "weights": "ema" if loaded.used_ema else "model"},
+                                confusion, classes, loaded.human)
+            print(f"report in {out}: metrics.json, per_class.csv, confusion.png")
         if as_json:
             print(json.dumps(metrics))
     return metrics
@@ -62,5 +79,5 @@ def run(args) -> int:
     with torch.inference_mode():
         evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, amp=args.amp, weights=args.weights, as_json=args.json,
-                            trust_code=args.trust_code)
+                            trust_code=args.trust_code, out=args.out)
     return 0

@@ -1,0 +1,257 @@
+"""`warmstart export`: a checkpoint's model as ONNX, TorchScript or safetensors, checked against PyTorch.
+
+Every export is written into a temp folder beside the output, loaded back (onnxruntime, torch.jit.load,
+safetensors.torch.load_model) and run on the same images as the PyTorch model, at batch N and batch 1; only when
+the outputs agree within --tolerance is it moved into place, so a failed export leaves nothing behind (and an earlier
+file of that name intact).
+
+ONNX goes through torch.export (`torch.onnx.export(dynamo=True)`: the maintained exporter; the TorchScript-based one
+is deprecated in torch 2.9+). A model torch.export cannot capture (data-dependent Python control flow, say) falls back
+to the TorchScript exporter, with a note: a trace records only the branches the check images took.
+
+What the file's consumer needs besides the graph travels with it: FILE.json beside every export holds the
+preprocessing (size, crop_pct, interpolation, mean, std, resize), class names, input/output description and the
+checkpoint's model_spec (for a model from the user's own file, its source: what rebuilds the architecture for the
+safetensors weights; building from it runs that code). The same description, less model_spec, is embedded too: ONNX
+metadata_props (one entry per key, JSON values), a TorchScript extra file `warmstart.json`, and the safetensors
+header's metadata under "warmstart".
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from warmstart import checkpoint, fileio, models, options
+from warmstart.data.dataset import DECODE_ERRORS
+from warmstart.data.transforms import Normalize, eval_resize_size, eval_transform, load_image
+from warmstart.errors import UserError
+
+HELP = "export a checkpoint's model to ONNX, TorchScript or safetensors (checked against PyTorch)"
+DESCRIPTION = """Export a checkpoint's model (or with --features its backbone, output (N, feature_dim)) and check the
+exported file against PyTorch on a few images through the checkpoint's own preprocessing: --check-images DIR, else
+the training data's val/ images when that folder is still there, else random images. The input is a normalised
+float32 NCHW batch of any size; FILE.json beside the export says how to preprocess (and names the classes).
+
+examples:
+  warmstart export --checkpoint runs/tiny/checkpoints/best.pt --format onnx
+  warmstart export --checkpoint best.pt --format safetensors --features --out tiny-backbone.safetensors"""
+
+EXTENSIONS = {"onnx": ".onnx", "torchscript": ".torchscript", "safetensors": ".safetensors"}
+CHECK_IMAGES = 4
+
+
+def add_arguments(parser):
+    options.add(parser, "checkpoint")
+    parser.add_argument("--format", required=True, choices=list(EXTENSIONS), help="what to write")
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="output file (default: beside the checkpoint, e.g. best.onnx; best-features.onnx with "
+                             "--features); FILE.json is written beside it")
+    parser.add_argument("--features", action="store_true",
+                        help="export the backbone without its classifier: output (N, feature_dim) pooled features")
+    parser.add_argument("--opset", type=int, default=None, metavar="N",
+                        help="ONNX opset version (default: the exporter's, 18 or newer)")
+    parser.add_argument("--check-images", metavar="DIR", default=None,
+                        help="images to check the export on (default: the training data's val/ images if present, "
+                             "else random images)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest absolute output difference from PyTorch accepted (default: 1e-4)")
+    options.add(parser, "weights", "trust_code")
+
+
+def default_out(ckpt, fmt: str, features: bool) -> Path:
+    ckpt = Path(ckpt)
+    return ckpt.with_name(ckpt.stem + ("-features" if features else "") + EXTENSIONS[fmt])
+
+
+def check_batch(loaded, folder) -> tuple[torch.Tensor, str]:
+    """CHECK_IMAGES preprocessed, normalised images (real ones where possible, topped up with random ones: the
+    export needs a batch of at least 2), and where they came from."""
+    from warmstart.predict import find_images
+
+    spec, data = loaded.transform, loaded.config.get("data")
+    if folder and not Path(folder).is_dir():
+        raise UserError(f"--check-images {folder} is not a folder; pass a folder of images")
+    where = Path(folder) if folder else Path(data) / "val" if data and (Path(data) / "val").is_dir() else None
+    candidates = find_images([str(where)]) if where else []
+    transform, images = eval_transform(spec), []
+    for path in candidates[::max(1, len(candidates) // CHECK_IMAGES)]:  # spread over the class folders
+        with contextlib.suppress(*DECODE_ERRORS):
+            images.append(transform(load_image(path, eval_resize_size(spec))))
+        if len(images) == CHECK_IMAGES:
+            break
+    if folder and not images:
+        raise UserError(f"--check-images {folder} holds no readable images")
+    source = f"{len(images)} images from {where}" if images else ""
+    rng, side, real = np.random.default_rng(0), eval_resize_size(spec) + 16, len(images)
+    while len(images) < CHECK_IMAGES:
+        images.append(transform(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))))
+    if len(images) > real:
+        source += f"{' and ' if source else ''}{len(images) - real} random images"
+    return Normalize(spec["mean"], spec["std"])(torch.stack(images)), source
+
+
+@contextlib.contextmanager
+def quiet():
+    """The exporters print progress, warnings and on failure pages of diagnostics: keep them off the console."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def first_line(e: Exception) -> str:
+    text = str(e)
+    if "## Exception summary" in text:  # torch.export's report: the cause is after the advice
+        text = text.split("## Exception summary", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return re.sub(r"^<class '[\w.]+'>: ", "", lines[0] if lines else type(e).__name__)[:200]
+
+
+def export_onnx(model, sample, target: Path, output: str, opset, embedded: dict) -> str:
+    import onnx
+
+    names = dict(input_names=["image"], output_names=[output], opset_version=opset)
+    # one self-contained file unless the weights pass protobuf's 2 GB limit
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
+    try:
+        with quiet():
+            torch.onnx.export(model, (sample,), str(target), dynamo=True, external_data=big, verbose=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+        exporter = "torch.export"
+    except Exception as e:  # noqa: BLE001 - anything torch.export cannot capture: try the tracer
+        reason = first_line(e)
+        try:
+            with quiet():
+                torch.onnx.export(model, (sample,), str(target), dynamo=False,
+                                  dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}}, **names)
+        except Exception as e2:  # noqa: BLE001
+            raise UserError(f"cannot export this model to ONNX: torch.export failed ({reason}) and so did the "
+                            f"TorchScript exporter ({first_line(e2)}); try --format torchscript or safetensors") from None
+        print(f"warmstart export: note: torch.export could not capture the model ({reason}); used the TorchScript "
+              f"exporter, which records only the branches the check images took", file=sys.stderr)
+        exporter = "torchscript tracer"
+    proto = onnx.load(str(target), load_external_data=False)  # external weights stay where they are
+    for key, value in embedded.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(proto, str(target))
+    opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return f"ONNX opset {opset_used} via {exporter}"
+
+
+def run_onnx(target: Path):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+
+
+def export_torchscript(model, sample, target: Path, embedded: dict) -> str:
+    with quiet():  # torch.jit is deprecated (FutureWarning), and timm's shape asserts warn while tracing
+        traced = torch.jit.trace(model, sample, check_trace=False)  # the check below is ours, on N and 1 images
+        torch.jit.save(traced, str(target), _extra_files={"warmstart.json": json.dumps(embedded)})
+    return "TorchScript (traced)"
+
+
+def run_torchscript(target: Path):
+    with quiet():
+        return torch.jit.load(str(target), map_location="cpu")
+
+
+def export_safetensors(model, target: Path, embedded: dict) -> str:
+    from safetensors.torch import save_model
+
+    # save_model is save_file(state_dict) that also drops duplicates of tied (shared) tensors, which save_file refuses
+    save_model(model, str(target), metadata={"warmstart": json.dumps(embedded)})
+    return "safetensors weights"
+
+
+def run_safetensors(model, target: Path):
+    """The same architecture with every tensor zeroed, then loaded from the file: the file alone must restore it."""
+    import copy
+
+    from safetensors.torch import load_model
+
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in fresh.state_dict().values():
+            t.zero_()
+    load_model(fresh, str(target), strict=True)
+    return fresh.eval()
+
+
+def run(args) -> int:
+    if args.opset is not None and args.format != "onnx":
+        raise UserError(f"--opset applies to --format onnx only, not {args.format}")
+    out = Path(args.out) if args.out else default_out(args.checkpoint, args.format, args.features)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; pass a file name, e.g. {out / ('model' + EXTENSIONS[args.format])}")
+    loaded = checkpoint.load_model(args.checkpoint, ema=options.ema_choice(args.weights), trust_code=args.trust_code)
+    model, head = loaded.model, None
+    if args.features:
+        head = models.find_head(model)
+        model, _ = models.backbone(model, head)
+    model.eval()
+    x, source = check_batch(loaded, args.check_images)
+    with torch.inference_mode():
+        expected = model(x)
+    if expected.ndim != 2:
+        raise UserError(f"the model's output has shape {tuple(expected.shape)}, not (N, {'features' if head else 'classes'}); "
+                        f"export handles models that return one (N, D) tensor")
+    output = "features" if args.features else "logits"
+    spec = loaded.transform
+    embedded = {
+        "format": "warmstart-export/1",
+        "checkpoint": str(loaded.path),
+        "weights": "ema" if loaded.used_ema else "model",
+        "model": loaded.model_spec.get("name"),
+        "input": {"name": "image", "shape": ["batch", 3, spec["size"], spec["size"]], "dtype": "float32",
+                  "layout": "NCHW, RGB", "values": "(pixel / 255 - mean) / std"},
+        "output": {"name": output, "shape": ["batch", int(expected.shape[1])],
+                   **({"head_removed": head} if head else {"values": "logits: softmax gives class probabilities"})},
+        "preprocessing": {**spec, "resize_shorter_side": eval_resize_size(spec),
+                          "steps": "decode RGB, resize shorter side to resize_shorter_side, centre-crop size x size, "
+                                   "scale to [0, 1], subtract mean, divide by std"},
+        "classes": loaded.classes,
+        "human": loaded.human,
+    }
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        target = Path(tmp) / out.name
+        if args.format == "onnx":
+            what = export_onnx(model, x[:2], target, output, args.opset, embedded)
+            exported = run_onnx(target)
+        elif args.format == "torchscript":
+            what = export_torchscript(model, x[:2], target, embedded)
+            exported = run_torchscript(target)
+        else:
+            what = export_safetensors(model, target, embedded)
+            exported = run_safetensors(model, target)
+        with torch.inference_mode():  # the whole batch, then a batch of 1: the batch axis must really be free
+            diff = max(float((exported(x) - expected).abs().max()), float((exported(x[:1]) - expected[:1]).abs().max()))
+        if not diff <= args.tolerance:  # NaN fails too
+            raise UserError(f"the {args.format} export differs from PyTorch by up to {diff:.3g} (> --tolerance "
+                            f"{args.tolerance:g}) on {source}; nothing was written")
+        size, umask = 0, os.umask(0o022)
+        os.umask(umask)
+        for f in Path(tmp).iterdir():  # the file, and ONNX external weights (FILE.data) when there are any
+            size += f.stat().st_size
+            os.chmod(f, 0o666 & ~umask)  # some writers (safetensors) create files private to the owner
+            os.replace(f, out.parent / f.name)
+    sidecar = out.with_name(out.name + ".json")
+    fileio.write_text(sidecar, json.dumps({**embedded, "export": what, "max_abs_diff": diff,
+                                           "model_spec": loaded.model_spec}, indent=2) + "\n")
+    print(f"{out}: {what}, {fileio.human(size)}, {output} (N, {expected.shape[1]}); max abs diff from PyTorch "
+          f"{diff:.2g} on {source} (batch {len(x)} and 1); preprocessing in {sidecar.name}")
+    return 0

@@ -1,0 +1,116 @@
+"""`warmstart predict`: the top-k classes of images, with the checkpoint's own preprocessing."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from warmstart import checkpoint, options
+from warmstart.data.dataset import DECODE_ERRORS
+from warmstart.data.folder import IMAGE_EXTENSIONS
+from warmstart.data.transforms import Normalize, eval_resize_size, eval_transform, load_image
+from warmstart.engine import distributed
+from warmstart.engine.loop import autocast
+from warmstart.errors import UserError
+
+HELP = "top-k classes of images or folders of images"
+DESCRIPTION = """Predict the top-k classes of each image, with the checkpoint's own preprocessing. Folders are
+searched recursively for image files. An unreadable file is reported (stderr, and in --json as {"path", "error"})
+and skipped; the exit status is 0 when at least one image was predicted.
+
+examples:
+  warmstart predict --checkpoint runs/tiny/checkpoints/best.pt photo.jpg holiday/
+  warmstart predict --checkpoint best.pt --top-k 3 --json photos/ > predictions.jsonl"""
+
+
+def add_arguments(parser):
+    options.add(parser, "checkpoint")
+    parser.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files and folders (searched recursively)")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes shown per image (default: 5)")
+    # not options' --json: this one writes a line per image, not one object at the end
+    parser.add_argument("--json", action="store_true",
+                        help='one JSON object per image per line: {"path", "top": [{"class", "name", "prob"}, ...]}')
+    options.add(parser, "batch_size", "workers", "device", "amp", "weights", "trust_code", batch_size=64)
+
+
+def find_images(args: list[str]) -> list[Path]:
+    """Named files as given (whatever their extension: the user chose them), folders walked for image files."""
+    found = []
+    for arg in args:
+        p = Path(arg)
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        else:
+            found.append(p)  # a missing file is reported like an unreadable one
+    return found
+
+
+class Images(Dataset):
+    def __init__(self, paths: list[Path], spec: dict):
+        self.paths, self.spec, self.transform = paths, spec, eval_transform(spec)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.transform(load_image(self.paths[i], eval_resize_size(self.spec))), None
+        except DECODE_ERRORS as e:  # missing, corrupt, not an image: reported, never fatal
+            return i, None, (getattr(e, "strerror", None) or str(e) or type(e).__name__)
+
+
+def collate(batch):
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    images = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], images, [(i, err) for i, _, err in batch if err is not None]
+
+
+def run(args) -> int:
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    paths = find_images(args.images)
+    if not paths:
+        raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {' '.join(args.images)}")
+    loaded = checkpoint.load_model(args.checkpoint, ema=options.ema_choice(args.weights), trust_code=args.trust_code)
+    device = distributed.setup(args.device).device  # checks --device, defaults to cuda when present
+    model = loaded.model.to(device)
+    normalize = Normalize(loaded.transform["mean"], loaded.transform["std"]).to(device)
+    k = min(args.top_k, len(loaded.classes))
+    workers = args.workers if len(paths) > args.batch_size else 0  # a few images: starting workers costs more
+    loader = DataLoader(Images(paths, loaded.transform), batch_size=args.batch_size, num_workers=workers,
+                        collate_fn=collate)
+
+    path_w = max(len(str(p)) for p in paths)
+    class_w = max(len(c) for c in loaded.classes)
+    if not args.json:
+        print(f"{'image':<{path_w}}  {'prob':>6}  {'class':<{class_w}}  {'name' if loaded.human else ''}".rstrip())
+    predicted = 0
+    with torch.inference_mode():
+        for indices, images, errors in loader:
+            for i, err in errors:
+                print(f"warmstart predict: cannot read {paths[i]}: {err}", file=sys.stderr)
+                if args.json:
+                    print(json.dumps({"path": str(paths[i]), "error": err}))
+            if images is None:
+                continue
+            with autocast(device, args.amp):
+                logits = model(normalize(images))
+            probs, top = logits.float().softmax(1).topk(k, dim=1)
+            for i, p_row, c_row in zip(indices, probs.tolist(), top.tolist()):
+                rows = [{"class": loaded.classes[c], "name": loaded.display_names[c], "prob": round(p, 6)}
+                        for p, c in zip(p_row, c_row)]
+                if args.json:
+                    print(json.dumps({"path": str(paths[i]), "top": rows}))
+                else:
+                    for rank, r in enumerate(rows):
+                        shown = str(paths[i]) if rank == 0 else ""
+                        name = r["name"] if loaded.human else ""
+                        print(f"{shown:<{path_w}}  {100 * r['prob']:5.1f}%  {r['class']:<{class_w}}  {name}".rstrip())
+            predicted += len(indices)
+            sys.stdout.flush()
+    if not predicted:
+        raise UserError(f"none of the {len(paths)} images could be read (see the lines above)")
+    return 0
