@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from warmstart.errors import UserError
+from warmstart.fileio import atomic_write
 
 # what counts as an image, for training and for `prepare --from-folder` alike
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
@@ -62,13 +63,11 @@ def index_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[lis
         pass
     if files is None:
         files = _scan(split_dir, found)
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"root": str(split_dir), "stamp": stamp, "files": files}))
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # a read-only home only costs a rescan next time
+        text = json.dumps({"root": str(split_dir), "stamp": stamp, "files": files})
+        try:  # a cache: no fsync, a torn file after a power loss is just rescanned
+            atomic_write(cache, lambda tmp: tmp.write_text(text), durable=False)
+        except (OSError, UserError):
+            pass  # a read-only home or a full disk only costs a rescan next time
     to_index = {c: i for i, c in enumerate(classes)}
     samples = [(f"{c}/{name}", to_index[c]) for c in found for name in files[c]]
     if not samples:
