@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-from warmstart import __version__
+from warmstart import __version__, fileio
 from warmstart.errors import UserError
 
 # Only commands that work are listed here: name -> (module, one-line help shown by `warmstart --help`).
@@ -47,6 +47,12 @@ def main(argv=None) -> int:
         return int(args._run(args) or 0)
     except UserError as e:
         print(f"warmstart {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not fileio.is_out_of_space(e):
+            raise
+        print(f"warmstart {args.command}: error: no space left on the device ({e.filename or 'writing output'}); "
+              f"free some space, then run the same command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"warmstart {args.command}: interrupted", file=sys.stderr)

@@ -1,12 +1,40 @@
 """The run directory's human- and machine-readable record (rank 0 only): log.txt, metrics.csv/.jsonl,
 TensorBoard events and curves.png."""
 
+import contextlib
 import csv
+import io
 import json
+import threading
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from warmstart import fileio
+
+
+@contextlib.contextmanager
+def _disk(path: Path):
+    """A full disk while writing the run's records is one line, like a full disk during a checkpoint save."""
+    try:
+        yield
+    except Exception as e:
+        if fileio.is_out_of_space(e):
+            raise fileio.out_of_space_error(path, None, "; the last checkpoint written is intact") from None
+        raise
+
+
+def _quiet_tensorboard_thread(args) -> None:
+    # TensorBoard's writer thread re-raises a full disk into the main thread at the next flush, which _disk turns
+    # into one line; without this hook the thread would also print its own traceback
+    if type(args.thread).__name__ == "_AsyncWriterThread" and fileio.is_out_of_space(args.exc_value):
+        return
+    _default_excepthook(args)
+
+
+_default_excepthook = threading.excepthook
+threading.excepthook = _quiet_tensorboard_thread
 
 
 class RunLog:
@@ -21,8 +49,9 @@ class RunLog:
         if not self.enabled:
             return
         tqdm.write(msg)
-        self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
-        self._log.flush()
+        with _disk(self.run_dir / "log.txt"):
+            self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+            self._log.flush()
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -30,21 +59,25 @@ class RunLog:
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter  # slow import; only when there is something to write
             self._tb = SummaryWriter(str(self.run_dir))
-        for k, v in values.items():
-            self._tb.add_scalar(k, v, step)
+        with _disk(self.run_dir / "events.out.tfevents"):
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
 
     def epoch(self, row: dict) -> None:
         """One row per epoch in metrics.csv and metrics.jsonl; then redraw curves.png."""
         if not self.enabled:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with _disk(self.run_dir / "metrics.jsonl"):
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
         rows = read_metrics(self.run_dir)
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+        table = io.StringIO()
+        w = csv.DictWriter(table, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+        fileio.write_text(self.run_dir / "metrics.csv", table.getvalue(), durable=False)
         self.scalars(row["epoch"], {k: v for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))})
         plot_curves(rows, self.run_dir / "curves.png")
 
@@ -91,7 +124,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     best = max((r.get("val_top1") or 0 for r in rows), default=0)
     fig.suptitle(f"{path.parent.name}: best val top-1 {best:.2f}%")
     fig.tight_layout()
-    tmp = path.with_name(".curves.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), durable=False,
+                            what="the last checkpoint written is intact")
+    finally:
+        plt.close(fig)
