@@ -273,3 +273,18 @@ def test_start_line_says_which_rule(data, tmp_path):
     run = tmp_path / "run"
     assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "1", *QUICK, "--opt", "adamw"]) == 0
     assert "sqrt rule for adamw" in (run / "log.txt").read_text()
+
+
+def test_train_warns_once_on_unverified_data(tmp_path, capsys):
+    """Mini archives never match the official MD5s: prepare --partial accepts them and says so; train warns once."""
+    from warmstart.prepare import fixtures
+
+    classes = fixtures.pick_classes(3)
+    fixtures.build_official(tmp_path / "archives", classes, 6, 6, bad_files=False)
+    assert main(["prepare", "--archives", str(tmp_path / "archives"), "--out", str(tmp_path / "data"), "--partial"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "data"), *TINY, "--out", str(tmp_path / "run"), "--epochs", "1", *QUICK,
+                 "-b", "4"]) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if "unverified" in line]
+    assert len(warnings) == 1 and "does not match its official MD5" in warnings[0], out

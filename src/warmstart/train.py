@@ -11,6 +11,7 @@ from warmstart.engine.run import Run, resumable, resume_path, seed_everything
 from warmstart.engine.runlog import RunLog
 from warmstart.errors import UserError
 from warmstart.models import build_model, zero_init_last_norm
+from warmstart.prepare.manifest import unverified_reason
 
 HELP = "pretrain a model (zoo name or your own file) on train/ + val/ folders"
 DESCRIPTION = """Pretrain any architecture on an ImageFolder dataset (DATA/train/<class>/*, DATA/val/<class>/*).
@@ -31,10 +32,6 @@ def add_arguments(parser):
 
 def unverified_warning(root: Path) -> str | None:
     """One line when `warmstart prepare` marked the dataset unverified (checksum mismatch accepted by --partial)."""
-    try:
-        from warmstart.prepare.manifest import unverified_reason
-    except ImportError:
-        return None
     reason = unverified_reason(root)
     return f"warning: training on unverified data ({reason}); see {root}/prepared.json" if reason else None
 
