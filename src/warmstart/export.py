@@ -52,7 +52,8 @@ CHECK_IMAGES = 4
 
 def add_arguments(parser):
     options.add(parser, "checkpoint")
-    parser.add_argument("--format", required=True, choices=list(EXTENSIONS), help="what to write")
+    parser.add_argument("--format", required=True, choices=list(EXTENSIONS),
+                        help="onnx (dynamic batch axis), torchscript (traced) or safetensors (weights only)")
     parser.add_argument("--out", metavar="FILE", default=None,
                         help="output file (default: beside the checkpoint, e.g. best.onnx; best-features.onnx with "
                              "--features); FILE.json is written beside it")
@@ -63,7 +64,7 @@ def add_arguments(parser):
     parser.add_argument("--check-images", metavar="DIR", default=None,
                         help="images to check the export on (default: the training data's val/ images if present, "
                              "else random images)")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
+    parser.add_argument("--tolerance", type=float, default=1e-4, metavar="ABS",
                         help="largest absolute output difference from PyTorch accepted (default: 1e-4)")
     options.add(parser, "weights", "trust_code")
 
