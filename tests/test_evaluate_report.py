@@ -8,7 +8,7 @@ import time
 import torch
 from PIL import Image
 
-from test_predict import command, run, trained  # noqa: F401 - fixtures shared with test_predict
+from test_predict import command, run, trained  # fixtures and helper shared with test_predict
 from warmstart import report
 from warmstart.prepare import facts
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_predict import WIDTH, command, run, trained  # noqa: F401 - fixtures shared with test_predict
+from test_predict import WIDTH, command, run, trained  # fixtures and helper shared with test_predict
 from warmstart import checkpoint, export, models
 from warmstart.data.transforms import Normalize, eval_resize_size, eval_transform, load_image
 
@@ -112,3 +112,19 @@ def test_default_output_and_user_errors(run, capsys):
     assert command("export", "--checkpoint", run.ckpt, "--format", "onnx", "--check-images", run.ckpt) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--opset applies to --format onnx only" in err[0] and "--check-images" in err[1]
+
+
+def test_onnx_old_opset_uses_the_torchscript_exporter(run, tmp_path, capsys):
+    """torch.export writes opset 18+; an older one goes through the fallback path, dynamic batch axis included."""
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "old.onnx"
+    assert command("export", "--checkpoint", run.ckpt, "--format", "onnx", "--opset", "17", "--out", out) == 0
+    captured = capsys.readouterr()
+    assert "opset 17 via torchscript tracer" in captured.out and "TorchScript exporter" in captured.err
+    assert next(o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")) == 17
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for n in (1, 3):
+        x = images(run, n)
+        assert np.abs(session.run(None, {"image": x.numpy()})[0] - pytorch(run, x).numpy()).max() <= 1e-4

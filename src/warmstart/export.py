@@ -60,7 +60,8 @@ def add_arguments(parser):
     parser.add_argument("--features", action="store_true",
                         help="export the backbone without its classifier: output (N, feature_dim) pooled features")
     parser.add_argument("--opset", type=int, default=None, metavar="N",
-                        help="ONNX opset version (default: the exporter's, 18 or newer)")
+                        help="ONNX opset version (default: the exporter's, 18 or newer; below 18 uses the "
+                             "TorchScript-based exporter)")
     parser.add_argument("--check-images", metavar="DIR", default=None,
                         help="images to check the export on (default: the training data's val/ images if present, "
                              "else random images)")
@@ -125,21 +126,23 @@ def export_onnx(model, sample, target: Path, output: str, opset, embedded: dict)
     # one self-contained file unless the weights pass protobuf's 2 GB limit
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
     try:
+        if opset is not None and opset < 18:
+            raise ValueError(f"it writes opset 18 or newer, not {opset}")
         with quiet():
             torch.onnx.export(model, (sample,), str(target), dynamo=True, external_data=big, verbose=False,
                               dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
         exporter = "torch.export"
-    except Exception as e:  # noqa: BLE001 - anything torch.export cannot capture: try the tracer
+    except Exception as e:  # anything torch.export cannot capture (or an old opset): try the tracer
         reason = first_line(e)
         try:
             with quiet():
                 torch.onnx.export(model, (sample,), str(target), dynamo=False,
                                   dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}}, **names)
-        except Exception as e2:  # noqa: BLE001
+        except Exception as e2:  # both failed: say why, in one line
             raise UserError(f"cannot export this model to ONNX: torch.export failed ({reason}) and so did the "
                             f"TorchScript exporter ({first_line(e2)}); try --format torchscript or safetensors") from None
-        print(f"warmstart export: note: torch.export could not capture the model ({reason}); used the TorchScript "
-              f"exporter, which records only the branches the check images took", file=sys.stderr)
+        print(f"warmstart export: note: the torch.export exporter could not export the model ({reason}); used the "
+              f"TorchScript exporter, which records only the branches the check images took", file=sys.stderr)
         exporter = "torchscript tracer"
     proto = onnx.load(str(target), load_external_data=False)  # external weights stay where they are
     for key, value in embedded.items():
@@ -147,6 +150,8 @@ def export_onnx(model, sample, target: Path, output: str, opset, embedded: dict)
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.save(proto, str(target))
     opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset is not None and opset_used != opset:
+        raise UserError(f"asked for ONNX opset {opset}, the exporter wrote {opset_used}; try another --opset")
     return f"ONNX opset {opset_used} via {exporter}"
 
 
