@@ -155,21 +155,6 @@ def test_user_errors_are_one_line(data, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_corrupt_images_are_skipped_and_counted(tmp_path, capsys):
-    data = make_image_folder(tmp_path / "d", classes=2, train_per_class=16, val_per_class=4)
-    (data / "train" / "c00" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    (data / "val" / "c01" / "broken.jpg").write_bytes(b"garbage")
-    run = tmp_path / "run"
-    assert main(["train", str(data), "--model", TINYNET, "--model-kwargs", '{"width": 8}', "--out", str(run),
-                 "--epochs", "1", *QUICK]) == 0
-    row = json.loads((run / "metrics.jsonl").read_text())
-    assert row["skipped"] <= 1 and row["train_images"] >= 16
-    capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--data", str(data), "-j", "0", "--json"]) == 0
-    out = capsys.readouterr().out
-    assert last_json(out)["count"] == 8 and last_json(out)["skipped"] == 1
-
-
 def test_recipes_parse_and_flags_override(tmp_path):
     from warmstart.cli import build_parser
     from warmstart.config import resolve

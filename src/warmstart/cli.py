@@ -16,14 +16,17 @@ COMMANDS = {
     "prepare": ("warmstart.prepare.command", "ILSVRC2012 archives (official or Kaggle) -> verified train/ val/ folders"),
     "train": ("warmstart.train", "pretrain a model (zoo name or your own file) on train/ + val/ folders"),
     "finetune": ("warmstart.finetune", "fine-tune a pretrained checkpoint on your dataset (new head)"),
-    "evaluate": ("warmstart.evaluate", "evaluate a checkpoint (loss, top-1, top-5) on a folder"),
+    "evaluate": ("warmstart.evaluate", "evaluate a checkpoint (loss, top-1, top-5, per class) on a folder"),
+    "predict": ("warmstart.predict", "top-k classes of images with a checkpoint"),
+    "export": ("warmstart.export", "export a checkpoint to ONNX, TorchScript or safetensors (checked)"),
 }
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="warmstart",
-        description="Pretrain your own network on ImageNet: prepare the raw archives, train, evaluate.",
+        description="Pretrain your own network on ImageNet, then fine-tune it: prepare the raw archives, train, "
+                    "finetune, evaluate, predict, export.",
     )
     parser.add_argument("--version", action="version", version=f"warmstart {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -118,7 +118,8 @@ def evaluate(model, loader, normalize, device, amp=None, show_progress=True, des
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top == y[:, None]
-        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits[:, 0].sum().double(),
+        # per-sample losses summed in float64: the total does not depend on how batches or ranks split the set
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="none").double().sum(), hits[:, 0].sum().double(),
                              hits.any(1).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=device)])
         if num_classes:
             confusion.view(-1).index_add_(0, y * num_classes + top[:, 0], torch.ones_like(y))
