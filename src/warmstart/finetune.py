@@ -120,12 +120,7 @@ def run(args) -> int:
     if not cfg.data:
         raise UserError("no dataset given: pass --data DIR (train/ [+ val/], or class folders) or a CSV of "
                         "path,label[,split]")
-    dist = distributed.setup(cfg.device)
-    try:
-        finetune(cfg, dist)
-    finally:
-        distributed.cleanup()
-    return 0
+    return distributed.run(cfg.device, lambda dist: finetune(cfg, dist))
 
 
 def finetune(cfg: config.TrainConfig, dist: distributed.Dist) -> None:

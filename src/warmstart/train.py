@@ -48,12 +48,7 @@ def run(args) -> int:
         return 0
     if not cfg.data:
         raise UserError("no dataset given: pass DATA or --data DIR (a folder with train/ and val/, e.g. from `warmstart prepare`)")
-    dist = distributed.setup(cfg.device)
-    try:
-        train(cfg, dist)
-    finally:
-        distributed.cleanup()
-    return 0
+    return distributed.run(cfg.device, lambda dist: train(cfg, dist))
 
 
 def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:

@@ -54,6 +54,16 @@ def setup(device: str | None = None) -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
+def run(device: str | None, fn) -> int:
+    """fn(dist) inside the launcher's process group (or alone), leaving the group whatever happens."""
+    dist_ = setup(device)
+    try:
+        fn(dist_)
+    finally:
+        cleanup()
+    return 0
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
