@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 
 from warmstart import checkpoint
 from warmstart.data import transforms
-from warmstart.models import backbone, find_head, replace_head
+from warmstart.models import backbone, replace_head
 
 
 def load_model(ckpt, num_classes: int | None = None, *, ema: bool | None = None,
@@ -20,16 +20,14 @@ def load_model(ckpt, num_classes: int | None = None, *, ema: bool | None = None,
     initialised one of that size (the rest keeps its pretrained weights)."""
     loaded = checkpoint.load_model(ckpt, ema=ema, trust_code=trust_code)
     if num_classes is not None and num_classes != len(loaded.classes):
-        head = (loaded.model_spec.get("head") or {}).get("module") or find_head(loaded.model, len(loaded.classes))
-        replace_head(loaded.model, num_classes, head)
+        replace_head(loaded.model, num_classes, loaded.head)
     return loaded.model
 
 
 def load_backbone(ckpt, *, ema: bool | None = None, trust_code: bool = False) -> torch.nn.Module:
     """The checkpoint's model without its classifier: returns pooled features (N, model.feature_dim)."""
     loaded = checkpoint.load_model(ckpt, ema=ema, trust_code=trust_code)
-    head = (loaded.model_spec.get("head") or {}).get("module")
-    model, dim = backbone(loaded.model, head)
+    model, dim = backbone(loaded.model, loaded.head)
     model.feature_dim = dim
     return model
 

@@ -178,6 +178,13 @@ class Loaded:
     def display_names(self) -> list[str]:
         return self.human or self.classes
 
+    @property
+    def head(self) -> str:
+        """The classifier's module name: the one finetune replaced, else found in the model."""
+        from warmstart.models import find_head
+
+        return (self.model_spec.get("head") or {}).get("module") or find_head(self.model, len(self.classes) or None)
+
 
 def load_model(path, *, ema: bool | None = None, trust_code: bool = False) -> Loaded:
     """Rebuild the model a checkpoint describes and load its weights: the one loader that evaluate, predict, export,

@@ -205,7 +205,7 @@ def run(args) -> int:
     loaded = checkpoint.load_model(args.checkpoint, ema=options.ema_choice(args.weights), trust_code=args.trust_code)
     model, head = loaded.model, None
     if args.features:
-        head = models.find_head(model)
+        head = loaded.head
         model, _ = models.backbone(model, head)
     model.eval()
     x, source = check_batch(loaded, args.check_images)
