@@ -251,12 +251,13 @@ def load_resumable(path) -> Resume:
 
 
 def rng_state() -> dict:
-    """Every RNG the training step can touch: torch (CPU and CUDA), numpy (mixup) and Python's random."""
+    """Every RNG this process's training step can touch: torch (CPU, and this process's own GPU), numpy (mixup)
+    and Python's random. A checkpoint holds one per rank (ranks draw different numbers)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": [py_state[0], list(py_state[1]), py_state[2]],
     }
@@ -264,12 +265,17 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.is_tensor(state.get("cuda")) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])  # this process's device only
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def rank_rngs(rng) -> list[dict]:
+    """The per-rank RNG states of a checkpoint (one dict in checkpoints from before they were per rank)."""
+    return [] if rng is None else [rng] if isinstance(rng, dict) else list(rng)
 
 
 def build(run_state: dict, model_spec: dict, classes: dict, transform: dict, config: dict | None = None) -> dict:
@@ -286,5 +292,5 @@ def build(run_state: dict, model_spec: dict, classes: dict, transform: dict, con
         "metrics": run_state.get("metrics") or {},
         "config": config or {},
         "train_state": run_state.get("train_state"),  # optimizer, scaler, position, layout
-        "rng": run_state.get("rng"),
+        "rng": run_state.get("rng"),  # one state per rank, in rank order
     }

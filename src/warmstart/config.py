@@ -61,6 +61,10 @@ class TrainConfig:
     epochs: int = _opt(40, "number of epochs")
     batch_size: int = _opt(64, options.HELP["batch_size"] + " (global batch = this x processes x --accum-steps)", "-b")
     accum_steps: int = _opt(1, "gradient accumulation: batches per optimiser update")
+    global_batch: int | None = _opt(None, "the global batch (all processes, all accumulation steps): derives "
+                                    "--batch-size (at most the one given) and --accum-steps from the process count, so "
+                                    "the same command keeps the same batch, LR and schedule on 1, 2 or 8 GPUs and "
+                                    "across a resume on another count", metavar="B")
     workers: int = _opt(options.DEFAULT_WORKERS, options.HELP["workers"], "-j")
     opt: str = _opt("sgd", "optimiser: sgd (Nesterov momentum), momentum (plain), adamw, lamb, lars (any timm optimiser name)")
     lr: float | None = _opt(None, "absolute learning rate; overrides --lr-base scaling")

@@ -19,6 +19,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    control: object = None  # a Gloo group on the CPU for the ranks' small agreements (never waits on a GPU stream)
 
     @property
     def is_main(self) -> bool:
@@ -27,6 +28,22 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    def any(self, *flags: bool) -> list[bool]:
+        """Each flag, true on every rank when it is true on any: the ranks agree on saving or stopping."""
+        if not self.enabled:
+            return list(flags)
+        t = torch.tensor([bool(f) for f in flags], dtype=torch.uint8)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return [bool(v) for v in t.tolist()]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank (e.g. RNG states for a checkpoint)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
 
 
 def setup(device: str | None = None) -> Dist:
@@ -49,9 +66,12 @@ def setup(device: str | None = None) -> Dist:
         torch.backends.cudnn.benchmark = True  # fastest conv algorithms for fixed input sizes
     elif dev.type != "cpu":
         raise UserError(f"--device {device}: warmstart runs on cpu or cuda")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return Dist(rank, world, local_rank, dev)
+    control = None
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+        control = dist.new_group(backend="gloo") if dev.type == "cuda" else None  # None: the (Gloo) default group
+    return Dist(rank, world, local_rank, dev, control)
 
 
 def run(device: str | None, fn) -> int:

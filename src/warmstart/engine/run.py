@@ -72,6 +72,19 @@ def resumable(path: Path, cfg: config.TrainConfig, model_spec: dict, classes: li
     return res
 
 
+def derive_batch(cfg: config.TrainConfig, world_size: int, log: RunLog) -> None:
+    """--global-batch B: the largest per-process batch up to --batch-size that divides B / processes, and the
+    accumulation steps that make up the rest."""
+    share, rest = divmod(cfg.global_batch, world_size)
+    if rest or share == 0:
+        raise UserError(f"--global-batch {cfg.global_batch} does not split evenly over {world_size} processes; "
+                        f"use a multiple of {world_size}")
+    cfg.batch_size = max(d for d in range(1, min(cfg.batch_size, share) + 1) if share % d == 0)
+    cfg.accum_steps = share // cfg.batch_size
+    log.print(f"--global-batch {cfg.global_batch}: {cfg.batch_size} per step x {world_size} process(es) x "
+              f"{cfg.accum_steps} accumulation step(s)")
+
+
 def _load(target, state: dict, where, what: str) -> None:
     try:
         target.load_state_dict(state)
@@ -88,6 +101,8 @@ class Run:
         self.class_info = {"names": splits.classes, "human": splits.human}
         self.run_dir = cfg.run_dir
         checkpoint.remove_stale_temps(self.run_dir)  # temp files of a save that was killed
+        if cfg.global_batch:
+            derive_batch(cfg, dist.world_size, log)
 
         # data: one global permutation, sharded; batches the sampler marks with a seed and an image size
         self.train_set = ImageDataset(splits.train_root, splits.train, train=True, min_scale=cfg.min_scale,
@@ -155,21 +170,27 @@ class Run:
             "train_state": {"optimizer": self.optimizer.state_dict(),
                             "scaler": self.scaler.state_dict() if self.scaler else None,
                             "position": asdict(self.pos), "layout": self.layout()},
-            "rng": checkpoint.rng_state(),
+            "rng": self.dist.gather(checkpoint.rng_state()),
         }
 
     def load_state_dict(self, state: dict, where="checkpoint", saved_config: dict | None = None) -> None:
-        """Continue a run from state_dict() output. Refuses a mid-epoch resume whose batches would differ."""
+        """Continue a run from state_dict() output. The position inside an epoch is kept in samples, so a run saved
+        on N processes continues on M with every sample of that epoch seen once, provided the global batch is the
+        same (--global-batch keeps it); a mid-epoch resume with another global batch is refused."""
         train = state["train_state"]
         pos = Position(**train["position"])
         saved_config = saved_config or {}
-        old = train.get("layout") or {k: saved_config.get(k) for k in ("batch_size", "accum_steps")}
-        changed = [f"{k.replace('_', '-')} {old[k]} -> {v}" for k, v in self.layout().items()
-                   if old.get(k) is not None and old[k] != v]
-        if changed and pos.batch_in_epoch > 0:
-            raise UserError(f"{where} stopped inside epoch {pos.epoch + 1}; resuming it with a different "
-                            f"{', '.join(changed)} would train some of its samples twice and skip others; resume with "
-                            f"the same settings (or from the last end-of-epoch checkpoint)")
+        old = {"world_size": 1, **{k: saved_config.get(k) for k in ("batch_size", "accum_steps")},
+               **(train.get("layout") or {})}
+        new = self.layout()
+        changed = [f"{k.replace('_', '-')} {old[k]} -> {v}" for k, v in new.items() if old.get(k) not in (None, v)]
+        old_global = old["world_size"] * (old["batch_size"] or new["batch_size"]) * (old["accum_steps"] or 1)
+        samples = pos.batch_in_epoch * old["world_size"] * (old["batch_size"] or new["batch_size"])
+        if samples and old_global != self.global_batch:
+            raise UserError(f"{where} stopped inside epoch {pos.epoch + 1}; resuming it with a different global batch "
+                            f"({old_global} -> {self.global_batch}: {', '.join(changed)}) would train some of its "
+                            f"samples twice and skip others; resume with the same global batch (--global-batch "
+                            f"{old_global} derives it for any process count) or from an end-of-epoch checkpoint")
         meaning = [f"{config.flag_name(k)} {saved_config[k]} -> {getattr(self.cfg, k)}" for k in MEANING
                    if k in saved_config and saved_config[k] != getattr(self.cfg, k)]
         if meaning:
@@ -180,18 +201,24 @@ class Run:
         _load(self.optimizer, train["optimizer"], where, "optimizer state")
         if self.scaler is not None and train.get("scaler"):
             self.scaler.load_state_dict(train["scaler"])
-        if changed:  # at an epoch boundary: same epochs, new update count per epoch
+        pos.batch_in_epoch = samples // (self.dist.world_size * self.cfg.batch_size)
+        if old_global != self.global_batch:  # at an epoch boundary: same epochs, new update count per epoch
             pos.step = pos.epoch * self.updates_per_epoch
             self.log.print(f"resuming at the start of epoch {pos.epoch + 1} with {', '.join(changed)}: the schedule "
                            f"continues at update {pos.step}")
         self.pos, self.metrics, self.prefer_ema = pos, state.get("metrics") or {}, bool(state.get("prefer_ema"))
-        self._rng = state.get("rng") if not changed else None
-        self.log.print(f"resuming from {where}: epoch {pos.epoch + 1}, batch {pos.batch_in_epoch}, update {pos.step}")
+        rngs = checkpoint.rank_rngs(state.get("rng"))
+        self._rng = rngs[self.dist.rank] if len(rngs) == self.dist.world_size else None
+        if rngs and self._rng is None:
+            self.log.print(f"{where} holds the random streams of {len(rngs)} process(es), this run has "
+                           f"{self.dist.world_size}: they restart from --seed {self.cfg.seed} (+ rank)")
+        self.log.print(f"resuming from {where}: epoch {pos.epoch + 1}, {samples} samples into it, update {pos.step}")
 
     def save(self, name: str) -> None:
+        """Every rank takes part (their RNG states are gathered); rank 0 writes."""
+        state = self.state_dict()
         if self.dist.is_main:
-            ckpt = checkpoint.build(self.state_dict(), self.model_spec, self.class_info, self.eval_spec,
-                                    self.cfg.to_dict())
+            ckpt = checkpoint.build(state, self.model_spec, self.class_info, self.eval_spec, self.cfg.to_dict())
             checkpoint.save(ckpt, self.run_dir / "checkpoints" / name)
 
     # ------------------------------------------------------------------ training
@@ -226,17 +253,20 @@ class Run:
 
         def on_update() -> None:
             nonlocal last_save
-            if time.monotonic() - last_save >= cfg.save_every_minutes * 60:
+            due, = dist.any(time.monotonic() - last_save >= cfg.save_every_minutes * 60)  # all ranks save, or none
+            if due:
                 self.save("last.pt")
                 last_save = time.monotonic()
 
         if self._rng is not None:
             checkpoint.set_rng_state(self._rng)
+        else:  # each rank its own dropout, mixup and erasing draws (the data order is one global permutation)
+            seed_everything(cfg.seed + dist.rank)
         pos = self.pos
         while pos.epoch < cfg.epochs:
             t0 = time.perf_counter()
             size = size_for_epoch(cfg, pos.epoch)
-            self.sampler.set_epoch(pos.epoch, size, start=pos.batch_in_epoch * cfg.batch_size)
+            self.sampler.set_epoch(pos.epoch, size, start=pos.batch_in_epoch * cfg.batch_size * dist.world_size)
             stats = train_one_epoch(
                 model=model, loader=self.train_loader, normalize=self.normalize, loss_fn=self.loss_fn,
                 optimizer=self.optimizer, scheduler=self.scheduler, pos=pos, device=self.device,
