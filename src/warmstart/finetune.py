@@ -123,7 +123,7 @@ def run(args) -> int:
     return distributed.run(cfg.device, lambda dist: finetune(cfg, dist))
 
 
-def finetune(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
+def finetune(cfg: config.TrainConfig, dist: distributed.Dist) -> int:
     log = RunLog(cfg.run_dir, enabled=dist.is_main)
     seed_everything(cfg.seed)
     base = pretrained(cfg)
@@ -162,5 +162,6 @@ def finetune(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
     log.print(f"{splits.note}; pretrained {base.model_spec['name']} from {base.path}, head {head!r} -> "
               f"{len(splits.classes)} classes, {mode} fine-tuning")
     run.describe(f"warmstart finetune: {Path(str(cfg.from_)).name}")
-    run.fit()
+    status = run.fit()
     log.close()
+    return status

@@ -51,7 +51,7 @@ def run(args) -> int:
     return distributed.run(cfg.device, lambda dist: train(cfg, dist))
 
 
-def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
+def train(cfg: config.TrainConfig, dist: distributed.Dist) -> int:
     log = RunLog(cfg.run_dir, enabled=dist.is_main)
     seed_everything(cfg.seed)
     splits = load_splits(cfg.data)
@@ -69,5 +69,6 @@ def train(cfg: config.TrainConfig, dist: distributed.Dist) -> None:
     elif cfg.resume == "auto":
         log.print(f"--resume auto: no checkpoint in {cfg.run_dir / 'checkpoints'} yet, starting from scratch")
     run.describe(f"warmstart train: {cfg.model}{f', {zeroed} residual norms zeroed' if zeroed else ''}")
-    run.fit()
+    status = run.fit()
     log.close()
+    return status

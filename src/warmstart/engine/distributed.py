@@ -75,13 +75,13 @@ def setup(device: str | None = None) -> Dist:
 
 
 def run(device: str | None, fn) -> int:
-    """fn(dist) inside the launcher's process group (or alone), leaving the group whatever happens."""
+    """fn(dist) inside the launcher's process group (or alone), leaving the group whatever happens; fn's exit
+    status."""
     dist_ = setup(device)
     try:
-        fn(dist_)
+        return fn(dist_) or 0
     finally:
         cleanup()
-    return 0
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,12 @@ grad scaler, position and RNG. state_dict() / load_state_dict() capture and rest
 it out in the file); fit() trains to the last epoch, evaluating and saving as it goes.
 """
 
+import os
 import random
+import shutil
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 from dataclasses import asdict
@@ -70,6 +75,12 @@ def resumable(path: Path, cfg: config.TrainConfig, model_spec: dict, classes: li
         raise UserError(f"{path} comes from a different run ({', '.join(differences)}); resume with the same settings "
                         f"or start a new run with another --out")
     return res
+
+
+class Preempted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def derive_batch(cfg: config.TrainConfig, world_size: int, log: RunLog) -> None:
@@ -235,7 +246,35 @@ class Run:
                        f"{cfg.accum_steps} accum), {cfg.opt} lr {self.lr:.4g} ({self.lr_how}), {cfg.sched} schedule, "
                        f"{cfg.epochs} epochs x {self.updates_per_epoch} updates -> {self.run_dir}")
 
-    def fit(self) -> None:
+    def fit(self) -> int:
+        """Train to the last epoch; returns the exit status (0, or 128 + the signal that preempted the run)."""
+        caught = []  # SIGTERM (SLURM, Kubernetes, spot instances) or SIGUSR1 (sbatch --signal): save and stop
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                        for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            self._fit(caught)
+            return 0
+        except Preempted as p:
+            return self._preempted(p.signum)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+    def _preempted(self, signum: int) -> int:
+        pos, name = self.pos, signal.Signals(signum).name
+        self.log.print(f"stopped by {name} in epoch {pos.epoch + 1} after update {pos.step}: "
+                       f"{self.run_dir / 'checkpoints' / 'last.pt'} holds this step; run the same command with "
+                       f"--resume auto to continue")
+        job = os.environ.get("SLURM_JOB_ID")
+        if signum == signal.SIGUSR1 and job and self.dist.is_main and shutil.which("scontrol"):
+            # sbatch --signal=USR1@120 --requeue: put the job back in the queue; it resumes from last.pt
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            self.log.print(f"scontrol requeue {job}: {'done' if done.returncode == 0 else done.stderr.strip()}")
+        return 128 + signum
+
+    def _fit(self, caught: list) -> None:
         cfg, dist, log = self.cfg, self.dist, self.log
         if dist.is_main:
             config.save_yaml(cfg, self.run_dir / "config.yaml")
@@ -253,10 +292,13 @@ class Run:
 
         def on_update() -> None:
             nonlocal last_save
-            due, = dist.any(time.monotonic() - last_save >= cfg.save_every_minutes * 60)  # all ranks save, or none
-            if due:
+            # all ranks save, or none; a signal to any rank stops them all at this same update
+            due, stop = dist.any(time.monotonic() - last_save >= cfg.save_every_minutes * 60, bool(caught))
+            if due or stop:
                 self.save("last.pt")
                 last_save = time.monotonic()
+            if stop:
+                raise Preempted(caught[0] if caught else signal.SIGTERM)
 
         if self._rng is not None:
             checkpoint.set_rng_state(self._rng)
@@ -294,6 +336,8 @@ class Run:
                       + (f", skipped {stats['skipped']} unreadable images" if stats["skipped"] else ""))
             self.save("last.pt")
             last_save = time.monotonic()
+            if dist.any(bool(caught))[0]:
+                raise Preempted(caught[0] if caught else signal.SIGTERM)
         log.print(f"done: best val top-1 {pos.best_top1:.2f}% -> {self.run_dir / 'checkpoints' / 'best.pt'}; "
                   f"curves in {self.run_dir / 'curves.png'}")
 

@@ -1,0 +1,124 @@
+"""Issue 9 (part): preemption and resuming across world sizes, with real torchrun processes (Gloo on the CPU)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from synth import make_image_folder
+from warmstart.cli import main
+from warmstart.data.sampler import TrainSampler
+
+SLOW_MODEL = '''
+import time
+from torch import nn
+
+class Slow(nn.Module):
+    """A small convnet that sleeps in training so a test can signal it mid-epoch; dropout uses the RNG."""
+    def __init__(self, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+    def forward(self, x):
+        if self.training:
+            time.sleep(0.25)
+        return self.net(x)
+'''
+# global batch 12: 6 x 2 processes, 6 x 1 x 2 accumulation steps, 4 x 3 processes
+FLAGS = ["--epochs", "2", "--seed", "3", "--img-size", "32", "-b", "6", "--global-batch", "12", "-j", "0",
+         "--warmup-epochs", "0", "--mixup", "0.2", "--save-every-minutes", "100"]
+
+
+def torchrun(nproc: int, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "warmstart", *argv]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    data = make_image_folder(root / "data", classes=4, train_per_class=30, val_per_class=4)
+    model = root / "slow.py"
+    model.write_text(SLOW_MODEL)
+    argv = lambda run: ["train", str(data), "--model", f"{model}:Slow", "--out", str(run), *FLAGS]  # noqa: E731
+    full = root / "full"
+    subprocess.run(torchrun(2, argv(full)), check=True, capture_output=True, timeout=600)
+
+    # SIGTERM to everything (as SLURM and Kubernetes do) a few updates into the second epoch
+    stopped = root / "stopped"
+    proc = subprocess.Popen(torchrun(2, argv(stopped)), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (stopped / "checkpoints" / "last.pt").exists() and time.time() < deadline:  # end of epoch 1
+        time.sleep(0.05)
+    time.sleep(1.2)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return {"root": root, "data": data, "argv": argv, "full": full, "stopped": stopped, "exit_s": time.time() - t0,
+            "stderr": err}
+
+
+def position(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["train_state"]
+
+
+def test_sigterm_saves_the_step_reached_and_resumes_bitwise(setup):
+    assert setup["exit_s"] < 60, setup["stderr"][-2000:]
+    state = position(setup["stopped"])
+    pos = state["position"]
+    assert pos["epoch"] == 1 and 0 < pos["batch_in_epoch"] < 10, pos  # the step reached, not the epoch start
+    log = (setup["stopped"] / "log.txt").read_text()
+    assert "stopped by SIGTERM" in log and "--resume auto" in log
+    resumed = setup["root"] / "resumed"
+    shutil.copytree(setup["stopped"], resumed)
+    subprocess.run(torchrun(2, [*setup["argv"](resumed), "--resume", "auto"]), check=True, capture_output=True,
+                   timeout=600)
+    a = torch.load(setup["full"] / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    assert a["train_state"]["position"] == b["train_state"]["position"]
+    assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])  # per-rank streams
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+@pytest.mark.parametrize("nproc", [1, 3])
+def test_resume_on_another_process_count_sees_every_sample_once(nproc, setup, monkeypatch):
+    saved = position(setup["stopped"])
+    layout, pos = saved["layout"], saved["position"]
+    consumed = pos["batch_in_epoch"] * layout["batch_size"] * layout["world_size"]
+    run = setup["root"] / f"on{nproc}"
+    shutil.copytree(setup["stopped"], run)
+    argv = [*setup["argv"](run), "--resume", "auto"]
+    if nproc == 1:
+        assert main(argv) == 0
+    else:
+        subprocess.run(torchrun(nproc, argv), check=True, capture_output=True, timeout=600)
+    rows = {json.loads(r)["epoch"]: json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()}
+    # the resumed part of epoch 2 trained exactly the samples the 2-process run had not reached
+    assert rows[2]["train_images"] == 120 - consumed
+    log = (run / "log.txt").read_text()
+    assert "global batch 12 (" in log.split("resuming from")[-1]
+    lrs = [line.split(" lr ")[1].split()[0] for line in log.splitlines() if "global batch" in line and " lr " in line]
+    assert len(set(lrs)) == 1, lrs  # same global batch, same learning rate, whatever the process count
+
+    # and they are the right samples: the other ranks' shards of the rest of the same permutation
+    before = set()
+    for r in range(2):
+        s = TrainSampler(120, seed=3, rank=r, world_size=2, multiple_of=6)
+        s.set_epoch(1, 32)
+        before |= {i for i, _, _ in list(s)[:pos["batch_in_epoch"] * 6]}
+    after = []
+    b = {1: 6, 3: 4}[nproc]
+    for r in range(nproc):
+        s = TrainSampler(120, seed=3, rank=r, world_size=nproc, multiple_of=b * (12 // (b * nproc)))
+        s.set_epoch(1, 32, start=consumed)
+        after += [i for i, _, _ in s]
+    assert len(after) == len(set(after)) and not before & set(after) and before | set(after) == set(range(120))
