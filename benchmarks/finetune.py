@@ -29,7 +29,7 @@ WARMSTART = [sys.executable, "-m", "warmstart"]
 def run(cmd: list[str], log: Path) -> float:
     print("$ warmstart " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    with open(log, "w") as f:
+    with open(log, "a") as f:
         subprocess.run([*WARMSTART, *cmd], check=True, stdout=f, stderr=subprocess.STDOUT)
     return time.perf_counter() - t0
 
@@ -60,8 +60,10 @@ def main() -> None:
     times = {}
     pre = out / "pretrain"
     if not (pre / "checkpoints" / "best.pt").is_file() or len(rows(pre)) < args.pretrain_epochs:
+        # --resume auto: an interrupted benchmark continues its pretraining where it stopped (bitwise the same)
         times["pretrain"] = run(["train", "--data", str(args.data / "tinyimagenet-100"), *model, *common,
-                                 "--epochs", str(args.pretrain_epochs), "--out", str(pre)], out / "pretrain.log")
+                                 "--epochs", str(args.pretrain_epochs), "--out", str(pre), "--resume", "auto"],
+                                out / "pretrain.log")
     ckpt = str(pre / "checkpoints" / "best.pt")
     runs = {
         "scratch": ["train", "--data", imagenette, *model, *common],
