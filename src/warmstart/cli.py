@@ -6,6 +6,7 @@ Only the chosen stage's module is imported, so `warmstart prepare` never pays fo
 
 import argparse
 import importlib
+import os
 import sys
 
 from warmstart import __version__, fileio
@@ -49,7 +50,9 @@ def main(argv=None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as e:
-        print(f"warmstart {args.command}: error: {e}", file=sys.stderr)
+        # under torchrun/srun every process may fail: say which
+        who = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"warmstart {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         if not fileio.is_out_of_space(e):

@@ -57,6 +57,18 @@ class TrainConfig:
                                      "more (e.g. 0.75)", only="finetune")
     val_split: float = _opt(0.1, "with no val/ folder (or no split column in a CSV): hold out this stratified, "
                             "seeded fraction of the training images", only="finetune")
+    # processes (torchrun and srun need none of these; the classic example's single command does)
+    multiprocessing_distributed: bool = _opt(False, "the classic example's launch: spawn one process per local GPU "
+                                             "(or --nproc-per-node CPU processes) and join --dist-url")
+    dist_url: str | None = _opt(None, "with --multiprocessing-distributed: tcp://HOST:PORT of node 0", metavar="URL")
+    dist_backend: str | None = _opt(None, "nccl (GPUs) or gloo (CPUs); default: nccl on GPUs, gloo otherwise; nccl "
+                                    "without a GPU falls back to gloo with a warning", choices=["nccl", "gloo"])
+    world_size: int = _opt(1, "with --multiprocessing-distributed: the number of nodes")
+    rank: int = _opt(0, "with --multiprocessing-distributed: this node's index")
+    nproc_per_node: int | None = _opt(None, "with --multiprocessing-distributed: processes per node (default: one "
+                                      "per visible GPU, else 1)", metavar="N")
+    dist_timeout: float = _opt(30.0, "minutes a collective may wait for the other processes before every process "
+                               "stops with an error (a rank that died or hangs)", metavar="MINUTES")
     # schedule and optimiser
     epochs: int = _opt(40, "number of epochs")
     batch_size: int = _opt(64, options.HELP["batch_size"] + " (global batch = this x processes x --accum-steps)", "-b")

@@ -120,7 +120,7 @@ def run(args) -> int:
     if not cfg.data:
         raise UserError("no dataset given: pass --data DIR (train/ [+ val/], or class folders) or a CSV of "
                         "path,label[,split]")
-    return distributed.run(cfg.device, lambda dist: finetune(cfg, dist))
+    return distributed.run(cfg, finetune)
 
 
 def finetune(cfg: config.TrainConfig, dist: distributed.Dist) -> int:

@@ -7,14 +7,22 @@ TrainConfig takes its help text for the same settings from HELP so train's flags
 import argparse
 import os
 
-DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+def _default_workers() -> int:
+    """The CPUs this process may use, shared among the processes on this node (torchrun's LOCAL_WORLD_SIZE, srun's
+    SLURM_NTASKS_PER_NODE), at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+    return max(1, min(8, cpus // max(local, 1)))
+
+
+DEFAULT_WORKERS = _default_workers()
 
 HELP = {
     "device": "cpu, cuda or cuda:N (default: cuda if available, else cpu)",
     "amp": "mixed precision (bf16 is fast on CPUs and GPUs; fp16 on a CPU runs far slower than bf16)",
     "batch_size": "images per batch per process",
-    "workers": f"data-loading processes per process (0 = load in the main process; default: {DEFAULT_WORKERS}, "
-               f"the cores up to 8)",
+    "workers": f"data-loading processes per process (0 = load in the main process; default: {DEFAULT_WORKERS}: this "
+               f"process's CPUs / processes on the node, up to 8)",
     "trust_code": "build a model whose code (embedded source or an importable module:callable) is named by a "
                   "checkpoint that was not trained here; read the code first (warmstart refuses otherwise)",
     "json": "make the last line of stdout one JSON object",

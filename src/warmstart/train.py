@@ -48,7 +48,7 @@ def run(args) -> int:
         return 0
     if not cfg.data:
         raise UserError("no dataset given: pass DATA or --data DIR (a folder with train/ and val/, e.g. from `warmstart prepare`)")
-    return distributed.run(cfg.device, lambda dist: train(cfg, dist))
+    return distributed.run(cfg, train)
 
 
 def train(cfg: config.TrainConfig, dist: distributed.Dist) -> int:

@@ -1,10 +1,19 @@
-"""Process-group plumbing in one place: what torchrun/SLURM hand us, reductions, rank-0 checks.
+"""Process-group plumbing in one place: what the launcher hands us, reductions, rank-0 checks.
 
-warmstart never invents a process group: it joins the one described by the launcher's environment
-(RANK/WORLD_SIZE/LOCAL_RANK from torchrun, or SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) or runs alone.
+warmstart joins the process group its launcher describes, or runs alone:
+  torchrun            RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the environment
+  srun (no torchrun)  SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID; the master is the first host of
+                      SLURM_JOB_NODELIST, the port derived from the job id
+  the classic example's single command: --multiprocessing-distributed --dist-url tcp://HOST:PORT --world-size NODES
+                      --rank NODE spawns one process per local GPU (--nproc-per-node N CPU processes without GPUs)
 """
 
+import datetime
 import os
+import re
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +55,41 @@ class Dist:
         return out
 
 
-def setup(device: str | None = None) -> Dist:
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compact host list ('gpu[01-03,07],login5') as host names, without scontrol."""
+    hosts = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    return hosts
+
+
+def launcher_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables, else from an `srun` step (setting MASTER_ADDR/PORT
+    from the job's first host and id when the job script did not)."""
     env = os.environ
-    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-    local_rank = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    world = int(env.get("SLURM_STEP_NUM_TASKS", 1))  # set by srun; a batch script's own SLURM_NTASKS is no step
+    if world <= 1:
+        return 0, 1, 0
+    if "MASTER_ADDR" not in env:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+        hosts = []
+        if shutil.which("scontrol"):
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                                   text=True).stdout.split()
+        env["MASTER_ADDR"] = (hosts or expand_nodelist(nodes) or ["127.0.0.1"])[0]
+    env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+    return int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0))
+
+
+def setup(device: str | None = None, timeout_minutes: float = 30, backend: str | None = None) -> Dist:
+    rank, world, local_rank = launcher_env()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -60,8 +99,10 @@ def setup(device: str | None = None) -> Dist:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
-        # one GPU per process: torchrun's LOCAL_RANK picks it; a lone process may name one (cuda:N)
-        dev = torch.device("cuda", local_rank if world > 1 or dev.index is None else dev.index)
+        # one GPU per process: the local rank among the visible ones (srun --gpus-per-task shows each task one GPU,
+        # as index 0); a lone process may name one (cuda:N)
+        index = local_rank % torch.cuda.device_count() if world > 1 or dev.index is None else dev.index
+        dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True  # fastest conv algorithms for fixed input sizes
     elif dev.type != "cpu":
@@ -69,19 +110,77 @@ def setup(device: str | None = None) -> Dist:
     control = None
     if world > 1:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+            chosen = backend or ("nccl" if dev.type == "cuda" else "gloo")
+            if chosen == "nccl" and dev.type != "cuda":
+                if rank == 0:
+                    print("warning: --dist-backend nccl needs GPUs and this process runs on the CPU; using gloo",
+                          file=sys.stderr)
+                chosen = "gloo"
+            dist.init_process_group(chosen, rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
         control = dist.new_group(backend="gloo") if dev.type == "cuda" else None  # None: the (Gloo) default group
     return Dist(rank, world, local_rank, dev, control)
 
 
-def run(device: str | None, fn) -> int:
-    """fn(dist) inside the launcher's process group (or alone), leaving the group whatever happens; fn's exit
-    status."""
-    dist_ = setup(device)
+def run(cfg, fn, spawn: bool = True) -> int:
+    """fn(cfg, dist) inside the launcher's process group (or alone), leaving the group whatever happens; fn's exit
+    status. With --multiprocessing-distributed, first spawn one process per local GPU (or --nproc-per-node)."""
+    if spawn and cfg.multiprocessing_distributed:
+        return _spawn(cfg, fn)
+    dist_ = setup(cfg.device, cfg.dist_timeout, cfg.dist_backend)
     try:
-        return fn(dist_) or 0
+        return fn(cfg, dist_) or 0
+    except RuntimeError as e:  # includes torch.distributed.DistError
+        if not dist_.enabled or not lost_peer(e):
+            raise
+        raise UserError(f"rank {dist_.rank} lost the other processes ({str(e).strip().splitlines()[0][:160]}): one "
+                        f"of them failed or was killed (see its own message) or hung past --dist-timeout "
+                        f"{cfg.dist_timeout:g} min; the last checkpoint is intact: continue with --resume auto") from None
     finally:
         cleanup()
+
+
+def lost_peer(e: BaseException) -> bool:
+    """A collective failed because another process is gone or stuck (not a bug in this one)."""
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(k in text for k in (
+        "connection closed", "connection reset", "timed out", "timeout", "broken pipe", "peer", "nccl"))
+
+
+def _spawn(cfg, fn) -> int:
+    import torch.multiprocessing as mp
+
+    match = re.fullmatch(r"(?:tcp|env)://\[?([^\]/]*?)\]?:(\d+)/?", cfg.dist_url or "")
+    if not match:
+        raise UserError(f"--multiprocessing-distributed needs --dist-url tcp://HOST:PORT (HOST: node 0's address), "
+                        f"got {cfg.dist_url!r}")
+    gpus = torch.cuda.device_count() if (cfg.device or "cuda").startswith("cuda") else 0
+    nprocs = cfg.nproc_per_node or gpus or 1
+    if not gpus and cfg.dist_backend == "nccl":
+        print(f"warning: --dist-backend nccl needs GPUs and none is visible; using gloo with {nprocs} CPU "
+              f"process(es) per node (--nproc-per-node N for more)", file=sys.stderr)
+        cfg.dist_backend = "gloo"
+    if not gpus:
+        cfg.device = "cpu"
+    try:
+        mp.spawn(_spawned, args=(fn, cfg, nprocs, match[1], match[2]), nprocs=nprocs)
+    except mp.ProcessExitedException as e:
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    return 0
+
+
+def _spawned(local_rank: int, fn, cfg, nprocs: int, host: str, port: str) -> None:
+    """One process of the classic --multiprocessing-distributed launch: the environment torchrun would have set."""
+    os.environ.update({"RANK": str(cfg.rank * nprocs + local_rank), "WORLD_SIZE": str(cfg.world_size * nprocs),
+                       "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": host,
+                       "MASTER_PORT": port})
+    try:
+        status = run(cfg, fn, spawn=False)
+    except UserError as e:
+        print(f"warmstart (rank {os.environ['RANK']}): error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if status:
+        sys.exit(status)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -100,4 +199,7 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except RuntimeError:  # the group is already broken (a peer died): nothing left to tear down
+            pass

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from warmstart.checkpoint import unwrap
 from warmstart.engine.distributed import all_reduce_sum
 from warmstart.errors import UserError
+from warmstart.progress import bar as progress_bar, iterate
 
 
 @dataclass
@@ -31,16 +31,16 @@ def autocast(device: torch.device, amp: str | None):
 
 def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, pos: Position, device, accum_steps=1,
                     amp=None, scaler=None, mixup=None, erasing=None, ema=None, clip_grad=None, on_update=None,
-                    show_progress=True, frozen_norms=(), desc="train") -> dict:
+                    show_progress=True, frozen_norms=(), agree=lambda *flags: list(flags), desc="train") -> dict:
     """Train from pos.batch_in_epoch to the end of the epoch. `on_update()` runs after every optimiser update
     (the caller saves time-based checkpoints there, where the position is exact). `frozen_norms` stay in eval mode
-    (a frozen backbone keeps its pretrained BatchNorm statistics)."""
+    (a frozen backbone keeps its pretrained BatchNorm statistics). `agree(*flags)` ORs flags over the ranks
+    (Dist.any): a rank that cannot go on tells the others at the same step instead of leaving them waiting."""
     model.train()
     for m in frozen_norms:
         m.eval()
     total = pos.batch_in_epoch + len(loader)
-    bar = tqdm(total=total, initial=pos.batch_in_epoch, desc=desc, disable=not show_progress, dynamic_ncols=True,
-               leave=False, unit="batch")
+    bar = progress_bar(total=total, initial=pos.batch_in_epoch, desc=desc, enabled=show_progress)
     loss_sum = torch.zeros((), device=device)
     seen, skipped, data_wait = 0, 0, 0.0
     t_start = t_last = time.perf_counter()
@@ -48,9 +48,10 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
         data_wait += time.perf_counter() - t_last
         skipped += n_bad
         x, y = normalize(images), labels.to(device, non_blocking=True)
-        if len(x) == 0:
+        if agree(len(x) == 0)[0]:
             raise UserError(f"a whole batch of {n_bad} training images was unreadable; the dataset looks broken "
-                            f"(check it with `warmstart prepare --from-folder` or rebuild it)")
+                            f"(check it with `warmstart prepare --from-folder` or rebuild it)" if len(x) == 0 else
+                            "another process met a batch of unreadable images (see its error); stopping with it")
         if erasing is not None:  # erase, then mix (timm's order)
             x = erasing(x)
         if mixup is not None and len(x) % 2:
@@ -107,7 +108,7 @@ def evaluate(model, loader, normalize, device, amp=None, show_progress=True, des
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     confusion = torch.zeros(num_classes or 1, num_classes or 1, dtype=torch.int64, device=device)
     skipped = 0
-    for images, labels, n_bad in tqdm(loader, desc=desc, disable=not show_progress, leave=False, dynamic_ncols=True):
+    for images, labels, n_bad in iterate(loader, desc=desc, enabled=show_progress):
         skipped += n_bad
         if len(images) == 0:
             continue

@@ -314,7 +314,7 @@ class Run:
                 optimizer=self.optimizer, scheduler=self.scheduler, pos=pos, device=self.device,
                 accum_steps=cfg.accum_steps, amp=cfg.amp, scaler=self.scaler, mixup=self.mixup, erasing=self.erasing,
                 ema=self.ema, clip_grad=cfg.clip_grad, on_update=on_update, show_progress=dist.is_main,
-                frozen_norms=self.frozen_norms, desc=f"epoch {pos.epoch + 1}/{cfg.epochs} @{size}px")
+                frozen_norms=self.frozen_norms, agree=dist.any, desc=f"epoch {pos.epoch + 1}/{cfg.epochs} @{size}px")
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
             row = {"epoch": pos.epoch, "lr": max(g["lr"] for g in self.optimizer.param_groups), "img_size": size,
                    **stats}
@@ -346,7 +346,8 @@ class Run:
         distributed.broadcast_buffers(self.model)
         if self.ema is not None:
             distributed.broadcast_buffers(self.ema.module)
-        m = evaluate(self.model, self.val_loader, self.normalize, self.device, self.cfg.amp,
+        model = checkpoint.unwrap(self.model) if self.dist.enabled else self.model
+        m = evaluate(model, self.val_loader, self.normalize, self.device, self.cfg.amp,
                      show_progress=self.dist.is_main)
         if m["count"] == 0:
             raise UserError(f"none of the {m['skipped']} validation images could be read")
