@@ -67,6 +67,7 @@ class TrainConfig:
     rank: int = _opt(0, "with --multiprocessing-distributed: this node's index")
     nproc_per_node: int | None = _opt(None, "with --multiprocessing-distributed: processes per node (default: one "
                                       "per visible GPU, else 1)", metavar="N")
+    deterministic: bool = _opt(False, "identical GPU runs: deterministic algorithms only, no cudnn autotuning (slower)")
     dist_timeout: float = _opt(30.0, "minutes a collective may wait for the other processes before every process "
                                "stops with an error (a rank that died or hangs)", metavar="MINUTES")
     # schedule and optimiser

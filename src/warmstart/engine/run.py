@@ -112,6 +112,10 @@ class Run:
         self.class_info = {"names": splits.classes, "human": splits.human}
         self.run_dir = cfg.run_dir
         checkpoint.remove_stale_temps(self.run_dir)  # temp files of a save that was killed
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True)
         if cfg.global_batch:
             derive_batch(cfg, dist.world_size, log)
 
