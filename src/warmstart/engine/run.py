@@ -13,8 +13,8 @@ import signal
 import subprocess
 import threading
 import time
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
