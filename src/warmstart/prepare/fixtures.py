@@ -5,9 +5,12 @@ Official layout: ILSVRC2012_img_train.tar (an outer tar of per-class `<wnid>.tar
 truth labels them), ILSVRC2012_devkit_t12.tar.gz (real data/meta.mat and validation ground
 truth in devkit class IDs), optionally a test tar, and MD5SUMS. Images come from the real JPEGs
 in shared/data/imagenet-sample when present (one per class, varied by crop/flip/re-encode), else
-they are drawn, so the demo works on a clone without shared data.
+they are drawn, so the demo works on a clone without shared data. With --drawn (drawn=True) every image
+is drawn on its own by warmstart.synthetic instead: class i of the archive is shape class i (circle,
+square, triangle, ...), so a network has something to learn and does not score 100%.
 
     python -m warmstart.prepare.fixtures --out DIR --classes 10 --per-class 3 --val 20
+    python -m warmstart.prepare.fixtures --out DIR --classes 10 --per-class 150 --val 400 --drawn
 """
 
 import argparse
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, JpegImagePlugin
 
+from warmstart import synthetic
 from warmstart.prepare import facts
 
 MTIME = 1_335_000_000  # spring 2012, like the real archives
@@ -75,6 +79,16 @@ def class_images(wnid: str, count: int) -> list[bytes]:
     return out
 
 
+def drawn_images(index: int, count: int, seed: int = 0) -> list[bytes]:
+    """`count` JPEGs of shape class `index` of warmstart.synthetic, each drawn independently."""
+    return synthetic.class_images(index, count, seed)
+
+
+def drawn_names(classes: list[str]) -> dict[str, str]:
+    """wnid -> the shape that stands in for it with drawn=True (class i of the archive is shape class i)."""
+    return {w: synthetic.NAMES[i] for i, w in enumerate(classes)}
+
+
 def reencode(data: bytes, fmt: str, mode: str) -> bytes:
     buf = io.BytesIO()
     Image.open(io.BytesIO(data)).convert(mode).save(buf, fmt)
@@ -109,8 +123,12 @@ def pick_val(classes: list[str], count: int) -> list[str]:
     return sorted(names[:count])
 
 
-def make_dataset(classes: list[str], per_class: int, val: int, test: int, bad_files: bool, workers: int | None = None):
-    """-> train {wnid: [(name, bytes)]}, val [(name, bytes)], test [(name, bytes)]."""
+def make_dataset(classes: list[str], per_class: int, val: int, test: int, bad_files: bool, workers: int | None = None,
+                 drawn: bool = False):
+    """-> train {wnid: [(name, bytes)]}, val [(name, bytes)], test [(name, bytes)].
+    drawn: images of warmstart.synthetic's shape classes (class i <- shape i) instead of one photo per class."""
+    if drawn and len(classes) > len(synthetic.NAMES):
+        raise ValueError(f"drawn: at most {len(synthetic.NAMES)} classes (one per shape)")
     val_names = pick_val(classes, val)
     labels = facts.val_labels()
     n_val = {w: 0 for w in classes}
@@ -119,7 +137,10 @@ def make_dataset(classes: list[str], per_class: int, val: int, test: int, bad_fi
     extra = [test // len(classes) + (i < test % len(classes)) for i in range(len(classes))]  # test images per class
     counts = [per_class + n_val[w] + extra[i] for i, w in enumerate(classes)]
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
-        images = dict(zip(classes, pool.map(class_images, classes, counts, chunksize=8)))
+        if drawn:
+            images = dict(zip(classes, pool.map(drawn_images, range(len(classes)), counts)))
+        else:
+            images = dict(zip(classes, pool.map(class_images, classes, counts, chunksize=8)))
     train = {w: [(f"{w}_{k + 1}.JPEG", images[w][k]) for k in range(per_class)] for w in classes}
     val_files = []
     for name in val_names:
@@ -201,10 +222,11 @@ def md5sum(path: Path) -> str:
 
 
 def build_official(out: Path, classes: list[str], per_class: int, val: int, test: int = 0, bad_files: bool = True,
-                   devkit: bool = True, hostile: tuple[str, str] | None = None) -> Path:
-    """Write the official archives (and MD5SUMS) into `out`. hostile=(where, kind), where in train|inner|val."""
+                   devkit: bool = True, hostile: tuple[str, str] | None = None, drawn: bool = False) -> Path:
+    """Write the official archives (and MD5SUMS) into `out`. hostile=(where, kind), where in train|inner|val.
+    drawn: each class's images drawn by warmstart.synthetic (see make_dataset)."""
     out.mkdir(parents=True, exist_ok=True)
-    train, val_files, test_files = make_dataset(classes, per_class, val, test, bad_files)
+    train, val_files, test_files = make_dataset(classes, per_class, val, test, bad_files, drawn=drawn)
     where, kind = hostile or (None, None)
     with tarfile.open(out / facts.TRAIN_TAR, "w", format=tarfile.GNU_FORMAT) as outer:
         for i, (wnid, files) in enumerate(train.items()):
@@ -230,9 +252,9 @@ def build_official(out: Path, classes: list[str], per_class: int, val: int, test
 
 
 def build_kaggle(out: Path, classes: list[str], per_class: int, val: int, test: int = 0, bad_files: bool = True,
-                 zipped: bool = True) -> Path:
+                 zipped: bool = True, drawn: bool = False) -> Path:
     """The Kaggle 'imagenet-object-localization-challenge' layout, as its zip or unzipped."""
-    train, val_files, test_files = make_dataset(classes, per_class, val, test, bad_files)
+    train, val_files, test_files = make_dataset(classes, per_class, val, test, bad_files, drawn=drawn)
     labels = facts.val_labels()
     files = {f"ILSVRC/Data/CLS-LOC/train/{w}/{name}": data for w, fs in train.items() for name, data in fs}
     files |= {f"ILSVRC/Data/CLS-LOC/val/{name}": data for name, data in val_files}
@@ -262,14 +284,22 @@ def main(argv=None) -> None:
     p.add_argument("--kaggle", action="store_true", help="write the Kaggle layout instead of the official tars")
     p.add_argument("--unzipped", action="store_true", help="with --kaggle: the unzipped folder instead of the zip")
     p.add_argument("--no-bad-files", action="store_true", help="skip the PNG, CMYK and greyscale files")
+    p.add_argument("--drawn", action="store_true",
+                   help=f"draw every image independently with warmstart.synthetic: class i is shape i "
+                        f"(at most {len(synthetic.NAMES)} classes), instead of variations of one photo per class")
     args = p.parse_args(argv)
+    if args.drawn and args.classes > len(synthetic.NAMES):
+        p.error(f"--drawn: at most {len(synthetic.NAMES)} classes")
     bad = not args.no_bad_files
     classes = pick_classes(args.classes, (PNG_CLASS, CMYK_CLASS) if bad else ())
     if args.kaggle:
-        build_kaggle(args.out, classes, args.per_class, args.val, args.test, bad, zipped=not args.unzipped)
+        build_kaggle(args.out, classes, args.per_class, args.val, args.test, bad, zipped=not args.unzipped,
+                     drawn=args.drawn)
     else:
-        build_official(args.out, classes, args.per_class, args.val, args.test, bad)
+        build_official(args.out, classes, args.per_class, args.val, args.test, bad, drawn=args.drawn)
     print(f"wrote {len(classes)} classes x {args.per_class} train, {args.val} val, {args.test} test images to {args.out}")
+    if args.drawn:
+        print("drawn classes: " + ", ".join(f"{w}={name}" for w, name in drawn_names(classes).items()))
 
 
 if __name__ == "__main__":
