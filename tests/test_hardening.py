@@ -288,3 +288,14 @@ def test_train_warns_once_on_unverified_data(tmp_path, capsys):
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if "unverified" in line]
     assert len(warnings) == 1 and "does not match its official MD5" in warnings[0], out
+
+
+def test_recipe_sizes_follow_an_img_size_override():
+    from warmstart.cli import build_parser
+
+    argv = ["train", "d", "--config", str(REPO / "examples" / "recipes" / "fast.yaml"), "--img-size", "32"]
+    cfg = config.resolve(build_parser(argv).parse_args(argv))
+    assert (cfg.img_size, cfg.img_size_start, cfg.eval_size) == (32, 24, 40)  # 160->192 @224 scaled by 32/192
+    argv = ["train", "d", "--img-size-start", "64", "--img-size", "32"]
+    with pytest.raises(UserError, match="img-size-start 64 is above"):
+        config.resolve(build_parser(argv).parse_args(argv))

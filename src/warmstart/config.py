@@ -248,6 +248,13 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     given |= flags.keys()
     values.update(flags)
+    recipe = load_yaml(args.config) if getattr(args, "config", None) else {}
+    if "img_size" in flags and recipe.get("img_size"):
+        # `--config fast.yaml --img-size 32`: the recipe's progressive start and eval size follow the new size
+        factor = flags["img_size"] / recipe["img_size"]
+        for k in ("img_size_start", "eval_img_size"):
+            if recipe.get(k) and k not in flags:
+                values[k] = max(8, int(round(recipe[k] * factor / 8) * 8))
     if getattr(args, "data_pos", None):
         values["data"] = args.data_pos
     cfg = TrainConfig(**values)
@@ -263,6 +270,9 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
         v = getattr(cfg, name)
         if v is not None and (v < lo or (hi is not None and v > hi)):
             raise UserError(f"--{name.replace('_', '-')} {v} is out of range: use a value in [{lo}, {hi if hi is not None else 'inf'}]")
+    if cfg.img_size_start and cfg.img_size_start > cfg.img_size:
+        raise UserError(f"--img-size-start {cfg.img_size_start} is above --img-size {cfg.img_size}: progressive "
+                        f"resizing grows towards --img-size; lower the start or drop it")
     aa = cfg.auto_augment
     if aa and not (aa == "trivialaugment" or aa == "randaugment" or (aa.startswith("randaugment-") and aa[12:].isdigit())):
         raise UserError(f"--auto-augment {aa!r}: use trivialaugment, randaugment or randaugment-M (M an integer magnitude)")

@@ -105,6 +105,7 @@ def setup(device: str | None = None, timeout_minutes: float = 30, backend: str |
         dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True  # fastest conv algorithms for fixed input sizes
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 runs use tensor cores
     elif dev.type != "cpu":
         raise UserError(f"--device {device}: warmstart runs on cpu or cuda")
     control = None

@@ -42,6 +42,8 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
     total = pos.batch_in_epoch + len(loader)
     bar = progress_bar(total=total, initial=pos.batch_in_epoch, desc=desc, enabled=show_progress)
     loss_sum = torch.zeros((), device=device)
+    loss_host = torch.zeros(1, pin_memory=device.type == "cuda")  # progress reads the loss from here, one report late
+    loss_seen = 0
     seen, skipped, data_wait = 0, 0, 0.0
     t_start = t_last = time.perf_counter()
     for images, labels, n_bad in loader:
@@ -86,10 +88,14 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
         loss_sum += loss.detach() * len(x)
         seen += len(x)
         bar.update(1)
-        if show_progress and (bar.n % 10 == 0 or bar.n == total):  # .item() syncs: not every step
+        if show_progress and (bar.n % 10 == 0 or bar.n == total):
+            # the loss shown is the one copied at the previous report: reading it now never waits for the device
             elapsed = time.perf_counter() - t_start
+            shown, shown_seen = float(loss_host[0]), loss_seen
+            loss_host.copy_(loss_sum.reshape(1), non_blocking=True)
+            loss_seen = seen
             bar.set_postfix_str(f"{seen / elapsed:.0f} img/s, data {100 * data_wait / elapsed:.0f}%, "
-                                f"loss {loss_sum.item() / max(seen, 1):.3f}, lr {optimizer.param_groups[0]['lr']:.3g}")
+                                f"loss {shown / max(shown_seen, 1):.3f}, lr {optimizer.param_groups[0]['lr']:.3g}")
         t_last = time.perf_counter()
     bar.close()
     elapsed = time.perf_counter() - t_start
