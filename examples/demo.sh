@@ -6,7 +6,8 @@
 #      random colour, size, position and angle on a cluttered background, so a model has something to learn
 #   2. warmstart prepare: archives -> verified train/ val/ folders (--partial: it is a subset)
 #   3. warmstart train: pretrain the custom examples/tinynet.py on those 10 shape classes
-#   4. warmstart finetune: from that checkpoint, on 5 *other* shape classes made by `python -m warmstart.synthetic`
+#   4. warmstart finetune: from that checkpoint, on 5 *other* shape classes made by `python -m warmstart.synthetic`;
+#      for comparison, the same schedule from random weights (warmstart train)
 #   5. warmstart evaluate: the fine-tuned model with its own preprocessing -> metrics.json, per_class.csv, confusion.png
 #   6. warmstart predict: top-3 classes of a few images
 #   7. warmstart export: ONNX, checked against PyTorch, with a .json sidecar (preprocessing and class names)
@@ -17,14 +18,15 @@ WS="$BIN/warmstart"
 # Tiny convolutions gain little from a second thread, and on a 2-core machine a second thread fights the
 # data-loading process (and anything else running) for the cores: leave one core to loading.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$("$BIN/python" -c "import os; print(max(1, (os.cpu_count() or 2) - 1))")}
-PRETRAIN_SHAPES=10                                 # shapes 0-9: circle square triangle star cross ring hexagon arrow crescent diamond
+PRETRAIN_SHAPES=10  # shapes 0-9: circle square triangle star cross ring hexagon arrow crescent diamond
 FINETUNE_SHAPES=pentagon,heart,l_shape,stripes,chevron
 rm -rf "$OUT"
 START=$SECONDS
 step() { echo; echo "== $1  [$((SECONDS - START)) s]"; }
 
-step "1/7 mini ILSVRC2012 archives: $PRETRAIN_SHAPES drawn shape classes, 200 train + 40 val images each -> $OUT/archives"
-"$BIN/python" -m warmstart.prepare.fixtures --out "$OUT/archives" --classes "$PRETRAIN_SHAPES" --per-class 200 --val 400 --drawn
+step "1/7 mini ILSVRC2012 archives: $PRETRAIN_SHAPES drawn shape classes, 200 train + 40 val images each"
+"$BIN/python" -m warmstart.prepare.fixtures --out "$OUT/archives" --classes "$PRETRAIN_SHAPES" --per-class 200 \
+    --val $((PRETRAIN_SHAPES * 40)) --drawn
 
 step "2/7 warmstart prepare --partial -> $OUT/imagenet"
 "$WS" prepare --archives "$OUT/archives" --out "$OUT/imagenet" --partial
@@ -39,14 +41,18 @@ EOF
 
 step "3/7 warmstart train: pretrain examples/tinynet.py:TinyNet (width 16, 64 px, 6 epochs) -> $OUT/runs/pretrain"
 "$WS" train --data "$OUT/imagenet" --model examples/tinynet.py:TinyNet --model-kwargs '{"width": 16}' \
-    --img-size 64 --epochs 6 --batch-size 32 --workers 1 --opt adamw --lr 0.003 --warmup-epochs 1 --min-scale 0.35 \
-    --out "$OUT/runs/pretrain"
+    --img-size 64 --epochs 6 --batch-size 32 --workers 1 --opt adamw --lr 0.003 --warmup-epochs 1 \
+    --min-scale 0.35 --out "$OUT/runs/pretrain"
 
 step "4/7 warmstart finetune on 5 other shapes ($FINETUNE_SHAPES) -> $OUT/runs/finetune"
 "$BIN/python" -m warmstart.synthetic --out "$OUT/shapes" --classes "$FINETUNE_SHAPES" --train 80 --val 40 --seed 1
 "$WS" finetune --from "$OUT/runs/pretrain/checkpoints/best.pt" --data "$OUT/shapes" \
     --epochs 6 --batch-size 32 --workers 1 --opt adamw --lr 0.002 --warmup-epochs 1 --out "$OUT/runs/finetune"
 BEST="$OUT/runs/finetune/checkpoints/best.pt"
+echo "-- for comparison: the same data and schedule from random weights -> $OUT/runs/scratch"
+"$WS" train --data "$OUT/shapes" --model examples/tinynet.py:TinyNet --model-kwargs '{"width": 16}' --img-size 64 \
+    --epochs 6 --batch-size 32 --workers 1 --opt adamw --lr 0.002 --warmup-epochs 1 --min-scale 0.35 --wd 1e-4 \
+    --out "$OUT/runs/scratch"
 
 step "5/7 warmstart evaluate -> $OUT/eval"
 "$WS" evaluate --checkpoint "$BEST" --data "$OUT/shapes" --workers 1 --out "$OUT/eval"
@@ -58,11 +64,14 @@ step "7/7 warmstart export --format onnx -> $OUT/export/shapes.onnx"
 mkdir -p "$OUT/export"
 "$WS" export --checkpoint "$BEST" --format onnx --out "$OUT/export/shapes.onnx"
 
-best() { "$BIN/python" -c "import csv, sys; print(max(float(r['val_top1']) for r in csv.DictReader(open(sys.argv[1]))))" "$1"; }
+best() {  # best validation top-1 of a run, from its metrics.csv
+    "$BIN/python" -c "import csv, sys; print(max(float(r['val_top1']) for r in csv.DictReader(open(sys.argv[1]))))" "$1"
+}
 echo
 echo "== done in $((SECONDS - START)) s"
-echo "pretrain  ($PRETRAIN_SHAPES shapes, 2000 images): best val top-1 $(best "$OUT/runs/pretrain/metrics.csv")%"
-echo "finetune  (5 other shapes, 400 images):  best val top-1 $(best "$OUT/runs/finetune/metrics.csv")%"
+echo "pretrain  ($PRETRAIN_SHAPES shapes, 200 images each): best val top-1 $(best "$OUT/runs/pretrain/metrics.csv")%"
+echo "finetune  (5 other shapes, 80 images each): best val top-1 $(best "$OUT/runs/finetune/metrics.csv")%" \
+     "(from random weights: $(best "$OUT/runs/scratch/metrics.csv")%)"
 cat <<EOF
 artifacts:
   archives        $OUT/archives/                  (official ILSVRC2012 layout, MD5SUMS)
@@ -72,6 +81,7 @@ artifacts:
   fine-tune data  $OUT/shapes/                    (train/<shape>/ val/<shape>/)
   fine-tune run   $OUT/runs/finetune/             (checkpoints/best.pt, metrics.csv, log.txt)
                   $OUT/runs/finetune/curves.png
+  baseline run    $OUT/runs/scratch/              (the same schedule from random weights; curves.png)
   evaluation      $OUT/eval/metrics.json  $OUT/eval/per_class.csv  $OUT/eval/confusion.png
-  ONNX model      $OUT/export/shapes.onnx  (+ $(ls "$OUT/export/" | grep -v '^shapes.onnx$' | tr '\n' ' ' | sed 's/ *$//'))
+  ONNX model      $OUT/export/shapes.onnx  $OUT/export/shapes.onnx.json  (preprocessing, class names)
 EOF
