@@ -232,6 +232,10 @@ COMMAND_DEFAULTS = {
 }
 
 
+# how this invocation starts its processes, not what the run is: a resumed run may be launched another way
+LAUNCH = ("multiprocessing_distributed", "dist_url", "dist_backend", "world_size", "rank", "nproc_per_node", "device")
+
+
 def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
     """defaults < the command's defaults < a saved run's config.yaml (--resume auto) < --config < flags.
     cfg.given holds the names set by anything above the defaults (finetune only fills in what was not given)."""
@@ -240,7 +244,8 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
     # `--out RUN --resume auto` alone continues RUN with the configuration it was started with
     saved = Path(getattr(args, "out", "") or "") / "config.yaml"
     if getattr(args, "resume", None) == "auto" and getattr(args, "out", None) and saved.is_file():
-        given |= (loaded := load_yaml(str(saved))).keys()
+        loaded = {k: v for k, v in load_yaml(str(saved)).items() if k not in LAUNCH}
+        given |= loaded.keys()
         values.update(loaded)
     if getattr(args, "config", None):
         given |= (loaded := load_yaml(args.config)).keys()
