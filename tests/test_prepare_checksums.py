@@ -228,11 +228,16 @@ def small_tmpfs(tmp_path):
 
 def test_real_full_disk(official, small_tmpfs, monkeypatch, capsys):
     out = small_tmpfs / "out"
+    # leave a third of what the output needs, whatever the fixture images weigh (real JPEGs or drawn ones)
+    payload = sum(f.stat().st_size for f in official.iterdir() if f.is_file())
+    subprocess.run(["mount", "-o", f"remount,size={payload * 4}", str(small_tmpfs)], check=True)
+    filler = small_tmpfs / "filler"
+    filler.write_bytes(b"\0" * max(0, shutil.disk_usage(small_tmpfs).free - payload // 3))
     with monkeypatch.context() as m:
         m.setattr(command, "check_space", lambda out, need: None)  # the disk fills up during the run
         assert prepare(official, out, "--partial", "--workers", "1") == 2
     assert "no space left on the device writing" in one_line(capsys)
     assert not (out / "prepared.json").exists()
-    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
+    filler.unlink()
     assert prepare(official, out, "--partial", "--workers", "1") == 0
     assert doc(out)["splits"]["train"]["images"] == len(CLASSES) * PER_CLASS
