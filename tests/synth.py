@@ -23,3 +23,22 @@ def make_image_folder(root: Path, classes: int = 4, train_per_class: int = 24, v
                 img = colour * (0.6 + 0.4 * stripes[..., None]) + rng.normal(0, 20, (size, size, 3))
                 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{split}_{c}_{i}.jpg", quality=90)
     return Path(root)
+
+
+def slow_model_source(sleep: float) -> str:
+    """A model file for tests that signal or kill training mid-epoch: a small convnet (with dropout, so the RNG
+    matters) that sleeps `sleep` seconds per training forward."""
+    return f'''
+import time
+from torch import nn
+
+class Slow(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+    def forward(self, x):
+        if self.training:
+            time.sleep({sleep})
+        return self.net(x)
+'''

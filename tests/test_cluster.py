@@ -12,25 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from synth import make_image_folder
+from synth import make_image_folder, slow_model_source
 from warmstart.cli import main
 from warmstart.data.sampler import TrainSampler
 
-SLOW_MODEL = '''
-import time
-from torch import nn
-
-class Slow(nn.Module):
-    """A small convnet that sleeps in training so a test can signal it mid-epoch; dropout uses the RNG."""
-    def __init__(self, num_classes):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
-    def forward(self, x):
-        if self.training:
-            time.sleep(0.25)
-        return self.net(x)
-'''
+SLOW_MODEL = slow_model_source(0.25)
 # global batch 12: 6 x 2 processes, 6 x 1 x 2 accumulation steps, 4 x 3 processes
 FLAGS = ["--epochs", "2", "--seed", "3", "--img-size", "32", "-b", "6", "--global-batch", "12", "-j", "0",
          "--warmup-epochs", "0", "--mixup", "0.2", "--save-every-minutes", "100"]

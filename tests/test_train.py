@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from synth import make_image_folder
+from synth import make_image_folder, slow_model_source
 from warmstart.cli import main
 from warmstart.prepare.fixtures import shared_data
 
@@ -65,21 +65,7 @@ def test_tinynet_learns_and_writes_run_dir(data, tmp_path, capsys):
     assert f"top-1 {m['top1']:.2f}%" in capsys.readouterr().out
 
 
-SLOW_MODEL = '''
-import time
-from torch import nn
-
-class Slow(nn.Module):
-    """A small convnet that sleeps in forward so the test can SIGKILL it mid-epoch."""
-    def __init__(self, num_classes):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
-    def forward(self, x):
-        if self.training:
-            time.sleep(0.15)
-        return self.net(x)
-'''
+SLOW_MODEL = slow_model_source(0.15)
 
 
 def _train_cmd(data, model_file, run, *extra):
