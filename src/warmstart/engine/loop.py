@@ -31,11 +31,13 @@ def autocast(device: torch.device, amp: str | None):
 
 def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, pos: Position, device, accum_steps=1,
                     amp=None, scaler=None, mixup=None, erasing=None, ema=None, clip_grad=None, on_update=None,
-                    show_progress=True, frozen_norms=(), agree=lambda *flags: list(flags), desc="train") -> dict:
-    """Train from pos.batch_in_epoch to the end of the epoch. `on_update()` runs after every optimiser update
-    (the caller saves time-based checkpoints there, where the position is exact). `frozen_norms` stay in eval mode
-    (a frozen backbone keeps its pretrained BatchNorm statistics). `agree(*flags)` ORs flags over the ranks
-    (Dist.any): a rank that cannot go on tells the others at the same step instead of leaving them waiting."""
+                    show_progress=True, frozen_norms=(), agree=lambda *flags: list(flags), poll=lambda: (False, False),
+                    desc="train") -> dict:
+    """Train from pos.batch_in_epoch to the end of the epoch. `frozen_norms` stay in eval mode (a frozen backbone
+    keeps its pretrained BatchNorm statistics). Each step the ranks agree, in one collective (`agree`, Dist.any: an
+    OR over ranks), on three flags: a batch that could not be read anywhere (all stop, none waits), and the caller's
+    `poll()` = (save due, stop asked). `on_update(save, stop)` runs after every optimiser update with those agreed
+    since the last one (the caller saves there, where the position is exact)."""
     model.train()
     for m in frozen_norms:
         m.eval()
@@ -44,13 +46,15 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
     loss_sum = torch.zeros((), device=device)
     loss_host = torch.zeros(1, pin_memory=device.type == "cuda")  # progress reads the loss from here, one report late
     loss_seen = 0
-    seen, skipped, data_wait = 0, 0, 0.0
+    seen, skipped, data_wait, pending = 0, 0, 0.0, [False, False]
     t_start = t_last = time.perf_counter()
     for images, labels, n_bad in loader:
         data_wait += time.perf_counter() - t_last
         skipped += n_bad
         x, y = normalize(images), labels.to(device, non_blocking=True)
-        if agree(len(x) == 0)[0]:
+        broken, due, stop = agree(len(x) == 0, *poll())
+        pending = [a or b for a, b in zip(pending, (due, stop))]
+        if broken:
             raise UserError(f"a whole batch of {n_bad} training images was unreadable; the dataset looks broken "
                             f"(check it with `warmstart prepare --from-folder` or rebuild it)" if len(x) == 0 else
                             "another process met a batch of unreadable images (see its error); stopping with it")
@@ -84,7 +88,8 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
             if ema is not None:
                 ema.update(unwrap(model), step=pos.step)
             if on_update is not None:
-                on_update()
+                on_update(*pending)
+            pending = [False, False]
         loss_sum += loss.detach() * len(x)
         seen += len(x)
         bar.update(1)

@@ -296,10 +296,12 @@ class Run:
         self.model = model
         last_save = time.monotonic()
 
-        def on_update() -> None:
+        def poll() -> tuple[bool, bool]:  # this rank's view; the loop makes every rank agree on it
+            return time.monotonic() - last_save >= cfg.save_every_minutes * 60, bool(caught)
+
+        def on_update(due: bool, stop: bool) -> None:
             nonlocal last_save
-            # all ranks save, or none; a signal to any rank stops them all at this same update
-            due, stop = dist.any(time.monotonic() - last_save >= cfg.save_every_minutes * 60, bool(caught))
+            # agreed: all ranks save, or none; a signal to any rank stops them all at this same update
             if due or stop:
                 self.save("last.pt")
                 last_save = time.monotonic()
@@ -320,7 +322,8 @@ class Run:
                 optimizer=self.optimizer, scheduler=self.scheduler, pos=pos, device=self.device,
                 accum_steps=cfg.accum_steps, amp=cfg.amp, scaler=self.scaler, mixup=self.mixup, erasing=self.erasing,
                 ema=self.ema, clip_grad=cfg.clip_grad, on_update=on_update, show_progress=dist.is_main,
-                frozen_norms=self.frozen_norms, agree=dist.any, desc=f"epoch {pos.epoch + 1}/{cfg.epochs} @{size}px")
+                frozen_norms=self.frozen_norms, agree=dist.any, poll=poll,
+                desc=f"epoch {pos.epoch + 1}/{cfg.epochs} @{size}px")
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
             row = {"epoch": pos.epoch, "lr": max(g["lr"] for g in self.optimizer.param_groups), "img_size": size,
                    **stats}
