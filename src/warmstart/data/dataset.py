@@ -81,9 +81,11 @@ def read_human_names(root: Path, classes: list[str]) -> list[str] | None:
 
 
 def eval_loader(split_dir: Path, classes: list[str], spec: dict, *, batch_size: int, workers: int,
-                rank: int = 0, world_size: int = 1, pin_memory: bool = False):
-    """A loader over every image of split_dir once (sharded across ranks), labelled in `classes` order."""
-    _, samples = index_folder(split_dir, classes)
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False, samples=None):
+    """A loader over every image of split_dir once (sharded across ranks), labelled in `classes` order; or over
+    `samples` ((path under split_dir, label) pairs) when the caller already has them."""
+    if samples is None:
+        _, samples = index_folder(split_dir, classes)
     dataset = ImageDataset(split_dir, samples, train=False, spec=spec)
     sampler = EvalSampler(len(dataset), size=spec["size"], rank=rank, world_size=world_size)
     return make_loader(dataset, sampler, batch_size=batch_size, workers=workers, train=False, pin_memory=pin_memory)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from warmstart import checkpoint, config
-from warmstart.data.dataset import ImageDataset, collate, make_loader
-from warmstart.data.sampler import EvalSampler, TrainSampler
+from warmstart.data.dataset import ImageDataset, collate, eval_loader, make_loader
+from warmstart.data.sampler import TrainSampler
 from warmstart.data.sources import Splits
 from warmstart.data.transforms import Normalize
 from warmstart.engine import distributed, recipe
@@ -132,10 +132,9 @@ class Run:
         cuda = self.device.type == "cuda"
         self.train_loader = make_loader(self.train_set, self.sampler, batch_size=cfg.batch_size, workers=cfg.workers,
                                         train=True, pin_memory=cuda)
-        val_set = ImageDataset(splits.val_root, splits.val, train=False, spec=eval_spec)
-        self.val_loader = make_loader(val_set, EvalSampler(len(val_set), size=eval_spec["size"], rank=dist.rank,
-                                                           world_size=dist.world_size),
-                                      batch_size=cfg.batch_size, workers=cfg.workers, train=False, pin_memory=cuda)
+        self.val_loader = eval_loader(splits.val_root, splits.classes, eval_spec, batch_size=cfg.batch_size,
+                                      workers=cfg.workers, rank=dist.rank, world_size=dist.world_size,
+                                      pin_memory=cuda, samples=splits.val)
 
         # model: checked on a real batch before anything else is built around it
         probe, _, _ = collate([self.train_set[(i % len(self.train_set), i, size_for_epoch(cfg, 0))] for i in range(2)])
