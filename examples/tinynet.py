@@ -17,7 +17,11 @@ class Residual(nn.Module):
         super().__init__()
         self.conv1 = conv_bn(c, c)
         self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)  # zero-initialised by warmstart's --zero-init-last (block starts as identity)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def zero_init_last(self):
+        # warmstart's --zero-init-last calls this: with bn2 at zero the block starts as identity (Goyal et al. 2017)
+        nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x):
         return torch.relu(x + self.bn2(self.conv2(self.conv1(x))))

@@ -3,7 +3,7 @@
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
@@ -11,19 +11,51 @@ from warmstart.config import TrainConfig
 from warmstart.errors import UserError
 
 
-ADAPTIVE = ("adam", "lamb", "adabelief", "madgrad", "adafactor", "lion", "nadam", "radam", "adan")
-DEFAULT_LR_BASE = {"adamw": 5e-4, "adam": 5e-4, "lamb": 2e-3, "lion": 1e-4}  # per 256 images; SGD/LARS/others 0.4
+# The LR rule belongs to the optimiser's class: timm's registry maps every name and variant (nesterov, sgdw, larc,
+# cadamw, nadamw, lookahead_adamw, ...) to the class that does the step. The registry has no "adaptive" flag, and its
+# has_eps/has_momentum/has_betas flags cannot tell lars and sgdp (SGD steps; eps only guards a ratio) from rmsprop (a
+# per-parameter normalised step): all three read eps and momentum, no betas. So the class decides. Linear for SGD-like
+# classes: the step is lr x gradient, so lr grows with the batch (Goyal et al. 2017). Square root for adaptive ones,
+# as timm does: the step is normalised, and a linear rule sends AdamW to lr 1.6 at batch 1024. A class not listed is
+# refused rather than guessed; an explicit --lr (or --lr-base with --lr-scale) runs any timm optimiser.
+LR_RULES = {  # optimiser class name -> (base LR per 256 images, scaling rule)
+    **dict.fromkeys(("SGD", "SGDW", "SGDP", "Lars"), (0.4, "linear")),
+    **dict.fromkeys(("Adam", "AdamW", "AdamWLegacy", "Adamax", "AdamP", "NAdam", "NAdamW", "NAdamLegacy", "RAdam",
+                     "RAdamLegacy", "AdaBelief", "Adan", "Adopt", "LaProp", "Mars", "MADGRAD", "Adafactor",
+                     "AdafactorBigVision", "RMSprop", "RMSpropTF"), (5e-4, "sqrt")),
+    "Lamb": (2e-3, "sqrt"),
+    "Lion": (1e-4, "sqrt"),  # sign updates: every step has full size, so a smaller rate (Chen et al. 2023)
+    "Adagrad": (1e-2, "sqrt"),  # torch's default: the accumulated denominator only grows, steps shrink on their own
+    "Adadelta": (1.0, "sqrt"),  # its LR multiplies a step already in parameter units (Zeiler 2012; torch's default)
+}
 FINETUNE_LR_FACTOR = 0.1  # fine-tuning starts from good weights: a tenth of the pretraining rate
 
 
+def optimiser_class(opt: str) -> str:
+    """The name of the class timm's registry builds for --opt ('lookahead_' wraps the same class, as in timm)."""
+    try:
+        cls = get_optimizer_info(opt.lower().split("_")[-1]).opt_class
+    except ValueError:
+        raise UserError(f"--opt {opt!r}: timm has no such optimiser; with a default LR: {', '.join(known_optimisers())}") from None
+    return cls.rsplit(".", 1)[-1] if isinstance(cls, str) else cls.__name__  # str: an optional package's class
+
+
+def known_optimisers() -> list[str]:
+    """timm's optimiser names whose class has a row in LR_RULES."""
+    return [n for n in list_optimizers() if optimiser_class(n) in LR_RULES]
+
+
 def lr_rule(cfg: TrainConfig, finetune: bool = False) -> tuple[float, str]:
-    """(base LR per 256 images, scaling rule): linear for SGD-like optimisers, square root for adaptive ones (timm's
-    rule; a linear rule sends AdamW to lr 1.6 at batch 1024). --lr-base / --lr-scale override."""
-    name = cfg.opt.lower().split("_")[-1]
-    adaptive = any(a in name for a in ADAPTIVE)
-    base = cfg.lr_base if cfg.lr_base is not None else DEFAULT_LR_BASE.get(name, 5e-4 if adaptive else 0.4) * (
-        FINETUNE_LR_FACTOR if finetune else 1)
-    return base, cfg.lr_scale or ("sqrt" if adaptive else "linear")
+    """(base LR per 256 images, scaling rule) from LR_RULES; --lr-base / --lr-scale override."""
+    if cfg.lr_base is not None and cfg.lr_scale:
+        return cfg.lr_base, cfg.lr_scale  # nothing left to look up: any optimiser
+    cls = optimiser_class(cfg.opt)
+    if cls not in LR_RULES:
+        raise UserError(f"--opt {cfg.opt!r}: no default LR for timm's {cls}; give --lr, or --lr-base with --lr-scale "
+                        f"(defaults exist for: {', '.join(known_optimisers())})")
+    base, scale = LR_RULES[cls]
+    base = cfg.lr_base if cfg.lr_base is not None else base * (FINETUNE_LR_FACTOR if finetune else 1)
+    return base, cfg.lr_scale or scale
 
 
 def effective_lr(cfg: TrainConfig, global_batch: int, finetune: bool = False) -> tuple[float, str]:
