@@ -199,7 +199,7 @@ def test_a_killed_rank_stops_the_others_with_one_line(setup):
 
 
 def test_expand_nodelist():
-    from warmstart.engine.distributed import expand_nodelist
+    from warmstart.launch import expand_nodelist
 
     assert expand_nodelist("gpu[01-03,07],login5") == ["gpu01", "gpu02", "gpu03", "gpu07", "login5"]
     assert expand_nodelist("node7") == ["node7"] and expand_nodelist("a[9-10]") == ["a9", "a10"]

@@ -6,10 +6,9 @@ Only the chosen stage's module is imported, so `warmstart prepare` never pays fo
 
 import argparse
 import importlib
-import os
 import sys
 
-from warmstart import __version__, fileio
+from warmstart import __version__, fileio, launch
 from warmstart.errors import UserError
 
 # Only commands that work are listed here: name -> (module, one-line help shown by `warmstart --help`).
@@ -50,9 +49,8 @@ def main(argv=None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as e:
-        # under torchrun/srun every process may fail: say which
-        who = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        print(f"warmstart {args.command}{who}: error: {e}", file=sys.stderr)
+        # under torchrun, srun or mpirun every process may fail: say which
+        print(f"warmstart {args.command}{launch.rank_prefix()}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         if not fileio.is_out_of_space(e):

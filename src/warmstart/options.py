@@ -7,11 +7,17 @@ TrainConfig takes its help text for the same settings from HELP so train's flags
 import argparse
 import os
 
+from warmstart import launch
+from warmstart.errors import UserError
+
+
 def _default_workers() -> int:
-    """The CPUs this process may use, shared among the processes on this node (torchrun's LOCAL_WORLD_SIZE, srun's
-    SLURM_NTASKS_PER_NODE), at most 8."""
+    """The CPUs this process may use, shared among the processes its launcher puts on this node, at most 8."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+    try:
+        local = launch.detect().local_world_size
+    except UserError:  # a malformed launcher variable: setup() says so in one line; this default is no place to fail
+        local = 1
     return max(1, min(8, cpus // max(local, 1)))
 
 

@@ -1,24 +1,19 @@
-"""Process-group plumbing in one place: what the launcher hands us, reductions, rank-0 checks.
-
-warmstart joins the process group its launcher describes, or runs alone:
-  torchrun            RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the environment
-  srun (no torchrun)  SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID; the master is the first host of
-                      SLURM_JOB_NODELIST, the port derived from the job id
-  the classic example's single command: --multiprocessing-distributed --dist-url tcp://HOST:PORT --world-size NODES
-                      --rank NODE spawns one process per local GPU (--nproc-per-node N CPU processes without GPUs)
+"""Process-group plumbing in one place: joining the group the launcher describes (warmstart.launch reads which one:
+torchrun, srun, MPI, or none), reductions, rank-0 checks. Also the classic example's single command:
+--multiprocessing-distributed --dist-url tcp://HOST:PORT --world-size NODES --rank NODE spawns one process per local
+GPU (--nproc-per-node N CPU processes without GPUs).
 """
 
 import datetime
 import os
 import re
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from warmstart import launch
 from warmstart.errors import UserError
 
 
@@ -55,41 +50,9 @@ class Dist:
         return out
 
 
-def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's compact host list ('gpu[01-03,07],login5') as host names, without scontrol."""
-    hosts = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
-    return hosts
-
-
-def launcher_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's variables, else from an `srun` step (setting MASTER_ADDR/PORT
-    from the job's first host and id when the job script did not)."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    world = int(env.get("SLURM_STEP_NUM_TASKS", 1))  # set by srun; a batch script's own SLURM_NTASKS is no step
-    if world <= 1:
-        return 0, 1, 0
-    if "MASTER_ADDR" not in env:
-        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
-        hosts = []
-        if shutil.which("scontrol"):
-            hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
-                                   text=True).stdout.split()
-        env["MASTER_ADDR"] = (hosts or expand_nodelist(nodes) or ["127.0.0.1"])[0]
-    env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
-    return int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0))
-
-
 def setup(device: str | None = None, timeout_minutes: float = 30, backend: str | None = None) -> Dist:
-    rank, world, local_rank = launcher_env()
+    found = launch.detect()
+    rank, world, local_rank = found.rank, found.world_size, found.local_rank
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -117,7 +80,8 @@ def setup(device: str | None = None, timeout_minutes: float = 30, backend: str |
                     print("warning: --dist-backend nccl needs GPUs and this process runs on the CPU; using gloo",
                           file=sys.stderr)
                 chosen = "gloo"
-            dist.init_process_group(chosen, rank=rank, world_size=world,
+            os.environ.update(launch.rendezvous_env(found))  # env:// reads them (under torchrun: the same values)
+            dist.init_process_group(chosen, init_method="env://", rank=rank, world_size=world,
                                     timeout=datetime.timedelta(minutes=timeout_minutes))
         control = dist.new_group(backend="gloo") if dev.type == "cuda" else None  # None: the (Gloo) default group
     return Dist(rank, world, local_rank, dev, control)
@@ -174,13 +138,12 @@ def _spawn(cfg, fn) -> int:
 
 def _spawned(local_rank: int, fn, cfg, nprocs: int, host: str, port: str) -> None:
     """One process of the classic --multiprocessing-distributed launch: the environment torchrun would have set."""
-    os.environ.update({"RANK": str(cfg.rank * nprocs + local_rank), "WORLD_SIZE": str(cfg.world_size * nprocs),
-                       "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": host,
-                       "MASTER_PORT": port})
+    me = launch.spawned(cfg.rank, cfg.world_size, local_rank, nprocs, host, int(port))
+    os.environ.update(launch.torchrun_env(me))  # so this process (and what it starts) reads itself as torchrun's
     try:
         status = run(cfg, fn, spawn=False)
     except UserError as e:
-        print(f"warmstart (rank {os.environ['RANK']}): error: {e}", file=sys.stderr)
+        print(f"warmstart (rank {me.rank}): error: {e}", file=sys.stderr)
         sys.exit(2)
     if status:
         sys.exit(status)
