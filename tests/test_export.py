@@ -1,6 +1,9 @@
 """warmstart export: ONNX (dynamic batch, onnxruntime), TorchScript and safetensors, each loaded back and compared
 with the PyTorch model on real images; --features; failures leave nothing behind."""
 
+import argparse
+import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -97,8 +100,9 @@ def test_safetensors_round_trip_with_features(run, tmp_path):
 def test_failed_check_writes_nothing_and_keeps_the_old_file(run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "model.torchscript"
     out.write_bytes(b"an earlier export")
-    real = export.run_torchscript
-    monkeypatch.setattr(export, "run_torchscript", lambda target: (lambda x: real(target)(x) + 1e-3))
+    real = export.EXPORTERS["torchscript"]
+    off = dataclasses.replace(real, load=lambda model, target: (lambda x: real.load(model, target)(x) + 1e-3))
+    monkeypatch.setitem(export.EXPORTERS, "torchscript", off)
     assert command("export", "--checkpoint", run.ckpt, "--format", "torchscript", "--out", out) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "differs from PyTorch" in err and "nothing was written" in err
@@ -128,3 +132,29 @@ def test_onnx_old_opset_uses_the_torchscript_exporter(run, tmp_path, capsys):
     for n in (1, 3):
         x = images(run, n)
         assert np.abs(session.run(None, {"image": x.numpy()})[0] - pytorch(run, x).numpy()).max() <= 1e-4
+
+
+def test_formats_come_from_the_exporter_table(run, tmp_path, monkeypatch):
+    """--format's choices, the default extensions and the help are the table's: a new format is one entry."""
+    def choices():
+        parser = argparse.ArgumentParser()
+        export.add_arguments(parser)
+        return next(a.choices for a in parser._actions if "--format" in a.option_strings)
+
+    assert list(choices()) == list(export.EXPORTERS) == ["onnx", "torchscript", "safetensors"]
+    for name, e in export.EXPORTERS.items():
+        assert e.title in export.HELP and export.default_out("r/best.pt", name, False).name == "best" + e.extension
+
+    def write(model, sample, target, embedded, opset):
+        torch.save(model.state_dict(), target)
+        return "a state_dict"
+
+    def load(model, target):
+        fresh = copy.deepcopy(model)
+        fresh.load_state_dict(torch.load(target, weights_only=True))
+        return fresh.eval()
+
+    monkeypatch.setitem(export.EXPORTERS, "statedict", export.Exporter(".sd", "a state_dict", "weights", write, load))
+    assert "statedict" in choices()
+    assert command("export", "--checkpoint", run.ckpt, "--format", "statedict", "--out", tmp_path / "m.sd") == 0
+    assert (tmp_path / "m.sd").is_file() and (tmp_path / "m.sd.json").is_file()

@@ -15,6 +15,8 @@ checkpoint's model_spec (for a model from the user's own file, its source: what 
 safetensors weights; building from it runs that code). The same description, less model_spec, is embedded too: ONNX
 metadata_props (one entry per key, JSON values), a TorchScript extra file `warmstart.json`, and the safetensors
 header's metadata under "warmstart".
+
+Each format is one entry of EXPORTERS (write, load back, compare); the command's help and --format choices come from it.
 """
 
 import contextlib
@@ -25,6 +27,8 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,43 +40,12 @@ from warmstart.data.dataset import DECODE_ERRORS
 from warmstart.data.transforms import Normalize, eval_resize_size, eval_transform, load_image
 from warmstart.errors import UserError
 
-HELP = "export a checkpoint's model to ONNX, TorchScript or safetensors (checked against PyTorch)"
-DESCRIPTION = """Export a checkpoint's model (or with --features its backbone, output (N, feature_dim)) and check the
-exported file against PyTorch on a few images through the checkpoint's own preprocessing: --check-images DIR, else
-the training data's val/ images when that folder is still there, else random images. The input is a normalised
-float32 NCHW batch of any size; FILE.json beside the export says how to preprocess (and names the classes).
-
-examples:
-  warmstart export --checkpoint runs/tiny/checkpoints/best.pt --format onnx
-  warmstart export --checkpoint best.pt --format safetensors --features --out tiny-backbone.safetensors"""
-
-EXTENSIONS = {"onnx": ".onnx", "torchscript": ".torchscript", "safetensors": ".safetensors"}
 CHECK_IMAGES = 4
-
-
-def add_arguments(parser):
-    options.add(parser, "checkpoint")
-    parser.add_argument("--format", required=True, choices=list(EXTENSIONS),
-                        help="onnx (dynamic batch axis), torchscript (traced) or safetensors (weights only)")
-    parser.add_argument("--out", metavar="FILE", default=None,
-                        help="output file (default: beside the checkpoint, e.g. best.onnx; best-features.onnx with "
-                             "--features); FILE.json is written beside it")
-    parser.add_argument("--features", action="store_true",
-                        help="export the backbone without its classifier: output (N, feature_dim) pooled features")
-    parser.add_argument("--opset", type=int, default=None, metavar="N",
-                        help="ONNX opset version (default: the exporter's, 18 or newer; below 18 uses the "
-                             "TorchScript-based exporter)")
-    parser.add_argument("--check-images", metavar="DIR", default=None,
-                        help="images to check the export on (default: the training data's val/ images if present, "
-                             "else random images)")
-    parser.add_argument("--tolerance", type=float, default=1e-4, metavar="ABS",
-                        help="largest absolute output difference from PyTorch accepted (default: 1e-4)")
-    options.add(parser, "weights", "trust_code")
 
 
 def default_out(ckpt, fmt: str, features: bool) -> Path:
     ckpt = Path(ckpt)
-    return ckpt.with_name(ckpt.stem + ("-features" if features else "") + EXTENSIONS[fmt])
+    return ckpt.with_name(ckpt.stem + ("-features" if features else "") + EXPORTERS[fmt].extension)
 
 
 def check_batch(loaded, folder) -> tuple[torch.Tensor, str]:
@@ -119,9 +92,10 @@ def first_line(e: Exception) -> str:
     return re.sub(r"^<class '[\w.]+'>: ", "", lines[0] if lines else type(e).__name__)[:200]
 
 
-def export_onnx(model, sample, target: Path, output: str, opset, embedded: dict) -> str:
+def export_onnx(model, sample, target: Path, embedded: dict, opset) -> str:
     import onnx
 
+    output = embedded["output"]["name"]
     names = dict(input_names=["image"], output_names=[output], opset_version=opset)
     # one self-contained file unless the weights pass protobuf's 2 GB limit
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
@@ -155,26 +129,26 @@ def export_onnx(model, sample, target: Path, output: str, opset, embedded: dict)
     return f"ONNX opset {opset_used} via {exporter}"
 
 
-def run_onnx(target: Path):
+def run_onnx(model, target: Path):
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
 
 
-def export_torchscript(model, sample, target: Path, embedded: dict) -> str:
+def export_torchscript(model, sample, target: Path, embedded: dict, opset) -> str:
     with quiet():  # torch.jit is deprecated (FutureWarning), and timm's shape asserts warn while tracing
         traced = torch.jit.trace(model, sample, check_trace=False)  # the check below is ours, on N and 1 images
         torch.jit.save(traced, str(target), _extra_files={"warmstart.json": json.dumps(embedded)})
     return "TorchScript (traced)"
 
 
-def run_torchscript(target: Path):
+def run_torchscript(model, target: Path):
     with quiet():
         return torch.jit.load(str(target), map_location="cpu")
 
 
-def export_safetensors(model, target: Path, embedded: dict) -> str:
+def export_safetensors(model, sample, target: Path, embedded: dict, opset) -> str:
     from safetensors.torch import save_model
 
     # save_model is save_file(state_dict) that also drops duplicates of tied (shared) tensors, which save_file refuses
@@ -196,12 +170,78 @@ def run_safetensors(model, target: Path):
     return fresh.eval()
 
 
+def max_abs_diff(exported, x: torch.Tensor, expected: torch.Tensor) -> float:
+    """The whole batch, then a batch of 1: the batch axis must really be free."""
+    with torch.inference_mode():
+        return max(float((exported(x) - expected).abs().max()), float((exported(x[:1]) - expected[:1]).abs().max()))
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """One --format: write(model, sample, target, embedded, opset) -> what was written, in a few words;
+    load(model, target) -> the written file as a callable on a batch; compare(exported, x, expected) -> the
+    difference from PyTorch, held against --tolerance."""
+    extension: str
+    title: str    # as the command's help names the format
+    note: str     # in --format's help
+    write: Callable
+    load: Callable
+    compare: Callable = max_abs_diff
+    opset: bool = False  # honours --opset
+
+
+# a new format is one entry here
+EXPORTERS = {
+    "onnx": Exporter(".onnx", "ONNX", "dynamic batch axis", export_onnx, run_onnx, opset=True),
+    "torchscript": Exporter(".torchscript", "TorchScript", "traced", export_torchscript, run_torchscript),
+    "safetensors": Exporter(".safetensors", "safetensors", "weights only", export_safetensors, run_safetensors),
+}
+
+
+def _either(names) -> str:
+    names = list(names)
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+HELP = f"export a checkpoint's model to {_either(e.title for e in EXPORTERS.values())} (checked against PyTorch)"
+DESCRIPTION = """Export a checkpoint's model (or with --features its backbone, output (N, feature_dim)) and check the
+exported file against PyTorch on a few images through the checkpoint's own preprocessing: --check-images DIR, else
+the training data's val/ images when that folder is still there, else random images. The input is a normalised
+float32 NCHW batch of any size; FILE.json beside the export says how to preprocess (and names the classes).
+
+examples:
+  warmstart export --checkpoint runs/tiny/checkpoints/best.pt --format onnx
+  warmstart export --checkpoint best.pt --format safetensors --features --out tiny-backbone.safetensors"""
+
+
+def add_arguments(parser):
+    options.add(parser, "checkpoint")
+    parser.add_argument("--format", required=True, choices=list(EXPORTERS),
+                        help=_either(f"{name} ({e.note})" for name, e in EXPORTERS.items()))
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="output file (default: beside the checkpoint, e.g. best.onnx; best-features.onnx with "
+                             "--features); FILE.json is written beside it")
+    parser.add_argument("--features", action="store_true",
+                        help="export the backbone without its classifier: output (N, feature_dim) pooled features")
+    parser.add_argument("--opset", type=int, default=None, metavar="N",
+                        help="ONNX opset version (default: the exporter's, 18 or newer; below 18 uses the "
+                             "TorchScript-based exporter)")
+    parser.add_argument("--check-images", metavar="DIR", default=None,
+                        help="images to check the export on (default: the training data's val/ images if present, "
+                             "else random images)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, metavar="ABS",
+                        help="largest absolute output difference from PyTorch accepted (default: 1e-4)")
+    options.add(parser, "weights", "trust_code")
+
+
 def run(args) -> int:
-    if args.opset is not None and args.format != "onnx":
-        raise UserError(f"--opset applies to --format onnx only, not {args.format}")
+    exporter = EXPORTERS[args.format]
+    if args.opset is not None and not exporter.opset:
+        raise UserError(f"--opset applies to --format {_either(n for n, e in EXPORTERS.items() if e.opset)} only, "
+                        f"not {args.format}")
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.format, args.features)
     if out.is_dir():
-        raise UserError(f"--out {out} is a folder; pass a file name, e.g. {out / ('model' + EXTENSIONS[args.format])}")
+        raise UserError(f"--out {out} is a folder; pass a file name, e.g. {out / ('model' + exporter.extension)}")
     loaded = checkpoint.load_model(args.checkpoint, ema=options.ema_choice(args.weights), trust_code=args.trust_code)
     model, head = loaded.model, None
     if args.features:
@@ -235,17 +275,8 @@ def run(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         target = Path(tmp) / out.name
-        if args.format == "onnx":
-            what = export_onnx(model, x[:2], target, output, args.opset, embedded)
-            exported = run_onnx(target)
-        elif args.format == "torchscript":
-            what = export_torchscript(model, x[:2], target, embedded)
-            exported = run_torchscript(target)
-        else:
-            what = export_safetensors(model, target, embedded)
-            exported = run_safetensors(model, target)
-        with torch.inference_mode():  # the whole batch, then a batch of 1: the batch axis must really be free
-            diff = max(float((exported(x) - expected).abs().max()), float((exported(x[:1]) - expected[:1]).abs().max()))
+        what = exporter.write(model, x[:2], target, embedded, args.opset)
+        diff = exporter.compare(exporter.load(model, target), x, expected)
         if not diff <= args.tolerance:  # NaN fails too
             raise UserError(f"the {args.format} export differs from PyTorch by up to {diff:.3g} (> --tolerance "
                             f"{args.tolerance:g}) on {source}; nothing was written")

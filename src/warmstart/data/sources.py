@@ -38,8 +38,8 @@ def stratified_split(samples: list[tuple[str, int]], fraction: float, seed: int)
 
 
 def _from_csv(path: Path, val_split: float, seed: int) -> Splits:
-    try:
-        rows = [r for r in csv.reader(path.read_text(encoding="utf-8").splitlines()) if r and any(c.strip() for c in r)]
+    try:  # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would hide the header
+        rows = [r for r in csv.reader(path.read_text(encoding="utf-8-sig").splitlines()) if r and any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"cannot read {path} as CSV ({e}); expected lines `path,label[,split]`") from None
     if rows and rows[0][:2] == ["path", "label"]:

@@ -6,6 +6,7 @@ normalisation run on the accelerator, fused with the copy.
 
 import math
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -20,6 +21,15 @@ def load_image(path, min_short_side: int | None = None) -> Image.Image:
     img = Image.open(path)
     if min_short_side and img.format == "JPEG":
         img.draft("RGB", (min_short_side, min_short_side))
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's convert clips 16-bit greys (PNG/TIFF decode as I;16, I;16B or I) at 255 instead of scaling
+    them, which turns them almost white; so they are scaled to 8 bits first (v/257 rounded: 65535 -> 255)."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray(((a + 128) // 257).astype(np.uint8))
     return img.convert("RGB")
 
 
@@ -48,14 +58,39 @@ def eval_resize_size(spec: dict) -> int:
 
 def eval_transform(spec: dict) -> v2.Compose:
     """The checkpoint's preprocessing: resize the shorter side to size/crop_pct, centre-crop size."""
-    return v2.Compose([v2.Resize(eval_resize_size(spec), antialias=True), v2.CenterCrop(spec["size"]),
-                       v2.PILToTensor()])
+    mode = v2.InterpolationMode(spec.get("interpolation", "bilinear"))
+    return v2.Compose([v2.Resize(eval_resize_size(spec), interpolation=mode, antialias=True),
+                       v2.CenterCrop(spec["size"]), v2.PILToTensor()])
 
 
 def transform_spec(size: int, crop_pct: float) -> dict:
     """What a checkpoint records so evaluate/predict/export preprocess exactly as training evaluated."""
     return {"size": size, "crop_pct": crop_pct, "interpolation": "bilinear",
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def zoo_transform_spec(source: str, model, size: int | None, crop_pct: float | None) -> dict:
+    """transform_spec for zoo weights (`timm:NAME` or `torchvision:NAME`): the preprocessing they were trained and
+    evaluated with (a ViT augreg: mean/std 0.5, crop 0.9, bicubic), as timm's pretrained config or torchvision's
+    weights enum records it (nothing is downloaded). size and crop_pct, when given, are the user's and win."""
+    if source.startswith("timm:"):
+        from timm.data import resolve_model_data_config
+
+        c = resolve_model_data_config(model)
+        zoo = {"size": c["input_size"][-1], "crop_pct": c["crop_pct"], "interpolation": c["interpolation"],
+               "mean": list(c["mean"]), "std": list(c["std"])}
+    else:
+        from torchvision.models import get_model_weights
+
+        try:
+            t = get_model_weights(source.split(":", 1)[1]).DEFAULT.transforms()
+            zoo = {"size": t.crop_size[0], "crop_pct": t.crop_size[0] / t.resize_size[0],
+                   "interpolation": t.interpolation.value, "mean": list(t.mean), "std": list(t.std)}
+        except (ValueError, KeyError, AttributeError, TypeError):  # no published weights (or not a classifier's)
+            zoo = transform_spec(224, 0.875)
+    if zoo["interpolation"] not in {m.value for m in v2.InterpolationMode}:  # timm's 'random' is a training choice
+        zoo["interpolation"] = "bicubic"
+    return {**zoo, **({"size": size} if size else {}), **({"crop_pct": crop_pct} if crop_pct else {})}
 
 
 class Normalize(torch.nn.Module):

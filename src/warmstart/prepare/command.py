@@ -213,6 +213,22 @@ def stream(src, split: str, output: Output, bar: tqdm) -> tuple[list, int]:
     return futures, count
 
 
+def output_names(files: list[str]) -> list[str]:
+    """The JPEG name of each image file of one folder (sorted). JPEGs keep theirs; another image becomes STEM.JPEG,
+    or NAME.JPEG (a.png.JPEG) where STEM.JPEG is taken (a.gif next to a.png or a.JPEG): no two files share an output."""
+    jpeg = [os.path.splitext(f)[1].lower() in (".jpg", ".jpeg") for f in files]
+    taken = {f.lower() for f, j in zip(files, jpeg) if j}  # lower: the output may be on a case-insensitive disk
+    names = []
+    for f, j in zip(files, jpeg):
+        name, n = f if j else os.path.splitext(f)[0] + ".JPEG", 1
+        while not j and name.lower() in taken:
+            n += 1
+            name = f"{f}.JPEG" if n == 2 else f"{f}.{n}.JPEG"
+        taken.add(name.lower())
+        names.append(name)
+    return names
+
+
 def from_folder(args: argparse.Namespace, out: Path) -> int:
     src = args.from_folder.expanduser().resolve()
     if not args.resize_short:
@@ -225,11 +241,9 @@ def from_folder(args: argparse.Namespace, out: Path) -> int:
     for dirpath, dirnames, filenames in os.walk(src):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = os.path.relpath(dirpath, src).replace(os.sep, "/")
-        for f in sorted(filenames):
-            stem, suffix = os.path.splitext(f)
-            if suffix.lower() in IMAGE_EXTENSIONS:
-                name = f if suffix.lower() in (".jpg", ".jpeg") else stem + ".JPEG"
-                units.setdefault(rel, []).append((name if rel == "." else f"{rel}/{name}", os.path.join(dirpath, f)))
+        found = [f for f in sorted(filenames) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+        for f, name in zip(found, output_names(found)):
+            units.setdefault(rel, []).append((name if rel == "." else f"{rel}/{name}", os.path.join(dirpath, f)))
     if not units:
         raise UserError(f"--from-folder {src} holds no images")
     options = {"from_folder": str(src), "resize_short": args.resize_short, "quality": args.quality}
