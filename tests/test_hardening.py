@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from synth import make_image_folder
-from warmstart import checkpoint, config
+from warmstart import checkpoint, config, trust
 from warmstart.cli import COMMANDS, main
 from warmstart.engine import recipe
 from warmstart.errors import UserError
@@ -104,7 +104,7 @@ def test_zoo_spec_with_file_reading_kwargs_is_refused(trained, tmp_path):
 def test_trust_list_lives_in_config_dir_not_cache(trained, monkeypatch, tmp_path):
     shared = tmp_path / "shared-cache"
     monkeypatch.setenv("WARMSTART_CACHE", str(shared))
-    checkpoint.trust({"name": "x.py:Net", "kwargs": {}, "source": "class Net: pass", "source_file": "x.py"})
+    trust.trust({"name": "x.py:Net", "kwargs": {}, "source": "class Net: pass", "source_file": "x.py"})
     assert (Path(os.environ["XDG_CONFIG_HOME"]) / "warmstart" / "trusted-models.txt").is_file()
     assert not shared.exists() or not any(shared.rglob("trusted*"))
 
@@ -245,21 +245,34 @@ def test_mid_epoch_resume_with_other_batches_is_refused(flags, named, trained, d
 
 
 def test_resume_at_epoch_boundary_with_new_batch_size_and_changed_lr(trained, data, tmp_path, capsys):
+    import json
+    import math
+
     run = tmp_path / "run"
     shutil.copytree(trained.parent.parent, run)
     capsys.readouterr()
-    assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "2", *QUICK, "-b", "8",
+    assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "3", *QUICK, "-b", "8",
                  "--lr-base", "0.2", "--resume", "auto"]) == 0
     log = (run / "log.txt").read_text()
     assert "batch-size 16 -> 8" in log and "continues at update" in log
-    assert "--lr-base None -> 0.2" in log and "--epochs 1 -> 2" in log
+    assert "--lr-base None -> 0.2" in log and "--epochs 1 -> 3" in log
+    # what was done, not what was said: 96 images are 6 updates at batch 16, then 12 per epoch at batch 8; the
+    # schedule is the new one (peak 0.2 x 8/256, cosine over 3 x 12 updates) at the update the run had reached
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["train_state"]["position"]["step"] == 36 and ckpt["train_state"]["position"]["epoch"] == 3
+    peak = 0.2 * 8 / 256
+    assert all(g["initial_lr"] == pytest.approx(peak) for g in ckpt["train_state"]["optimizer"]["param_groups"])
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[1]["lr"] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 24 / 36)))  # after update 24
 
 
 # ---------------------------------------------------------------- learning rates
 
 
 @pytest.mark.parametrize("opt,batch,lr,rule", [("sgd", 1024, 1.6, "linear"), ("adamw", 1024, 1e-3, "sqrt"),
-                                               ("lamb", 1024, 4e-3, "sqrt"), ("adamw", 256, 5e-4, "sqrt")])
+                                               ("lamb", 1024, 4e-3, "sqrt"), ("adamw", 256, 5e-4, "sqrt"),
+                                               ("rmsprop", 1024, 1e-3, "sqrt"), ("lars", 1024, 1.6, "linear")])
 def test_lr_follows_the_optimiser(opt, batch, lr, rule):
     cfg = config.TrainConfig(opt=opt)
     value, how = recipe.effective_lr(cfg, batch)

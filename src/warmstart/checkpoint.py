@@ -1,17 +1,12 @@
-"""The checkpoint format, defined once (see DESIGN.md "Checkpoint format"), and the one function that loads a model
-from a checkpoint (every command and the Python API go through load_model).
+"""The checkpoint format, defined once (docs/ARCHITECTURE.md, "Checkpoint format"), and the one function that loads
+a model from a checkpoint (every command and the Python API go through load_model).
 
 A checkpoint is a dict of plain data (tensors, numbers, strings, lists, dicts) so that it loads with
-torch.load(weights_only=True): unpickling never runs code. Rebuilding the model can: a spec naming the user's own
-file embeds its source, and a `package.module:callable` spec imports and calls what it names. So a checkpoint's
-model is built without asking only when its spec names a torchvision or timm model. Any other spec runs only when
-the user trusted it: `warmstart train` / `finetune` record the SHA-256 of every spec they build (name, kwargs,
-source) in the user's config directory, and `--trust-code` vouches for one checkpoint after reading it.
+torch.load(weights_only=True): unpickling never runs code. Rebuilding the model can; trust.py decides when it may.
+Every checkpoint read goes through load(), which brings older formats up to date (upgrade()) and checks the fields
+a command relies on, so a malformed file is one line, never a traceback deep in a command.
 """
 
-import hashlib
-import json
-import os
 import pickle
 import random
 import zipfile
@@ -21,21 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from warmstart import fileio
+from warmstart import fileio, trust
 from warmstart.errors import UserError
+from warmstart.models import find_head, model_from_spec
 
-FORMAT = "warmstart/1"
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model under DDP (`module.`) and torch.compile (`_orig_mod.`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
+FORMAT = "warmstart/2"  # /1 had one RNG state (not one per rank) in early files and a layout without seed/images
 
 
 def _size(obj) -> int:
@@ -91,74 +76,86 @@ def load(path) -> dict:
         raise _not_a_checkpoint(path, f"unreadable, perhaps truncated: {type(e).__name__}: {str(e)[:160]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_spec" not in ckpt:
         raise _not_a_checkpoint(path, "a torch file without model / model_spec entries")
+    ckpt = upgrade(ckpt, path)
+    _check_fields(ckpt, path)
     return ckpt
 
 
-# ---------------------------------------------------------------------------- trust
-
-ZOO_UNSAFE_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
-                     "pretrained_strict", "cache_dir", "weights"}  # would read files or reach the network
-
-
-def runs_code(model_spec: dict) -> bool:
-    """Does building this spec run code the checkpoint chose? Only plain zoo names do not."""
-    name = str(model_spec.get("name", ""))
-    zoo = name.startswith("timm:") or (":" not in name and not name.endswith(".py"))
-    return not zoo or bool(model_spec.get("source"))
-
-
-def describe_code(model_spec: dict) -> str:
-    """What building this spec would run, in words, for the refusal message."""
-    name, kwargs = model_spec.get("name"), model_spec.get("kwargs") or {}
-    args = f" with kwargs {json.dumps(kwargs)[:120]}" if kwargs else ""
-    if model_spec.get("source"):
-        return (f"the Python source of {model_spec.get('source_file') or name} embedded in it "
-                f"(sha256 {hashlib.sha256(model_spec['source'].encode()).hexdigest()[:12]}), building {name!r}{args}")
-    return f"an import and call of {name!r}{args}"
-
-
-def spec_digest(model_spec: dict) -> str:
-    """SHA-256 over everything in a spec that decides what code runs: name, kwargs, source and its file name.
-    num_classes is left out: an integer runs nothing, and finetuning changes it."""
-    keyed = {k: model_spec.get(k) for k in ("name", "kwargs", "source", "source_file")}
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+def upgrade(ckpt: dict, path="checkpoint") -> dict:
+    """The checkpoint in today's format: every default for fields older formats lack, in one place, chosen by
+    `format`. A new field gets its default here, so nothing else needs a fallback."""
+    ckpt = dict(ckpt)
+    version = str(ckpt.get("format") or "warmstart/1")
+    if version not in ("warmstart/1", FORMAT):
+        raise UserError(f"{path} is in format {version!r}, newer than this warmstart reads ({FORMAT}); upgrade "
+                        f"warmstart (pip install -U warmstart)")
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    ckpt.setdefault("ema", None)
+    ckpt["prefer_ema"] = bool(ckpt.get("prefer_ema"))
+    ckpt["classes"] = {"names": [], "human": None, **(ckpt.get("classes") or {})}
+    for key in ("transform", "metrics", "config"):
+        ckpt[key] = ckpt.get(key) or {}
+    if version == "warmstart/1":
+        rng = ckpt.get("rng")
+        ckpt["rng"] = [] if rng is None else [rng] if isinstance(rng, dict) else list(rng)  # one state per rank
+        train = ckpt.get("train_state")
+        if isinstance(train, dict):  # layout before it was recorded: one process, the config's batch
+            layout = {"world_size": 1, "batch_size": config.get("batch_size"), "accum_steps": config.get("accum_steps") or 1,
+                      "seed": config.get("seed", 0), "train_images": None, **(train.get("layout") or {})}
+            ckpt["train_state"] = {**train, "layout": layout}
+    ckpt.setdefault("rng", [])
+    ckpt.setdefault("train_state", None)
+    ckpt["format"] = FORMAT
+    return ckpt
 
 
-def _trust_file() -> Path:
-    """In the user's config directory, never in a cache that $WARMSTART_CACHE may point at a shared folder."""
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "warmstart" / "trusted-models.txt"
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
-def _trusted_digests() -> set[str]:
-    path = _trust_file()
-    return set(path.read_text().split()) if path.is_file() else set()
+def _check_fields(ckpt: dict, path) -> None:
+    """The fields commands rely on, checked once: a malformed one is one line here, not a traceback in a command."""
+    def bad(field: str, why: str) -> UserError:
+        return UserError(f"{path}: malformed checkpoint field {field} ({why}); it was edited or not written by "
+                         f"warmstart: use the file the run wrote")
 
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
-def trust(model_spec: dict) -> None:
-    """Remember a spec the user built on this machine, so checkpoints holding it load without --trust-code."""
-    if not runs_code(model_spec):
-        return
-    digest = spec_digest(model_spec)
-    if digest not in _trusted_digests():
-        path = _trust_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(digest + "\n")
-
-
-def check_trusted(model_spec: dict, path, trust_code: bool) -> None:
-    """Raise unless building model_spec is safe (a zoo name) or trusted (built here before, or --trust-code)."""
-    if not runs_code(model_spec):
-        unsafe = sorted(ZOO_UNSAFE_KWARGS & set(model_spec.get("kwargs") or {}))
-        if unsafe and not trust_code:
-            raise UserError(f"{path} asks to build {model_spec.get('name')!r} with {', '.join(unsafe)}, which would read "
-                            f"files or download; remove them or pass --trust-code if you mean it")
-        return
-    if trust_code or spec_digest(model_spec) in _trusted_digests():
-        return
-    raise UserError(f"{path} would run {describe_code(model_spec)}, and it was not trained on this machine; "
-                    f"read model_spec in it (torch.load(path, weights_only=True)['model_spec']), then pass --trust-code")
+    spec = ckpt["model_spec"]
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise bad("model_spec.name", "not a model name")
+    if not isinstance(spec.get("kwargs") or {}, dict):
+        raise bad("model_spec.kwargs", "not a mapping")
+    if not count(spec.get("num_classes")):
+        raise bad("model_spec.num_classes", f"{spec.get('num_classes')!r} is not a positive integer")
+    if not isinstance(spec.get("source") or "", str):
+        raise bad("model_spec.source", "not text")
+    head = spec.get("head")
+    if head is not None and not (isinstance(head, dict) and isinstance(head.get("module"), str) and head["module"]
+                                 and count(head.get("num_classes"))):
+        raise bad("model_spec.head", "needs a module name and a positive num_classes")
+    names, human = ckpt["classes"].get("names"), ckpt["classes"].get("human")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise bad("classes.names", "not a list of class names")
+    if human is not None and (not isinstance(human, list) or len(human) != len(names)):
+        raise bad("classes.human", "not one name per class")
+    t = ckpt["transform"]
+    if t:
+        if not count(t.get("size")):
+            raise bad("transform.size", f"{t.get('size')!r} is not a positive integer")
+        crop = t.get("crop_pct")
+        if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1:
+            raise bad("transform.crop_pct", f"{crop!r} is not in (0, 1]")
+        for key in ("mean", "std"):
+            v = t.get(key)
+            if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)) or (
+                    key == "std" and min(v) <= 0):
+                raise bad(f"transform.{key}", f"{v!r} is not 3 numbers{' above 0' if key == 'std' else ''}")
+        if t.get("interpolation", "bilinear") not in INTERPOLATIONS:
+            raise bad("transform.interpolation", f"{t.get('interpolation')!r} is not one of {', '.join(INTERPOLATIONS)}")
+    train = ckpt["train_state"]
+    if train is not None and not (isinstance(train, dict) and isinstance(train.get("position"), dict)):
+        raise bad("train_state", "no position")
 
 
 @dataclass
@@ -181,8 +178,6 @@ class Loaded:
     @property
     def head(self) -> str:
         """The classifier's module name: the one finetune replaced, else found in the model."""
-        from warmstart.models import find_head
-
         return (self.model_spec.get("head") or {}).get("module") or find_head(self.model, len(self.classes) or None)
 
 
@@ -190,14 +185,12 @@ def load_model(path, *, ema: bool | None = None, trust_code: bool = False) -> Lo
     """Rebuild the model a checkpoint describes and load its weights: the one loader that evaluate, predict, export,
     finetune and the Python API share. ema=None uses the weights the checkpoint's evaluation preferred (EMA when it
     scored higher)."""
-    from warmstart.models import model_from_spec
-
     ckpt = load(path)
     spec = ckpt["model_spec"]
-    check_trusted(spec, path, trust_code)
+    trust.check_trusted(spec, path, trust_code)
     model = model_from_spec(spec, allow_code=True)  # trusted (or a zoo name) by now
-    use_ema = bool(ckpt.get("prefer_ema", False) if ema is None else ema) and ckpt.get("ema") is not None
-    if ema and ckpt.get("ema") is None:
+    use_ema = bool(ckpt["prefer_ema"] if ema is None else ema) and ckpt["ema"] is not None
+    if ema and ckpt["ema"] is None:
         raise UserError(f"{path} holds no EMA weights (trained without --ema); use the model weights")
     weights = ckpt["ema"] if use_ema else ckpt["model"]
     try:
@@ -206,10 +199,9 @@ def load_model(path, *, ema: bool | None = None, trust_code: bool = False) -> Lo
         raise UserError(f"{path}: its weights do not fit the model its spec builds "
                         f"({str(e).splitlines()[0][:160]})") from None
     model.eval()
-    classes = ckpt.get("classes") or {}
-    return Loaded(model=model, model_spec=spec, classes=list(classes.get("names") or []), human=classes.get("human"),
-                  transform=ckpt.get("transform") or {}, metrics=ckpt.get("metrics") or {},
-                  config=ckpt.get("config") or {}, path=Path(path), used_ema=use_ema)
+    return Loaded(model=model, model_spec=spec, classes=list(ckpt["classes"]["names"]), human=ckpt["classes"]["human"],
+                  transform=ckpt["transform"], metrics=ckpt["metrics"], config=ckpt["config"], path=Path(path),
+                  used_ema=use_ema)
 
 
 def read_transform(path) -> dict:
@@ -229,7 +221,7 @@ class Resume:
     prefer_ema: bool
     metrics: dict
     train_state: dict              # optimizer, scaler, position, layout
-    rng: dict | None
+    rng: list[dict]                # one state per rank, in rank order
 
     @property
     def run_state(self) -> dict:
@@ -241,13 +233,13 @@ class Resume:
 def load_resumable(path) -> Resume:
     """Read a checkpoint to continue its run. Builds no model, so runs no code from it."""
     ckpt = load(path)
-    if ckpt.get("train_state") is None:
+    if ckpt["train_state"] is None:
         raise UserError(f"{path} holds no training state to resume from (a weights-only copy); start a new run from "
                         f"its weights with `warmstart finetune --from {path} --data DIR --out RUN`")
     return Resume(path=Path(path), model_spec=ckpt["model_spec"], classes=list(ckpt["classes"]["names"]),
-                  config=ckpt.get("config") or {}, model=ckpt["model"], ema=ckpt.get("ema"),
-                  prefer_ema=bool(ckpt.get("prefer_ema")), metrics=ckpt.get("metrics") or {},
-                  train_state=ckpt["train_state"], rng=ckpt.get("rng"))
+                  config=ckpt["config"], model=ckpt["model"], ema=ckpt["ema"], prefer_ema=ckpt["prefer_ema"],
+                  metrics=ckpt["metrics"],
+                  train_state=ckpt["train_state"], rng=ckpt["rng"])
 
 
 def rng_state() -> dict:
@@ -271,11 +263,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-
-
-def rank_rngs(rng) -> list[dict]:
-    """The per-rank RNG states of a checkpoint (one dict in checkpoints from before they were per rank)."""
-    return [] if rng is None else [rng] if isinstance(rng, dict) else list(rng)
 
 
 def build(run_state: dict, model_spec: dict, classes: dict, transform: dict, config: dict | None = None) -> dict:

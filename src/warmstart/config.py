@@ -207,7 +207,13 @@ def _coerce(name: str, value, source: str):
         raise UserError(f"{source}: bad value for {name}: {value!r} ({e})") from None
 
 
-def load_yaml(path: str) -> dict:
+# never read from YAML: trust is granted on the command line only (trust.py), a run folder or recipe is data
+CLI_ONLY = ("trust_code",)
+
+
+def load_yaml(path: str, saved: bool = False) -> dict:
+    """A recipe (--config) or a run's saved config.yaml (saved=True) as {field: value}. CLI_ONLY fields are dropped
+    from a saved config (every run saves them) and refused in a recipe."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {p} does not exist; see examples/recipes/ for recipe files")
@@ -218,6 +224,10 @@ def load_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{p} must be a mapping of option: value (see examples/recipes/)")
     data = {("from_" if k == "from" else k.replace("-", "_")): v for k, v in data.items()}
+    for name in CLI_ONLY:
+        if name in data and not saved and data[name]:
+            raise UserError(f"{p}: {name} cannot be set in a YAML file; pass {flag_name(name)} on the command line")
+        data.pop(name, None)
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise UserError(f"{p}: unknown option(s) {', '.join(unknown)}; valid ones are the --flags of `warmstart train --help`")
@@ -238,20 +248,25 @@ LAUNCH = ("multiprocessing_distributed", "dist_url", "dist_backend", "world_size
 
 def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
     """defaults < the command's defaults < a saved run's config.yaml (--resume auto) < --config < flags.
-    cfg.given holds the names set by anything above the defaults (finetune only fills in what was not given)."""
+    cfg.given holds the names set by anything above the defaults (finetune only fills in what was not given);
+    cfg.from_run those whose value came from the saved config.yaml: data someone may have sent, so a model or
+    checkpoint it names is built only under trust.check_trusted (train.py, finetune.py)."""
     values = dict(COMMAND_DEFAULTS.get(command, {}))
-    given = set()
+    given, from_run = set(), set()
     # `--out RUN --resume auto` alone continues RUN with the configuration it was started with
     saved = Path(getattr(args, "out", "") or "") / "config.yaml"
     if getattr(args, "resume", None) == "auto" and getattr(args, "out", None) and saved.is_file():
-        loaded = {k: v for k, v in load_yaml(str(saved)).items() if k not in LAUNCH}
+        loaded = {k: v for k, v in load_yaml(str(saved), saved=True).items() if k not in LAUNCH}
         given |= loaded.keys()
+        from_run |= loaded.keys()
         values.update(loaded)
     if getattr(args, "config", None):
         given |= (loaded := load_yaml(args.config)).keys()
+        from_run -= loaded.keys()
         values.update(loaded)
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     given |= flags.keys()
+    from_run -= flags.keys()
     values.update(flags)
     recipe = load_yaml(args.config) if getattr(args, "config", None) else {}
     if "img_size" in flags and recipe.get("img_size"):
@@ -263,7 +278,7 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
     if getattr(args, "data_pos", None):
         values["data"] = args.data_pos
     cfg = TrainConfig(**values)
-    cfg.given = given
+    cfg.given, cfg.from_run, cfg.saved_config = given, from_run, saved
     for name in ("epochs", "batch_size", "accum_steps", "img_size", "eval_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")

@@ -5,12 +5,10 @@ from pathlib import Path
 
 import torch
 
-from warmstart import checkpoint, config, fileio
-from warmstart.data.sources import load_splits
-from warmstart.data.transforms import transform_spec
+from warmstart import checkpoint, config, fileio, trust
+from warmstart.data.transforms import transform_spec, zoo_transform_spec
 from warmstart.engine import distributed
-from warmstart.engine.run import Run, resumable, resume_path, seed_everything
-from warmstart.engine.runlog import RunLog
+from warmstart.engine.run import Run, resume_path, session
 from warmstart.errors import UserError
 from warmstart.models import build_model, find_head, replace_head
 
@@ -84,10 +82,11 @@ def pretrained(cfg: config.TrainConfig) -> checkpoint.Loaded:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"--weights {cfg.weights} do not fit {source} ({str(e).splitlines()[0][:160]})") from None
-    size = cfg.eval_img_size or 224
+    # the preprocessing these weights were trained and evaluated with, less what the user set
+    transform = zoo_transform_spec(source, model, cfg.eval_img_size, cfg.crop_pct if "crop_pct" in cfg.given else None)
+    img_size = cfg.img_size if "img_size" in cfg.given else transform["size"]
     return checkpoint.Loaded(model=model.eval(), model_spec=spec, classes=[str(i) for i in range(n)], human=None,
-                             transform=transform_spec(size, cfg.crop_pct), config={"img_size": cfg.img_size},
-                             path=Path(cfg.weights))
+                             transform=transform, config={"img_size": img_size}, path=Path(cfg.weights))
 
 
 def freeze(model: torch.nn.Module, head: str, linear_probe: bool, until: str | None) -> tuple:
@@ -124,44 +123,37 @@ def run(args) -> int:
 
 
 def finetune(cfg: config.TrainConfig, dist: distributed.Dist) -> int:
-    log = RunLog(cfg.run_dir, enabled=dist.is_main)
-    seed_everything(cfg.seed)
-    base = pretrained(cfg)
-    # the checkpoint's preprocessing, unless overridden: the resolution it trained at, its eval size, crop, mean/std
-    if "img_size" not in cfg.given and base.config.get("img_size"):
-        cfg.img_size = base.config["img_size"]
-    if "eval_img_size" not in cfg.given and "img_size" not in cfg.given and base.transform.get("size"):
-        cfg.eval_img_size = base.transform["size"]
-    if "crop_pct" not in cfg.given and base.transform.get("crop_pct"):
-        cfg.crop_pct = base.transform["crop_pct"]
-    eval_spec = {**base.transform, **transform_spec(cfg.eval_size, cfg.crop_pct),
-                 **{k: base.transform[k] for k in ("mean", "std", "interpolation") if k in base.transform}}
+    with session(cfg, dist, val_split=cfg.val_split, seed=cfg.seed) as (log, splits):
+        # a resumed run rebuilds its model from last.pt alone (same trust check): the --from file may be gone
+        path = resume_path(cfg, cfg.run_dir)
+        base = checkpoint.load_model(path, trust_code=cfg.trust_code) if path else pretrained(cfg)
+        # the checkpoint's preprocessing, unless overridden: its training resolution, eval size, crop, mean/std
+        if "img_size" not in cfg.given and base.config.get("img_size"):
+            cfg.img_size = base.config["img_size"]
+        if "eval_img_size" not in cfg.given and "img_size" not in cfg.given and base.transform.get("size"):
+            cfg.eval_img_size = base.transform["size"]
+        if "crop_pct" not in cfg.given and base.transform.get("crop_pct"):
+            cfg.crop_pct = base.transform["crop_pct"]
+        eval_spec = {**base.transform, **transform_spec(cfg.eval_size, cfg.crop_pct),
+                     **{k: base.transform[k] for k in ("mean", "std", "interpolation") if k in base.transform}}
 
-    splits = load_splits(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
-    model = base.model
-    head = find_head(model, len(base.classes) or None, cfg.head)
-    if base.model_spec.get("head") and base.model_spec["head"]["module"] != head:
-        raise UserError(f"{cfg.from_} was fine-tuned with head {base.model_spec['head']['module']!r}; "
-                        f"fine-tune it again with --head {base.model_spec['head']['module']}")
-    replace_head(model, len(splits.classes), head)
-    spec = {**base.model_spec, "head": {"module": head, "num_classes": len(splits.classes)}}
-    checkpoint.trust(spec)  # built here by the user's choice: its checkpoints load without --trust-code
-    frozen = freeze(model, head, cfg.linear_probe, cfg.freeze_until)
-    model.train()
+        model = base.model
+        head = find_head(model, len(base.classes) or None, cfg.head)
+        if base.model_spec.get("head") and base.model_spec["head"]["module"] != head:
+            raise UserError(f"{base.path} was fine-tuned with head {base.model_spec['head']['module']!r}; "
+                            f"fine-tune it again with --head {base.model_spec['head']['module']}")
+        replace_head(model, len(splits.classes), head)
+        spec = {**base.model_spec, "head": {"module": head, "num_classes": len(splits.classes)}}
+        trust.trust(spec)  # built here by the user's choice (trusted, or --trust-code): its checkpoints load
+        frozen = freeze(model, head, cfg.linear_probe, cfg.freeze_until)
+        model.train()
 
-    run = Run(cfg, dist, model=model, model_spec=spec, splits=splits, eval_spec=eval_spec, log=log, head=head,
-              finetune=True, frozen_norms=frozen)
-    path = resume_path(cfg, cfg.run_dir)
-    if path:
-        res = resumable(path, cfg, spec, splits.classes)
-        run.load_state_dict(res.run_state, path, res.config)
-    if dist.is_main and "stratified" in splits.note:  # record exactly which images were held out
-        fileio.write_text(cfg.run_dir / "val_split.json", json.dumps(
-            {"note": splits.note, "val": [p for p, _ in splits.val]}, indent=0))
-    mode = "linear probe" if cfg.linear_probe else f"frozen up to {cfg.freeze_until}" if cfg.freeze_until else "full"
-    log.print(f"{splits.note}; pretrained {base.model_spec['name']} from {base.path}, head {head!r} -> "
-              f"{len(splits.classes)} classes, {mode} fine-tuning")
-    run.describe(f"warmstart finetune: {Path(str(cfg.from_)).name}")
-    status = run.fit()
-    log.close()
-    return status
+        run = Run(cfg, dist, model=model, model_spec=spec, splits=splits, eval_spec=eval_spec, log=log, head=head,
+                  finetune=True, frozen_norms=frozen)
+        if dist.is_main and "stratified" in splits.note:  # record exactly which images were held out
+            fileio.write_text(cfg.run_dir / "val_split.json", json.dumps(
+                {"note": splits.note, "val": [p for p, _ in splits.val]}, indent=0))
+        mode = "linear probe" if cfg.linear_probe else f"frozen up to {cfg.freeze_until}" if cfg.freeze_until else "full"
+        log.print(f"{splits.note}; pretrained {base.model_spec['name']} from {base.path}, head {head!r} -> "
+                  f"{len(splits.classes)} classes, {mode} fine-tuning")
+        return run.start(f"warmstart finetune: {Path(str(cfg.from_)).name}")

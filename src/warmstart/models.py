@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from warmstart.errors import UserError
+from warmstart.trust import runs_code
 
 HOW_TO_NAME = ("use a torchvision name (resnet50), 'timm:NAME' for a timm model, "
                "or 'path/to/file.py:Name' / 'package.module:Name' for your own code")
@@ -42,9 +43,9 @@ ZOO_DEFAULT_KWARGS = {"inception_v3": {"aux_logits": False, "init_weights": True
                       "googlenet": {"aux_logits": False, "init_weights": True}}
 
 
-def build_model(spec: str, num_classes: int, kwargs: dict | None = None) -> tuple[nn.Module, dict]:
-    """Build a model from a --model string. Returns (model, model_spec); model_spec is plain data."""
-    kwargs = dict(kwargs or {})
+def spec_for(spec: str, num_classes: int, kwargs: dict | None = None) -> dict:
+    """The model_spec a --model string describes (a file model's source read from disk), without running anything:
+    what trust.check_trusted judges before a spec read from a run folder is built."""
     source = source_file = None
     if _is_file_spec(spec):
         path = Path(spec.rsplit(":", 1)[0] if ":" in spec else spec)
@@ -52,10 +53,14 @@ def build_model(spec: str, num_classes: int, kwargs: dict | None = None) -> tupl
             raise UserError(f"model file not found: {path} (from --model {spec!r}); "
                             f"give a path relative to the current directory ({os.getcwd()}) or an absolute one")
         source, source_file = path.read_text(encoding="utf-8"), path.name
-    model = _build(spec, num_classes, kwargs, source=None)
-    model_spec = {"name": spec, "kwargs": kwargs, "num_classes": num_classes,
-                  "source": source, "source_file": source_file}
-    return model, model_spec
+    return {"name": spec, "kwargs": dict(kwargs or {}), "num_classes": num_classes,
+            "source": source, "source_file": source_file}
+
+
+def build_model(spec: str, num_classes: int, kwargs: dict | None = None) -> tuple[nn.Module, dict]:
+    """Build a model from a --model string. Returns (model, model_spec); model_spec is plain data."""
+    model_spec = spec_for(spec, num_classes, kwargs)
+    return _build(spec, num_classes, dict(model_spec["kwargs"]), source=None), model_spec
 
 
 def model_from_spec(model_spec: dict, num_classes: int | None = None, *, allow_code: bool = False) -> nn.Module:
@@ -65,8 +70,6 @@ def model_from_spec(model_spec: dict, num_classes: int | None = None, *, allow_c
     changed). num_classes overrides the spec's. Only checkpoint.load_model, after its trust
     check, passes allow_code=True: without it, a spec that would run code is refused here too.
     """
-    from warmstart.checkpoint import runs_code
-
     if runs_code(model_spec) and not allow_code:
         raise UserError(f"building {model_spec.get('name')!r} from a checkpoint runs code; load it through "
                         f"warmstart.checkpoint.load_model, which checks that it is trusted")
@@ -75,8 +78,25 @@ def model_from_spec(model_spec: dict, num_classes: int | None = None, *, allow_c
     model = _build(model_spec["name"], n, dict(model_spec.get("kwargs") or {}),
                    source=model_spec.get("source"), source_file=model_spec.get("source_file"))
     if head:
+        try:
+            model.get_submodule(head["module"])
+        except AttributeError:
+            raise UserError(f"the checkpoint's model_spec.head names module {head['module']!r}, which "
+                            f"{model_spec['name']!r} does not have; it was edited or not written by warmstart") from None
         replace_head(model, head["num_classes"] if num_classes is None else num_classes, head["module"])
     return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP (`module.`) and torch.compile (`_orig_mod.`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
 
 
 # ---------------------------------------------------------------------------- the classifier head
@@ -145,23 +165,26 @@ def backbone(model: nn.Module, head: str | None = None) -> tuple[nn.Module, int]
 def zero_init_last_norm(model: nn.Module) -> int:
     """Zero the last norm's weight in each residual block, so every block starts as identity.
 
-    torchvision BasicBlock.bn2 / Bottleneck.bn3, and any block with timm's zero_init_last()
-    method (timm decides per block what 'last' is). ConvNeXt-style layer-scale gammas are
-    not norms and are left alone. Returns the number of blocks changed.
+    torchvision BasicBlock.bn2 / Bottleneck.bn3, and any module with a zero_init_last() method
+    (timm's blocks, a user's own blocks, or the model itself): it decides what 'last' is for
+    everything inside it, so nothing inside it is visited again. ConvNeXt-style layer-scale
+    gammas are not norms and are left alone. Returns the number of modules changed.
     """
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    changed = 0
-    for m in model.modules():
+    def visit(m: nn.Module) -> int:
         norm = m.bn2 if isinstance(m, BasicBlock) else m.bn3 if isinstance(m, Bottleneck) else None
         if norm is not None:
-            if getattr(norm, "weight", None) is not None:  # affine=False norms have nothing to zero
-                nn.init.zeros_(norm.weight)
-                changed += 1
-        elif callable(getattr(m, "zero_init_last", None)):
+            if getattr(norm, "weight", None) is None:  # affine=False norms have nothing to zero
+                return 0
+            nn.init.zeros_(norm.weight)
+            return 1
+        if callable(getattr(m, "zero_init_last", None)):
             m.zero_init_last()
-            changed += 1
-    return changed
+            return 1
+        return sum(visit(c) for c in m.children())
+
+    return visit(model)
 
 
 def dry_run(model: nn.Module, images: torch.Tensor, num_classes: int) -> list[str]:

@@ -1,17 +1,11 @@
 """`warmstart train`: pretrain any architecture on an ImageFolder tree with a modern recipe, resumable to the bit."""
 
-from pathlib import Path
-
-
-from warmstart import checkpoint, config
-from warmstart.data.sources import load_splits
+from warmstart import config, trust
 from warmstart.data.transforms import transform_spec
 from warmstart.engine import distributed
-from warmstart.engine.run import Run, resumable, resume_path, seed_everything
-from warmstart.engine.runlog import RunLog
+from warmstart.engine.run import Run, session
 from warmstart.errors import UserError
-from warmstart.models import build_model, zero_init_last_norm
-from warmstart.prepare.manifest import unverified_reason
+from warmstart.models import build_model, spec_for, zero_init_last_norm
 
 HELP = "pretrain a model (zoo name or your own file) on train/ + val/ folders"
 DESCRIPTION = """Pretrain any architecture on an ImageFolder dataset (DATA/train/<class>/*, DATA/val/<class>/*).
@@ -30,12 +24,6 @@ def add_arguments(parser):
     config.add_config_arguments(parser, "train")
 
 
-def unverified_warning(root: Path) -> str | None:
-    """One line when `warmstart prepare` marked the dataset unverified (checksum mismatch accepted by --partial)."""
-    reason = unverified_reason(root)
-    return f"warning: training on unverified data ({reason}); see {root}/prepared.json" if reason else None
-
-
 def run(args) -> int:
     cfg = config.resolve(args, "train")
     if cfg.evaluate:
@@ -52,23 +40,13 @@ def run(args) -> int:
 
 
 def train(cfg: config.TrainConfig, dist: distributed.Dist) -> int:
-    log = RunLog(cfg.run_dir, enabled=dist.is_main)
-    seed_everything(cfg.seed)
-    splits = load_splits(cfg.data)
-    if warning := unverified_warning(Path(cfg.data)):
-        log.print(warning)
-    model, model_spec = build_model(cfg.model, len(splits.classes), cfg.model_kwargs)
-    checkpoint.trust(model_spec)  # the user's own code: its checkpoints may rebuild it without --trust-code
-    zeroed = zero_init_last_norm(model) if cfg.zero_init_last else 0
-    run = Run(cfg, dist, model=model, model_spec=model_spec, splits=splits,
-              eval_spec=transform_spec(cfg.eval_size, cfg.crop_pct), log=log)
-    path = resume_path(cfg, cfg.run_dir)
-    if path:
-        res = resumable(path, cfg, model_spec, splits.classes)
-        run.load_state_dict(res.run_state, path, res.config)
-    elif cfg.resume == "auto":
-        log.print(f"--resume auto: no checkpoint in {cfg.run_dir / 'checkpoints'} yet, starting from scratch")
-    run.describe(f"warmstart train: {cfg.model}{f', {zeroed} residual norms zeroed' if zeroed else ''}")
-    status = run.fit()
-    log.close()
-    return status
+    with session(cfg, dist) as (log, splits):
+        if {"model", "model_kwargs"} & cfg.from_run:  # named by RUN/config.yaml, not by this command line
+            trust.check_trusted(spec_for(cfg.model, len(splits.classes), cfg.model_kwargs), cfg.saved_config,
+                                cfg.trust_code)
+        model, model_spec = build_model(cfg.model, len(splits.classes), cfg.model_kwargs)
+        trust.trust(model_spec)  # the user's own code: its checkpoints may rebuild it without --trust-code
+        zeroed = zero_init_last_norm(model) if cfg.zero_init_last else 0
+        run = Run(cfg, dist, model=model, model_spec=model_spec, splits=splits,
+                  eval_spec=transform_spec(cfg.eval_size, cfg.crop_pct), log=log)
+        return run.start(f"warmstart train: {cfg.model}{f', {zeroed} residual norms zeroed' if zeroed else ''}")

@@ -1,5 +1,6 @@
 """A folder of labelled images, addressed by (index, seed, size) keys from the samplers."""
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +64,39 @@ def collate(batch):
     return images, labels, len(batch) - len(good)
 
 
+# SLURM (at preemption or the time limit), Kubernetes and `kill -- -PGID` signal the whole process group. The main
+# process saves and stops at the next update (engine/run.py); a data worker must live until then, but torch's worker
+# handler makes SIGTERM from anyone but the parent fatal, which would end the run in a DataLoader error, unsaved.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose workers ignore the stop signals. They are blocked while workers start (so a signal in the
+    instant between fork and worker_init_fn cannot kill one) and delivered to the main process afterwards."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def make_loader(dataset, sampler, *, batch_size: int, workers: int, train: bool, pin_memory: bool = False):
     # its own generator: creating an iterator must not draw from the global RNG, or a resumed run would
     # continue from a different random state than the uninterrupted one
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      drop_last=train, pin_memory=pin_memory, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(0))
+    return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                  drop_last=train, pin_memory=pin_memory, persistent_workers=workers > 0,
+                  prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(0),
+                  worker_init_fn=_worker_ignores_stop_signals if workers > 0 else None)
 
 
 def read_human_names(root: Path, classes: list[str]) -> list[str] | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from warmstart.checkpoint import unwrap
+from warmstart.models import unwrap
 from warmstart.engine.distributed import all_reduce_sum
 from warmstart.errors import UserError
 from warmstart.progress import bar as progress_bar, iterate

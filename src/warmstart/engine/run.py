@@ -6,6 +6,7 @@ grad scaler, position and RNG. state_dict() / load_state_dict() capture and rest
 it out in the file); fit() trains to the last epoch, evaluating and saving as it goes.
 """
 
+import contextlib
 import os
 import random
 import shutil
@@ -15,6 +16,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -22,17 +24,19 @@ import torch
 from warmstart import checkpoint, config
 from warmstart.data.dataset import ImageDataset, collate, eval_loader, make_loader
 from warmstart.data.sampler import TrainSampler
-from warmstart.data.sources import Splits
+from warmstart.data.sources import Splits, load_splits
 from warmstart.data.transforms import Normalize
 from warmstart.engine import distributed, recipe
 from warmstart.engine.loop import Position, evaluate, train_one_epoch
 from warmstart.engine.runlog import RunLog
 from warmstart.errors import UserError
-from warmstart.models import dry_run
+from warmstart.models import dry_run, unwrap
+from warmstart.prepare.manifest import unverified_reason
 
 # settings that change what a resumed run means: listed in a warning when they differ from the checkpoint's
-MEANING = ("lr", "lr_base", "lr_scale", "sched", "epochs", "warmup_epochs", "weight_decay", "img_size",
-           "img_size_start", "min_scale", "mixup", "cutmix", "label_smoothing")
+# (all of them are applied: the optimiser's groups take this run's lr, momentum and weight decay, not the saved ones)
+MEANING = ("lr", "lr_base", "lr_scale", "sched", "epochs", "warmup_epochs", "weight_decay", "momentum", "head_lr_mult",
+           "layer_decay", "img_size", "img_size_start", "min_scale", "mixup", "cutmix", "label_smoothing", "seed")
 
 
 def size_for_epoch(cfg: config.TrainConfig, epoch: int) -> int:
@@ -51,6 +55,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+def unverified_warning(root: Path) -> str | None:
+    """One line when `warmstart prepare` marked the dataset unverified (checksum mismatch accepted by --partial)."""
+    reason = unverified_reason(root)
+    return f"warning: training on unverified data ({reason}); see {root}/prepared.json" if reason else None
+
+
+@contextlib.contextmanager
+def session(cfg: config.TrainConfig, dist: distributed.Dist, **split_options) -> Iterator[tuple[RunLog, Splits]]:
+    """The start-up train and finetune share: the run folder locked and logged (rank 0), seeds, the data splits.
+    The lock is released however the command ends."""
+    with RunLog(cfg.run_dir, enabled=dist.is_main) as log:
+        seed_everything(cfg.seed)
+        splits = load_splits(cfg.data, **split_options)
+        if warning := unverified_warning(Path(cfg.data)):
+            log.print(warning)
+        yield log, splits
 
 
 def resume_path(cfg: config.TrainConfig, run_dir: Path) -> Path | None:
@@ -173,13 +195,14 @@ class Run:
     # ------------------------------------------------------------------ state
 
     def layout(self) -> dict:
-        """What decides which samples each batch holds: a mid-epoch resume must keep it."""
+        """What decides which samples each batch holds: a mid-epoch resume must keep the global batch, the seed (it
+        draws the epoch's permutation) and the number of training images."""
         return {"world_size": self.dist.world_size, "batch_size": self.cfg.batch_size,
-                "accum_steps": self.cfg.accum_steps}
+                "accum_steps": self.cfg.accum_steps, "seed": self.cfg.seed, "train_images": len(self.train_set)}
 
     def state_dict(self) -> dict:
         return {
-            "model": checkpoint.unwrap(self.model).state_dict(),
+            "model": unwrap(self.model).state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "prefer_ema": self.prefer_ema,
             "metrics": self.metrics,
@@ -190,45 +213,61 @@ class Run:
         }
 
     def load_state_dict(self, state: dict, where="checkpoint", saved_config: dict | None = None) -> None:
-        """Continue a run from state_dict() output. The position inside an epoch is kept in samples, so a run saved
-        on N processes continues on M with every sample of that epoch seen once, provided the global batch is the
-        same (--global-batch keeps it); a mid-epoch resume with another global batch is refused."""
-        train = state["train_state"]
+        """Continue a run from state_dict() output (checkpoint.upgrade fills what older files lack). Every setting
+        either takes effect or is refused: the position inside an epoch is kept in samples of one seeded permutation,
+        so a run saved on N processes continues on M with every sample of that epoch seen once, provided the global
+        batch, the seed and the training set are the same (--global-batch keeps the batch); a mid-epoch resume that
+        changes any of them is refused. Optimiser settings (lr, momentum, weight decay, per-group LR scales) are this
+        run's, not the checkpoint's: only the optimiser's running state (momenta, moments) is restored."""
+        train, cfg = state["train_state"], self.cfg
         pos = Position(**train["position"])
         saved_config = saved_config or {}
-        old = {"world_size": 1, **{k: saved_config.get(k) for k in ("batch_size", "accum_steps")},
-               **(train.get("layout") or {})}
-        new = self.layout()
+        old, new = train["layout"], self.layout()
         changed = [f"{k.replace('_', '-')} {old[k]} -> {v}" for k, v in new.items() if old.get(k) not in (None, v)]
-        old_global = old["world_size"] * (old["batch_size"] or new["batch_size"]) * (old["accum_steps"] or 1)
-        samples = pos.batch_in_epoch * old["world_size"] * (old["batch_size"] or new["batch_size"])
-        if samples and old_global != self.global_batch:
-            raise UserError(f"{where} stopped inside epoch {pos.epoch + 1}; resuming it with a different global batch "
-                            f"({old_global} -> {self.global_batch}: {', '.join(changed)}) would train some of its "
-                            f"samples twice and skip others; resume with the same global batch (--global-batch "
-                            f"{old_global} derives it for any process count) or from an end-of-epoch checkpoint")
-        meaning = [f"{config.flag_name(k)} {saved_config[k]} -> {getattr(self.cfg, k)}" for k in MEANING
-                   if k in saved_config and saved_config[k] != getattr(self.cfg, k)]
+        old_global = old["world_size"] * (old["batch_size"] or cfg.batch_size) * old["accum_steps"]
+        samples = pos.batch_in_epoch * old["world_size"] * (old["batch_size"] or cfg.batch_size)
+        n = len(self.train_set)
+        # saved at the epoch's last update (a timed save or a signal before its evaluation): nothing left to train
+        done = samples >= n // old_global * old_global
+        order = [c for c, k in zip(changed, new) if k in ("seed", "train_images") and old.get(k) is not None]
+        if samples and not done and (old_global != self.global_batch or order):
+            raise UserError(f"{where} stopped inside epoch {pos.epoch + 1}; resuming it with "
+                            f"{', '.join(changed)} would train some of its samples twice and skip others; resume "
+                            f"with the same {'seed and data' if order else 'global batch'}"
+                            f"{'' if order else f' (--global-batch {old_global} derives it for any process count)'}"
+                            f" or from an end-of-epoch checkpoint")
+        meaning = [f"{config.flag_name(k)} {saved_config[k]} -> {getattr(cfg, k)}" for k in MEANING
+                   if k in saved_config and saved_config[k] != getattr(cfg, k)]
         if meaning:
-            self.log.print(f"warning: resuming with settings that differ from the checkpoint's: {'; '.join(meaning)}")
-        _load(checkpoint.unwrap(self.model), state["model"], where, "model weights")
+            self.log.print(f"resuming with settings that differ from the checkpoint's, applied from here on: "
+                           f"{'; '.join(meaning)}")
+        _load(unwrap(self.model), state["model"], where, "model weights")
         if self.ema is not None:
             _load(self.ema.module, state["ema"] if state.get("ema") is not None else state["model"], where, "EMA weights")
+        groups = train["optimizer"]["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise UserError(f"{where}: its optimiser groups the parameters differently ({len(groups)} groups, this run "
+                            f"{len(self.optimizer.param_groups)}): --head-lr-mult, --layer-decay, --freeze-until or "
+                            f"--linear-probe changed; resume with the checkpoint's values or start a new run")
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         _load(self.optimizer, train["optimizer"], where, "optimizer state")
+        for group, mine in zip(self.optimizer.param_groups, settings):
+            group.update(mine)  # load_state_dict restored the saved lr, momentum, weight decay and lr_scale
         if self.scaler is not None and train.get("scaler"):
             self.scaler.load_state_dict(train["scaler"])
-        pos.batch_in_epoch = samples // (self.dist.world_size * self.cfg.batch_size)
+        pos.batch_in_epoch = self.batches_per_epoch if done else samples // (self.dist.world_size * cfg.batch_size)
         if old_global != self.global_batch:  # at an epoch boundary: same epochs, new update count per epoch
-            pos.step = pos.epoch * self.updates_per_epoch
-            self.log.print(f"resuming at the start of epoch {pos.epoch + 1} with {', '.join(changed)}: the schedule "
-                           f"continues at update {pos.step}")
+            pos.step = (pos.epoch + done) * self.updates_per_epoch
+            self.log.print(f"resuming {'after' if done else 'at the start of'} epoch {pos.epoch + 1} with "
+                           f"{', '.join(changed)}: the schedule continues at update {pos.step}")
         self.pos, self.metrics, self.prefer_ema = pos, state.get("metrics") or {}, bool(state.get("prefer_ema"))
-        rngs = checkpoint.rank_rngs(state.get("rng"))
+        rngs = state.get("rng") or []
         self._rng = rngs[self.dist.rank] if len(rngs) == self.dist.world_size else None
         if rngs and self._rng is None:
             self.log.print(f"{where} holds the random streams of {len(rngs)} process(es), this run has "
-                           f"{self.dist.world_size}: they restart from --seed {self.cfg.seed} (+ rank)")
-        self.log.print(f"resuming from {where}: epoch {pos.epoch + 1}, {samples} samples into it, update {pos.step}")
+                           f"{self.dist.world_size}: they restart from --seed {cfg.seed} (+ rank)")
+        into = "its training done, evaluation next" if done else f"{samples} samples into it"
+        self.log.print(f"resuming from {where}: epoch {pos.epoch + 1}, {into}, update {pos.step}")
 
     def save(self, name: str) -> None:
         """Every rank takes part (their RNG states are gathered); rank 0 writes."""
@@ -250,6 +289,18 @@ class Run:
         self.log.print(f"global batch {self.global_batch} ({cfg.batch_size} x {dist.world_size} process(es) x "
                        f"{cfg.accum_steps} accum), {cfg.opt} lr {self.lr:.4g} ({self.lr_how}), {cfg.sched} schedule, "
                        f"{cfg.epochs} epochs x {self.updates_per_epoch} updates -> {self.run_dir}")
+
+    def start(self, what: str) -> int:
+        """Resume when asked (--resume CKPT, or --resume auto and RUN/checkpoints/last.pt exists), say what will
+        run, and train: the end of start-up that train and finetune share."""
+        path = resume_path(self.cfg, self.run_dir)
+        if path:
+            res = resumable(path, self.cfg, self.model_spec, self.class_info["names"])
+            self.load_state_dict(res.run_state, path, res.config)
+        elif self.cfg.resume == "auto":
+            self.log.print(f"--resume auto: no checkpoint in {self.run_dir / 'checkpoints'} yet, starting from scratch")
+        self.describe(what)
+        return self.fit()
 
     def fit(self) -> int:
         """Train to the last epoch; returns the exit status (0, or 128 + the signal that preempted the run)."""
@@ -316,7 +367,8 @@ class Run:
             t0 = time.perf_counter()
             size = size_for_epoch(cfg, pos.epoch)
             self.sampler.set_epoch(pos.epoch, size, start=pos.batch_in_epoch * cfg.batch_size * dist.world_size)
-            stats = train_one_epoch(
+            trained = pos.batch_in_epoch >= self.batches_per_epoch  # resumed from a save at the epoch's last update
+            stats = {} if trained else train_one_epoch(
                 model=model, loader=self.train_loader, normalize=self.normalize, loss_fn=self.loss_fn,
                 optimizer=self.optimizer, scheduler=self.scheduler, pos=pos, device=self.device,
                 accum_steps=cfg.accum_steps, amp=cfg.amp, scaler=self.scaler, mixup=self.mixup, erasing=self.erasing,
@@ -338,10 +390,11 @@ class Run:
             ema_txt = f", ema top-1 {row['ema_val_top1']:.2f}%" if "ema_val_top1" in row else ""
             val_txt = (f" | val loss {row['val_loss']:.3f}, top-1 {row['val_top1']:.2f}%, top-5 {row['val_top5']:.2f}%"
                        f"{ema_txt}" if "val_top1" in row else "")
-            log.print(f"epoch {pos.epoch}/{cfg.epochs} @{size}px: train loss {stats['train_loss']:.3f}, "
-                      f"{stats['img_per_s']:.0f} img/s, data wait {100 * stats['data_wait']:.0f}%{val_txt} | "
-                      f"{row['epoch_time_s']:.0f} s"
-                      + (f", skipped {stats['skipped']} unreadable images" if stats["skipped"] else ""))
+            train_txt = ("trained before the resume" if trained else
+                         f"train loss {stats['train_loss']:.3f}, {stats['img_per_s']:.0f} img/s, data wait "
+                         f"{100 * stats['data_wait']:.0f}%")
+            log.print(f"epoch {pos.epoch}/{cfg.epochs} @{size}px: {train_txt}{val_txt} | {row['epoch_time_s']:.0f} s"
+                      + (f", skipped {stats['skipped']} unreadable images" if stats.get("skipped") else ""))
             self.save("last.pt")
             last_save = time.monotonic()
             if dist.any(bool(caught))[0]:
@@ -354,7 +407,7 @@ class Run:
         distributed.broadcast_buffers(self.model)
         if self.ema is not None:
             distributed.broadcast_buffers(self.ema.module)
-        model = checkpoint.unwrap(self.model) if self.dist.enabled else self.model
+        model = unwrap(self.model) if self.dist.enabled else self.model
         m = evaluate(model, self.val_loader, self.normalize, self.device, self.cfg.amp,
                      show_progress=self.dist.is_main)
         if m["count"] == 0:

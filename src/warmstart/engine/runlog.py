@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from warmstart import fileio
+from warmstart.errors import UserError
 
 
 @contextlib.contextmanager
@@ -37,13 +38,57 @@ _default_excepthook = threading.excepthook
 threading.excepthook = _quiet_tensorboard_thread
 
 
+def _lock(run_dir: Path):
+    """An exclusive lock on RUN/.lock for as long as this process writes the run folder: two processes that each
+    think they are alone (e.g. tasks started with SLURM variables but no srun step) must not both write last.pt.
+    flock is released by the OS when the process dies, so a killed run never leaves a stale lock."""
+    import fcntl
+    import os
+    import socket
+
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{run_dir} is being written by {holder}; wait for that run to end, or give this one "
+                        f"another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def _repair_torn_tail(path: Path) -> None:
+    """A crash mid-write leaves a last line without its newline; the next append would glue a good row to it."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class RunLog:
+    """Also the run folder's lock (rank 0 holds it while the run writes there): use it as a context manager."""
+
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.run_dir, self.enabled = Path(run_dir), enabled
-        self._tb = None
+        self._tb = self._lock = None
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock(self.run_dir)
+            _repair_torn_tail(self.run_dir / "metrics.jsonl")
             self._log = open(self.run_dir / "log.txt", "a")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def print(self, msg: str) -> None:
         if not self.enabled:
@@ -82,10 +127,13 @@ class RunLog:
         plot_curves(rows, self.run_dir / "curves.png")
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self._lock is not None:
             if self._tb is not None:
                 self._tb.close()
+                self._tb = None
             self._log.close()
+            self._lock.close()  # releases the flock
+            self._lock = None
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -95,9 +143,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     # a resumed run rewrites epochs it redoes: keep the last row per epoch
     rows = {}
     for line in path.read_text().splitlines():
-        if line.strip():
+        try:
             r = json.loads(line)
             rows[r["epoch"]] = r
+        except (ValueError, TypeError, KeyError):  # a line torn by a crash, or edited by hand: not a row
+            continue
     return [rows[e] for e in sorted(rows)]
 
 

@@ -1,0 +1,325 @@
+"""Issue 13: a run folder is data too, stop signals reach every process, resume honours or refuses every change, one
+writer per run folder, malformed checkpoints are one line, and the code keeps one home per concern."""
+
+import ast
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from synth import make_image_folder, slow_model_source
+from warmstart import checkpoint, trust
+from warmstart.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", str(REPO / "examples" / "tinynet.py") + ":TinyNet", "--model-kwargs", '{"width": 8}']
+QUICK = ["--img-size", "32", "-b", "16", "-j", "0", "--warmup-epochs", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A finished one-epoch TinyNet run (96 training images, batch 16: 6 updates per epoch)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "1", *QUICK]) == 0
+    return run
+
+
+def cli(*argv, timeout=300, **kw) -> subprocess.CompletedProcess:
+    """warmstart as a user runs it: a real process (its own stderr, exit status, environment)."""
+    return subprocess.run([sys.executable, "-m", "warmstart", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    err = r.stderr.strip()
+    assert r.returncode == 2, (r.returncode, err[-2000:])
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+def trust_list() -> str:
+    path = trust.trust_file()
+    return path.read_text() if path.is_file() else ""
+
+
+def edit_config(run: Path, **changes) -> None:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg.update(changes)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+# ---------------------------------------------------------------- item 1: a tampered run folder runs nothing
+
+
+def test_tampered_train_config_never_runs_its_model(trained, data, tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    shutil.copytree(trained, run)
+    edit_config(run, model="os:system", model_kwargs={"command": f"touch {marker}"}, trust_code=True)
+    before = trust_list()
+    r = cli("train", "--out", run, "--resume", "auto", "--epochs", "2")
+    one_line_error(r, "os:system", "config.yaml", "--trust-code")
+    assert not marker.exists() and trust_list() == before
+    # the same for a file model the folder names (its source is on disk, never built here)
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').close()\nimport torch.nn as nn\nNet = nn.Linear\n")
+    edit_config(run, model=f"{evil}:Net", model_kwargs={})
+    one_line_error(cli("train", "--out", run, "--resume", "auto", "--epochs", "2"), "evil.py")
+    assert not marker.exists() and trust_list() == before
+
+
+def evil_checkpoint(src: Path, dst: Path, marker: Path) -> Path:
+    """A checkpoint whose embedded model source writes `marker` when it runs."""
+    ckpt = torch.load(src, weights_only=True)
+    ckpt["model_spec"]["source"] += f"\nopen({str(marker)!r}, 'w').close()\n"
+    torch.save(ckpt, dst)
+    return dst
+
+
+def test_tampered_finetune_folder_never_runs_or_trusts_its_checkpoint(trained, data, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = evil_checkpoint(trained / "checkpoints" / "last.pt", tmp_path / "evil.pt", marker)
+    run = tmp_path / "ft"
+    base = ["--data", data, "--out", run, "--epochs", "1", *QUICK]
+    assert cli("finetune", "--from", trained / "checkpoints" / "best.pt", *base).returncode == 0
+    edit_config(run, from_=str(evil), trust_code=True)
+    before = trust_list()
+    shutil.rmtree(run / "checkpoints")  # nothing to resume: the folder's from_ would be loaded
+    one_line_error(cli("finetune", "--out", run, "--resume", "auto", "--epochs", "2"), "evil.pt", "--trust-code")
+    assert not marker.exists() and trust_list() == before
+    one_line_error(cli("predict", "--checkpoint", evil, data / "val"), "--trust-code")
+    assert not marker.exists()
+
+
+def test_trust_code_is_never_read_from_a_recipe(data, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("trust_code: true\nepochs: 1\n")
+    one_line_error(cli("train", data, *TINY, "--config", recipe, "--out", tmp_path / "r"), "trust_code",
+                   "--trust-code")
+
+
+def test_finetune_resumes_from_last_pt_alone(trained, data, tmp_path):
+    pretrained = tmp_path / "pretrained.pt"
+    shutil.copy(trained / "checkpoints" / "best.pt", pretrained)
+    run = tmp_path / "ft"
+    assert main(["finetune", "--from", str(pretrained), "--data", str(data), "--out", str(run), "--epochs", "1",
+                 *QUICK]) == 0
+    pretrained.unlink()  # the --from file is gone: the run continues from its own last.pt
+    assert main(["finetune", "--out", str(run), "--resume", "auto", "--epochs", "2"]) == 0
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["train_state"]["position"]["epoch"] == 2 and ckpt["model_spec"]["head"]["num_classes"] == 4
+
+
+# ---------------------------------------------------------------- item 2: SIGTERM to the whole process group
+
+
+def test_sigterm_to_the_process_group_with_data_workers(data, tmp_path):
+    model = tmp_path / "slow.py"
+    model.write_text(slow_model_source(0.3))
+    run = tmp_path / "run"
+    argv = ["train", data, "--model", f"{model}:Slow", "--out", run, "--epochs", "2", "--img-size", "32", "-b", "8",
+            "-j", "2", "--warmup-epochs", "0", "--save-every-minutes", "100"]
+    proc = subprocess.Popen([sys.executable, "-m", "warmstart", *map(str, argv)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "last.pt").exists() and time.time() < deadline:  # the end of epoch 1
+        time.sleep(0.05)
+    time.sleep(1.5)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGTERM)  # what SLURM and Kubernetes do: every process, data workers included
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and time.time() - t0 < 60, err[-2000:]
+    assert "Traceback" not in err and "killed by signal" not in err, err[-2000:]
+    pos = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["train_state"]["position"]
+    assert pos["epoch"] == 1 and 0 < pos["batch_in_epoch"] < 12, pos  # the step reached
+    r = cli(*argv, "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["train_state"]["position"]["epoch"] == 2
+
+
+# ---------------------------------------------------------------- item 3: resume honours or refuses every change
+
+
+def test_changed_optimiser_settings_are_applied_on_resume(trained, data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "2", *QUICK, "--resume", "auto",
+                 "--lr", "0.05", "--sched", "constant", "--wd", "0.01", "--momentum", "0.5"]) == 0
+    groups = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["train_state"]["optimizer"]["param_groups"]
+    assert {g["lr"] for g in groups} == {pytest.approx(0.05)}
+    assert {g["momentum"] for g in groups} == {0.5}
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.01}  # norms and biases never decay
+    assert "--momentum 0.9 -> 0.5" in (run / "log.txt").read_text()
+
+
+def mid_epoch(run: Path, batch_in_epoch: int, epoch: int = 1, **layout) -> Path:
+    """Rewrite RUN's end-of-epoch last.pt as if it had stopped `batch_in_epoch` batches into epoch `epoch` + 1."""
+    path = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["train_state"]["position"].update(epoch=epoch, batch_in_epoch=batch_in_epoch)
+    ckpt["train_state"]["layout"].update(layout)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("flags,named", [(["--seed", "5"], "seed 0 -> 5"), ([], "train-images 90 -> 96")])
+def test_mid_epoch_resume_that_changes_the_sample_order_is_refused(flags, named, trained, data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    mid_epoch(run, 2, **({"train_images": 90} if not flags else {}))
+    err = one_line_error(cli("train", data, *TINY, "--out", run, "--epochs", "2", *QUICK, "--resume", "auto", *flags),
+                         named, "twice")
+    assert "seed" in err
+
+
+def test_save_at_the_epochs_last_update_resumes_anywhere(trained, data, tmp_path):
+    """Saved after epoch 1's last update but before its evaluation, on 2 processes x 16 (global 32, 3 updates): nothing
+    of that epoch is left, so a resume with another global batch is no change of sample order."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "metrics.jsonl").write_text("")
+    mid_epoch(run, 3, epoch=0, world_size=2, batch_size=16)
+    assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "2", *QUICK, "--resume", "auto"]) == 0
+    rows = [yaml.safe_load(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert "train_loss" not in rows[0] and "val_top1" in rows[0]  # evaluated, not "trained" on nothing
+    assert rows[1]["train_images"] == 96 and rows[1]["img_per_s"] > 0
+    assert "trained before the resume" in (run / "log.txt").read_text()
+
+
+def test_torn_metrics_line_does_not_stop_a_resume(trained, data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')  # a crash mid-write
+    assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "2", *QUICK, "--resume", "auto"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [yaml.safe_load(line)["epoch"] for line in lines] == [1, 2]
+    assert (run / "metrics.csv").read_text().count("\n") == 3
+
+
+# ---------------------------------------------------------------- item 5: one writer per run folder; malformed fields
+
+
+def test_a_second_writer_of_a_run_folder_gets_one_line(data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, time
+f = open({str(run / '.lock')!r}, 'a+')
+fcntl.flock(f, fcntl.LOCK_EX)
+f.write('pid 4242 on node7'); f.flush()
+print('locked', flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = one_line_error(cli("train", data, *TINY, "--out", run, "--epochs", "1", *QUICK), "pid 4242 on node7",
+                             "--out")
+        assert "being written" in err and not (run / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock dies with its holder: the run goes ahead
+    assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "1", *QUICK]) == 0
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("head", {"module": "no.such.module", "num_classes": 4}, "no.such.module"),
+    ("crop_pct", 0, "transform.crop_pct"), ("size", "big", "transform.size"), ("std", [0, 1, 1], "transform.std"),
+    ("num_classes", -3, "model_spec.num_classes")])
+def test_malformed_checkpoint_fields_are_one_line(field, value, named, trained, data, tmp_path):
+    ckpt = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
+    if field in ("head", "num_classes"):
+        ckpt["model_spec"][field] = value
+    else:
+        ckpt["transform"][field] = value
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)
+    for argv in (["evaluate", "--checkpoint", bad, "--data", data, "-j", "0"],
+                 ["predict", "--checkpoint", bad, data / "val"]):
+        one_line_error(cli(*argv), named)
+
+
+def test_upgrade_brings_old_checkpoints_up_to_date(trained, tmp_path):
+    ckpt = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
+    old = {**ckpt, "format": "warmstart/1", "rng": ckpt["rng"][0],
+           "train_state": {k: v for k, v in ckpt["train_state"].items() if k != "layout"}}
+    del old["prefer_ema"]
+    up = checkpoint.upgrade(old)
+    assert up["format"] == checkpoint.FORMAT and isinstance(up["rng"], list) and len(up["rng"]) == 1
+    assert up["train_state"]["layout"] == {"world_size": 1, "batch_size": 16, "accum_steps": 1, "seed": 0,
+                                           "train_images": None}
+    assert up["prefer_ema"] is False
+    path = tmp_path / "future.pt"
+    torch.save({**ckpt, "format": "warmstart/99"}, path)
+    with pytest.raises(Exception, match="newer than this warmstart"):
+        checkpoint.load(path)
+
+
+# ---------------------------------------------------------------- items 8-13: one home per concern
+
+
+def _imports(root: Path) -> dict[str, set[str]]:
+    files = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    graph = {}
+    for name, p in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):  # function-level imports count: a circle is a circle
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("warmstart"):
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                         for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in files}
+        graph[name] = deps & files.keys() - {name}
+    return graph
+
+
+def test_no_import_circles():
+    graph = _imports(REPO / "src" / "warmstart")
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            assert state.get(d) != 1, "import circle: " + " -> ".join(path[path.index(d):] + [m, d])
+            if d not in state:
+                visit(d, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_launch_is_torch_free_and_trust_is_its_own_module():
+    graph = _imports(REPO / "src" / "warmstart")
+    assert "torch" not in (REPO / "src" / "warmstart" / "launch.py").read_text().replace("torchrun", "")
+    assert "warmstart.checkpoint" not in graph["warmstart.models"]
+    assert "warmstart.trust" in graph["warmstart.checkpoint"]
+
+
+def test_architecture_doc_names_real_places():
+    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    for change in ("decoder", "optimiser", "launcher", "export format", "checkpoint field"):
+        assert change in doc.lower(), change
+    named = set(re.findall(r"`((?:src/warmstart|tests|benchmarks|examples)/[\w/.]+)`", doc))
+    assert len(named) > 10
+    missing = sorted(p for p in named if not (REPO / p).exists())
+    assert not missing, f"docs/ARCHITECTURE.md names files that do not exist: {missing}"
