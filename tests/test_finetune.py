@@ -82,13 +82,22 @@ def test_linear_probe_trains_only_the_head(pretrained, task, tmp_path):
 
 def test_freeze_until_and_layer_decay(pretrained, task, tmp_path, capsys):
     run = tmp_path / "fz"
+    # a constant schedule: the LRs last.pt records are the ones every update used
     assert main(["finetune", "--from", str(pretrained), "--data", str(task), "--out", str(run), "--epochs", "1",
                  "--freeze-until", "features.3", "--layer-decay", "0.5", "--head-lr-mult", "10", "-b", "16",
-                 "-j", "0"]) == 0
+                 "-j", "0", "--sched", "constant", "--warmup-epochs", "0"]) == 0
     pre, ft = weights(pretrained), weights(run / "checkpoints" / "last.pt")
     assert torch.equal(pre["features.0.0.weight"], ft["features.0.0.weight"])    # before features.3: frozen
     assert torch.equal(pre["features.3.conv2.weight"], ft["features.3.conv2.weight"])
     assert not torch.equal(pre["features.4.0.weight"], ft["features.4.0.weight"])  # after: trained
+    for bn in ("features.0.1", "features.1.1", "features.3.conv1.1", "features.3.bn2"):  # frozen BN: eval mode
+        for stat in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(pre[f"{bn}.{stat}"], ft[f"{bn}.{stat}"]), f"{bn}.{stat}"
+    assert not torch.equal(pre["features.4.1.running_mean"], ft["features.4.1.running_mean"])  # trained BN: updated
+    # the LRs applied: sgd's fine-tuning rate (0.04 x 16/256); the trainable blocks features.4, .6, .7, .9 get
+    # 0.5^4 .. 0.5^1 of it, the head 10x
+    groups = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["train_state"]["optimizer"]["param_groups"]
+    assert sorted({round(g["lr"] / (0.04 * 16 / 256), 6) for g in groups}) == [0.0625, 0.125, 0.25, 0.5, 10]
     capsys.readouterr()
     assert main(["finetune", "--from", str(pretrained), "--data", str(task), "--out", str(tmp_path / "x"),
                  "--freeze-until", "nonexistent", "-j", "0"]) == 2
@@ -157,8 +166,17 @@ def test_python_api(pretrained, task):
     model = warmstart.load_model(pretrained, num_classes=5)
     x = torch.randn(2, 3, 40, 40)
     assert model(x).shape == (2, 5)
+    saved = weights(pretrained)
+    mine = model.state_dict()
+    assert mine.keys() == saved.keys()
+    for k, v in saved.items():  # the pretrained weights and BN statistics, not a fresh initialisation
+        assert k.startswith("head.") or torch.equal(mine[k], v), k
+    assert torch.equal(warmstart.load_model(pretrained).state_dict()["head.1.weight"], saved["head.1.weight"])
     backbone = warmstart.load_backbone(pretrained)
     assert backbone.feature_dim == 64 and backbone(x).shape == (2, 64)
+    features = backbone.state_dict()
+    assert all(torch.equal(features[k], saved[k]) for k in features if k in saved)
+    assert sum(k in saved for k in features) == sum(not k.startswith("head.") for k in saved)
     preprocess = warmstart.eval_transform(pretrained)
     img = Image.open(next((task / "val" / "c00").iterdir()))
     t = preprocess(img)
