@@ -414,3 +414,47 @@ def test_zero_init_no_blocks():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     assert zero_init_last_norm(model) == 0
     assert torch.all(model[1].weight == 1)
+
+
+def test_zero_init_tinynet_through_train(tmp_path, capsys):
+    """TinyNet's Residual blocks define zero_init_last(): `train` zeroes their bn2, and says so."""
+    from pathlib import Path
+
+    from synth import make_image_folder
+    from warmstart.cli import main
+
+    tinynet = str(Path(__file__).resolve().parents[1] / "examples" / "tinynet.py") + ":TinyNet"
+    model, _ = build_model(tinynet, 4, {"width": 8})
+    assert zero_init_last_norm(model) == 3
+    blocks = [m for m in model.modules() if type(m).__name__ == "Residual"]
+    assert len(blocks) == 3 and all(torch.all(b.bn2.weight == 0) for b in blocks)
+    assert all(torch.all(b.conv1[1].weight == 1) for b in blocks)  # only the last norm
+
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=4, val_per_class=2, size=32)
+    assert main(["train", str(data), "--model", tinynet, "--model-kwargs", '{"width": 8}', "--out", str(tmp_path / "run"),
+                 "--epochs", "1", "--img-size", "32", "-b", "8", "-j", "0", "--warmup-epochs", "0"]) == 0
+    assert "3 residual norms zeroed" in capsys.readouterr().out
+
+
+def test_zero_init_model_root_decides_for_its_inside():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def zero_init_last(self):
+            nn.init.zeros_(self.bn.weight)
+
+    class Net(nn.Module):  # the model's own method: called once, its blocks are not visited again
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(Block(), Block())
+            self.calls = 0
+
+        def zero_init_last(self):
+            self.calls += 1
+            nn.init.zeros_(self.blocks[1].bn.weight)
+
+    net = Net()
+    assert zero_init_last_norm(net) == 1 and net.calls == 1
+    assert torch.all(net.blocks[0].bn.weight == 1) and torch.all(net.blocks[1].bn.weight == 0)
