@@ -18,7 +18,7 @@ from warmstart.data.sampler import TrainSampler
 
 SLOW_MODEL = slow_model_source(0.25)
 # global batch 12: 6 x 2 processes, 6 x 1 x 2 accumulation steps, 4 x 3 processes
-FLAGS = ["--epochs", "2", "--seed", "3", "--img-size", "32", "-b", "6", "--global-batch", "12", "-j", "0",
+FLAGS = ["--epochs", "2", "--seed", "3", "--img-size", "32", "-b", "6", "--global-batch", "12", "-j", "1",
          "--warmup-epochs", "0", "--mixup", "0.2", "--save-every-minutes", "100"]
 
 

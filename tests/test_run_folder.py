@@ -161,7 +161,7 @@ def test_changed_optimiser_settings_are_applied_on_resume(trained, data, tmp_pat
     assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "2", *QUICK, "--resume", "auto",
                  "--lr", "0.05", "--sched", "constant", "--wd", "0.01", "--momentum", "0.5"]) == 0
     groups = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["train_state"]["optimizer"]["param_groups"]
-    assert {g["lr"] for g in groups} == {pytest.approx(0.05)}
+    assert [g["lr"] for g in groups] == pytest.approx([0.05] * len(groups))
     assert {g["momentum"] for g in groups} == {0.5}
     assert {g["weight_decay"] for g in groups} == {0.0, 0.01}  # norms and biases never decay
     assert "--momentum 0.9 -> 0.5" in (run / "log.txt").read_text()
@@ -310,7 +310,10 @@ def test_no_import_circles():
 
 def test_launch_is_torch_free_and_trust_is_its_own_module():
     graph = _imports(REPO / "src" / "warmstart")
-    assert "torch" not in (REPO / "src" / "warmstart" / "launch.py").read_text().replace("torchrun", "")
+    tree = ast.parse((REPO / "src" / "warmstart" / "launch.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not any(m.split(".")[0] == "torch" for m in imported), imported
     assert "warmstart.checkpoint" not in graph["warmstart.models"]
     assert "warmstart.trust" in graph["warmstart.checkpoint"]
 

@@ -223,13 +223,14 @@ class Run:
         pos = Position(**train["position"])
         saved_config = saved_config or {}
         old, new = train["layout"], self.layout()
-        changed = [f"{k.replace('_', '-')} {old[k]} -> {v}" for k, v in new.items() if old.get(k) not in (None, v)]
+        differ = [k for k, v in new.items() if old.get(k) not in (None, v)]
+        changed = [f"{k.replace('_', '-')} {old[k]} -> {new[k]}" for k in differ]
         old_global = old["world_size"] * (old["batch_size"] or cfg.batch_size) * old["accum_steps"]
         samples = pos.batch_in_epoch * old["world_size"] * (old["batch_size"] or cfg.batch_size)
         n = len(self.train_set)
         # saved at the epoch's last update (a timed save or a signal before its evaluation): nothing left to train
         done = samples >= n // old_global * old_global
-        order = [c for c, k in zip(changed, new) if k in ("seed", "train_images") and old.get(k) is not None]
+        order = {"seed", "train_images"} & set(differ)
         if samples and not done and (old_global != self.global_batch or order):
             raise UserError(f"{where} stopped inside epoch {pos.epoch + 1}; resuming it with "
                             f"{', '.join(changed)} would train some of its samples twice and skip others; resume "
