@@ -79,11 +79,12 @@ class TrainConfig:
                                     "the same command keeps the same batch, LR and schedule on 1, 2 or 8 GPUs and "
                                     "across a resume on another count", metavar="B")
     workers: int = _opt(options.DEFAULT_WORKERS, options.HELP["workers"], "-j")
-    opt: str = _opt("sgd", "optimiser: sgd (Nesterov momentum), momentum (plain), adamw, lamb, lars (any timm optimiser name)")
+    opt: str = _opt("sgd", "optimiser: sgd (Nesterov momentum), momentum (plain), adamw, lamb, lars, rmsprop, ... (timm's names; one "
+                    "without a default LR rule needs --lr, or --lr-base with --lr-scale)")
     lr: float | None = _opt(None, "absolute learning rate; overrides --lr-base scaling")
     lr_base: float | None = _opt(None, "learning rate for a global batch of 256, scaled to the global batch by "
-                                 "--lr-scale (default per optimiser: 0.4 for SGD/LARS, 5e-4 AdamW, 2e-3 LAMB; "
-                                 "fine-tuning: a tenth of that)")
+                                 "--lr-scale (default per optimiser class: 0.4 for SGD/LARS, 5e-4 for Adam-like and "
+                                 "RMSprop, 2e-3 LAMB, 1e-4 Lion; fine-tuning: a tenth of that)")
     lr_scale: str | None = _opt(None, "how --lr-base follows the global batch (default: linear for SGD/LARS, sqrt for "
                                 "adaptive optimisers, as timm does)", choices=["linear", "sqrt", "none"])
     momentum: float = _opt(0.9, "SGD/LARS momentum")

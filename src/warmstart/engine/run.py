@@ -1,4 +1,4 @@
-"""One training run as one object (DESIGN.md "The engine: one run object").
+"""One training run as one object (docs/ARCHITECTURE.md, "Data flow").
 
 `train` and `finetune` differ in how they build the model (fresh, or pretrained with a new head, frozen parts and
 per-layer learning rates); both hand it to Run, which owns everything else: data loaders, optimiser, schedule, EMA,
