@@ -132,21 +132,23 @@ def test_sigterm_to_the_process_group_with_data_workers(data, tmp_path):
     model = tmp_path / "slow.py"
     model.write_text(slow_model_source(0.3))
     run = tmp_path / "run"
-    argv = ["train", data, "--model", f"{model}:Slow", "--out", run, "--epochs", "2", "--img-size", "32", "-b", "8",
-            "-j", "2", "--warmup-epochs", "0", "--save-every-minutes", "100"]
+    # 12 batches of 2 per update: more than the workers have prefetched (2 x 4), so the step after the signal still
+    # needs them; with workers that die, it would end in "DataLoader worker ... killed by signal"
+    argv = ["train", data, "--model", f"{model}:Slow", "--out", run, "--epochs", "2", "--img-size", "32", "-b", "2",
+            "--accum-steps", "12", "-j", "2", "--warmup-epochs", "0", "--save-every-minutes", "100"]
     proc = subprocess.Popen([sys.executable, "-m", "warmstart", *map(str, argv)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (run / "checkpoints" / "last.pt").exists() and time.time() < deadline:  # the end of epoch 1
         time.sleep(0.05)
-    time.sleep(1.5)
+    time.sleep(4)
     t0 = time.time()
     os.killpg(proc.pid, signal.SIGTERM)  # what SLURM and Kubernetes do: every process, data workers included
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and time.time() - t0 < 60, err[-2000:]
     assert "Traceback" not in err and "killed by signal" not in err, err[-2000:]
     pos = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["train_state"]["position"]
-    assert pos["epoch"] == 1 and 0 < pos["batch_in_epoch"] < 12, pos  # the step reached
+    assert pos["epoch"] == 1 and 0 < pos["batch_in_epoch"] < 48, pos  # the step reached
     r = cli(*argv, "--resume", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["train_state"]["position"]["epoch"] == 2
