@@ -10,15 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from synth import make_image_folder
+from synth import QUICK, REPO, TINY, make_image_folder
 from warmstart import checkpoint, config, trust
 from warmstart.cli import COMMANDS, main
 from warmstart.engine import recipe
 from warmstart.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--model", str(REPO / "examples" / "tinynet.py") + ":TinyNet", "--model-kwargs", '{"width": 8}']
-QUICK = ["--img-size", "32", "-b", "16", "-j", "0", "--warmup-epochs", "0"]
 
 
 @pytest.fixture(scope="module")

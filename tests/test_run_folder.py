@@ -16,13 +16,10 @@ import pytest
 import torch
 import yaml
 
-from synth import make_image_folder, slow_model_source
+from synth import QUICK, REPO, TINY, make_image_folder, slow_model_source
 from warmstart import checkpoint, trust
 from warmstart.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--model", str(REPO / "examples" / "tinynet.py") + ":TinyNet", "--model-kwargs", '{"width": 8}']
-QUICK = ["--img-size", "32", "-b", "16", "-j", "0", "--warmup-epochs", "0"]
 
 
 @pytest.fixture(scope="module")
