@@ -15,9 +15,7 @@ set -euo pipefail
 BIN=${1:-.venv/bin}
 OUT=demo
 WS="$BIN/warmstart"
-# Tiny convolutions gain little from a second thread, and on a 2-core machine a second thread fights the
-# data-loading process (and anything else running) for the cores: leave one core to loading.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$("$BIN/python" -c "import os; print(max(1, (os.cpu_count() or 2) - 1))")}
+# No OMP_NUM_THREADS here: train, finetune and evaluate give torch the CPUs their data workers leave (at least 1).
 PRETRAIN_SHAPES=10  # shapes 0-9: circle square triangle star cross ring hexagon arrow crescent diamond
 FINETUNE_SHAPES=pentagon,heart,l_shape,stripes,chevron
 rm -rf "$OUT"

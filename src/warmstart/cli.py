@@ -19,6 +19,7 @@ COMMANDS = {
     "evaluate": ("warmstart.evaluate", "evaluate a checkpoint (loss, top-1, top-5, per class) on a folder"),
     "predict": ("warmstart.predict", "top-k classes of images with a checkpoint"),
     "export": ("warmstart.export", "export a checkpoint to ONNX, TorchScript or safetensors (checked)"),
+    "bench": ("warmstart.bench", "measure the input pipeline and training step against the classic PyTorch example"),
 }
 
 

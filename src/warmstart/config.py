@@ -79,6 +79,7 @@ class TrainConfig:
                                     "the same command keeps the same batch, LR and schedule on 1, 2 or 8 GPUs and "
                                     "across a resume on another count", metavar="B")
     workers: int = _opt(options.DEFAULT_WORKERS, options.HELP["workers"], "-j")
+    threads: int | None = _opt(None, options.THREADS_HELP, metavar="N")
     opt: str = _opt("sgd", "optimiser: sgd (Nesterov momentum), momentum (plain), adamw, lamb, lars, rmsprop, ... (timm's names; one "
                     "without a default LR rule needs --lr, or --lr-base with --lr-scale)")
     lr: float | None = _opt(None, "absolute learning rate; overrides --lr-base scaling")

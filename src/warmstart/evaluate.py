@@ -30,10 +30,11 @@ def add_arguments(parser):
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="also write metrics.json, per_class.csv and confusion.png in DIR")
     options.add(parser, "batch_size", "workers", "device", "amp", "weights", "json", "trust_code")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help=options.THREADS_HELP)
 
 
 def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, amp=None, weights="auto",
-                        as_json=False, trust_code=False, out=None) -> dict:
+                        as_json=False, trust_code=False, out=None, threads=None) -> dict:
     """Metrics as engine.loop.evaluate computes them during training; with `out`, the report files in that folder."""
     root = Path(data)
     if not root.is_dir():
@@ -47,6 +48,7 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
     if unknown:
         raise UserError(f"{split} has class folders the checkpoint does not know: {', '.join(unknown[:5])}; "
                         f"evaluate on data with the checkpoint's classes ({len(classes)})")
+    options.set_threads(workers, threads)
     dist = distributed.setup(device)  # under torchrun each rank evaluates its shard; sums are reduced
     try:
         model.to(dist.device)
@@ -79,5 +81,5 @@ def run(args) -> int:
     with torch.inference_mode():
         evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, amp=args.amp, weights=args.weights, as_json=args.json,
-                            trust_code=args.trust_code, out=args.out)
+                            trust_code=args.trust_code, out=args.out, threads=args.threads)
     return 0

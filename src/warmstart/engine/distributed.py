@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from warmstart import launch
+from warmstart import launch, options
 from warmstart.errors import UserError
 
 
@@ -24,6 +24,7 @@ class Dist:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     control: object = None  # a Gloo group on the CPU for the ranks' small agreements (never waits on a GPU stream)
+    cpu_threads: str = ""  # how this process splits its CPUs between math threads and data workers (run())
 
     @property
     def is_main(self) -> bool:
@@ -92,7 +93,9 @@ def run(cfg, fn, spawn: bool = True) -> int:
     status. With --multiprocessing-distributed, first spawn one process per local GPU (or --nproc-per-node)."""
     if spawn and cfg.multiprocessing_distributed:
         return _spawn(cfg, fn)
+    threads = options.set_threads(cfg.workers, cfg.threads)  # after _spawn divided the workers among its processes
     dist_ = setup(cfg.device, cfg.dist_timeout, cfg.dist_backend)
+    dist_.cpu_threads = threads
     try:
         return fn(cfg, dist_) or 0
     except RuntimeError as e:  # includes torch.distributed.DistError

@@ -23,6 +23,48 @@ class Position:
     best_top1: float = -1.0
 
 
+class LoaderWatch:
+    """Says once per run when the step waits on data more than `limit` of the time, with the fixes (`say`: the
+    run's log, rank 0).
+
+    Judged over the WINDOW batches that follow the first `skip` of the run: the first batch waits for worker
+    start-up, and while the first steps are slow (torch.compile, cudnn autotuning) the workers fill their prefetch
+    queue (workers x prefetch_factor batches), so the next ones come free; neither says anything about the steady
+    state, so skip = 2 + that queue. The count runs on across epochs; an epoch that ends before the window is full
+    is judged on what it measured, so short epochs (small data, tests) still hear it, once."""
+
+    WINDOW = 50
+
+    def __init__(self, say, loader, cpus: int | None = None, limit: float = 0.10):
+        self.workers = getattr(loader, "num_workers", 0)
+        self.say, self.limit, self.cpus = say, limit, cpus
+        self.skip = 2 + self.workers * (getattr(loader, "prefetch_factor", None) or 0)
+        self.batches, self.wait, self.total, self.done = 0, 0.0, 0.0, False
+
+    def batch(self, wait: float, total: float) -> None:
+        """One batch: `wait` seconds for the loader out of `total` (wait + step)."""
+        self.batches += 1
+        if self.done or self.batches <= self.skip:
+            return
+        self.wait, self.total = self.wait + wait, self.total + total
+        if self.batches - self.skip >= self.WINDOW:
+            self.judge()
+
+    def judge(self) -> None:
+        if self.done or self.total <= 0:
+            return
+        self.done = True
+        share = self.wait / self.total
+        if share > self.limit:
+            measured = self.batches - self.skip
+            self.say(f"warning: the training step waited on data {100 * share:.0f}% of the time (over {measured} "
+                     f"batch{'es' if measured != 1 else ''} after the first {self.skip}): the input pipeline bounds "
+                     f"this run's speed; try more data workers (-j, now {self.workers}"
+                     f"{f' on {self.cpus} CPUs' if self.cpus else ''}), a pre-resized copy that decodes ~2x faster "
+                     f"(`warmstart prepare --from-folder DATA --resize-short 256 --out DIR`), a smaller --img-size "
+                     f"for the early epochs (--img-size-start), or --decoder gpu when training on a GPU")
+
+
 def autocast(device: torch.device, amp: str | None):
     if not amp:
         return nullcontext()
@@ -32,12 +74,13 @@ def autocast(device: torch.device, amp: str | None):
 def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, pos: Position, device, accum_steps=1,
                     amp=None, scaler=None, mixup=None, erasing=None, ema=None, clip_grad=None, on_update=None,
                     show_progress=True, frozen_norms=(), agree=lambda *flags: list(flags), poll=lambda: (False, False),
-                    desc="train") -> dict:
+                    desc="train", watch: LoaderWatch | None = None) -> dict:
     """Train from pos.batch_in_epoch to the end of the epoch. `frozen_norms` stay in eval mode (a frozen backbone
     keeps its pretrained BatchNorm statistics). Each step the ranks agree, in one collective (`agree`, Dist.any: an
     OR over ranks), on three flags: a batch that could not be read anywhere (all stop, none waits), and the caller's
     `poll()` = (save due, stop asked). `on_update(save, stop)` runs after every optimiser update with those agreed
-    since the last one (the caller saves there, where the position is exact)."""
+    since the last one (the caller saves there, where the position is exact). `watch` times every batch's wait for
+    data against the whole batch (LoaderWatch: a warning when the loader bounds the run)."""
     model.train()
     for m in frozen_norms:
         m.eval()
@@ -49,7 +92,8 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
     seen, skipped, data_wait, pending = 0, 0, 0.0, [False, False]
     t_start = t_last = time.perf_counter()
     for images, labels, n_bad in loader:
-        data_wait += time.perf_counter() - t_last
+        wait = time.perf_counter() - t_last
+        data_wait += wait
         skipped += n_bad
         x, y = normalize(images), labels.to(device, non_blocking=True)
         broken, due, stop = agree(len(x) == 0, *poll())
@@ -101,8 +145,13 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
             loss_seen = seen
             bar.set_postfix_str(f"{seen / elapsed:.0f} img/s, data {100 * data_wait / elapsed:.0f}%, "
                                 f"loss {shown / max(shown_seen, 1):.3f}, lr {optimizer.param_groups[0]['lr']:.3g}")
-        t_last = time.perf_counter()
+        now = time.perf_counter()
+        if watch is not None:
+            watch.batch(wait, now - t_last)
+        t_last = now
     bar.close()
+    if watch is not None:
+        watch.judge()  # an epoch shorter than the window: judge on what was measured (once per run)
     elapsed = time.perf_counter() - t_start
     # on the device: NCCL reduces CUDA tensors only
     stats = all_reduce_sum(torch.tensor([loss_sum.item(), seen, skipped], dtype=torch.float64, device=device)).tolist()

@@ -21,13 +21,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from warmstart import checkpoint, config
+from warmstart import checkpoint, config, options
 from warmstart.data.dataset import ImageDataset, collate, eval_loader, make_loader
 from warmstart.data.sampler import TrainSampler
 from warmstart.data.sources import Splits, load_splits
 from warmstart.data.transforms import Normalize
 from warmstart.engine import distributed, recipe
-from warmstart.engine.loop import Position, evaluate, train_one_epoch
+from warmstart.engine.loop import LoaderWatch, Position, evaluate, train_one_epoch
 from warmstart.engine.runlog import RunLog
 from warmstart.errors import UserError
 from warmstart.models import dry_run, unwrap
@@ -290,6 +290,8 @@ class Run:
         self.log.print(f"global batch {self.global_batch} ({cfg.batch_size} x {dist.world_size} process(es) x "
                        f"{cfg.accum_steps} accum), {cfg.opt} lr {self.lr:.4g} ({self.lr_how}), {cfg.sched} schedule, "
                        f"{cfg.epochs} epochs x {self.updates_per_epoch} updates -> {self.run_dir}")
+        if dist.cpu_threads:
+            self.log.print(dist.cpu_threads)
 
     def start(self, what: str) -> int:
         """Resume when asked (--resume CKPT, or --resume auto and RUN/checkpoints/last.pt exists), say what will
@@ -359,6 +361,8 @@ class Run:
             if stop:
                 raise Preempted(caught[0] if caught else signal.SIGTERM)
 
+        watch = LoaderWatch(log.print, self.train_loader, cpus=options.cpus_per_process()[1])  # says it once a run
+
         if self._rng is not None:
             checkpoint.set_rng_state(self._rng)
         else:  # each rank its own dropout, mixup and erasing draws (the data order is one global permutation)
@@ -375,7 +379,7 @@ class Run:
                 accum_steps=cfg.accum_steps, amp=cfg.amp, scaler=self.scaler, mixup=self.mixup, erasing=self.erasing,
                 ema=self.ema, clip_grad=cfg.clip_grad, on_update=on_update, show_progress=dist.is_main,
                 frozen_norms=self.frozen_norms, agree=dist.any, poll=poll,
-                desc=f"epoch {pos.epoch + 1}/{cfg.epochs} @{size}px")
+                desc=f"epoch {pos.epoch + 1}/{cfg.epochs} @{size}px", watch=watch)
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
             row = {"epoch": pos.epoch, "lr": max(g["lr"] for g in self.optimizer.param_groups), "img_size": size,
                    **stats}

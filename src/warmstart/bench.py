@@ -1,0 +1,317 @@
+"""`warmstart bench`: warmstart against the common alternative, both measured in one run on this machine.
+
+DESIGN.md, "Performance protocol": a speed claim is a ratio measured in one run, on the same machine and data. These
+machines are shared and noisy, so the two contestants alternate in rounds (the order flips every round, with a pause
+before each) and every round is reported; the summary takes each one's best round, as benchmarks/prepare.py does.
+
+  bench data   img/s of warmstart's training input pipeline (ImageDataset(train=True) through make_loader, as
+               `train` builds it) against the classic PyTorch ImageNet example's (ImageFolder's PIL loader +
+               RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize in a DataLoader), same files,
+               same workers, same batch size
+  bench train  img/s of warmstart's training step (engine.loop.train_one_epoch with the --amp / --channels-last /
+               --compile choice) against a plain fp32, NCHW, eager loop, plus the loader's rate on --data and
+               which of the two bounds training
+"""
+
+import copy
+import inspect
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from warmstart import options
+from warmstart.data.folder import IMAGE_EXTENSIONS
+from warmstart.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from warmstart.errors import UserError
+from warmstart.progress import bar, iterate
+
+HELP = "measure warmstart's input pipeline and training step against the classic PyTorch example"
+DESCRIPTION = __doc__ + """
+examples:
+  warmstart bench data --data /data/imagenet/train --img-size 224 --workers 1
+  warmstart bench data --data /data/imagenet160/train --img-size 128 --workers 8 --json
+  warmstart bench train --model resnet18 --synthetic
+  warmstart bench train --model resnet50 --data /data/imagenet --amp bf16 --channels-last --compile"""
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    d = sub.add_parser("data", help="input pipeline img/s: warmstart vs the classic example, same files")
+    d.add_argument("--data", required=True, metavar="DIR", help="a folder of images: flat, or class folders (any depth)")
+    d.add_argument("--img-size", type=int, default=224, help="training crop size (default: 224)")
+    d.add_argument("--min-scale", type=float, default=0.08,
+                   help="warmstart's smallest crop area (default: 0.08, the classic example's and the ImageNet recipes')")
+    d.add_argument("--decoder", default=None, metavar="NAME", help="warmstart's decoder (default: its default)")
+    d.add_argument("--images", type=int, default=None, metavar="N", help="use the first N images (default: all)")
+    d.add_argument("--rounds", type=int, default=3, help="alternated rounds (default: 3)")
+    d.add_argument("--settle", type=float, default=2.0, metavar="S", help="seconds of pause before each timing")
+    options.add(d, "batch_size", "workers", "json", batch_size=32)
+    t = sub.add_parser("train", help="training img/s: warmstart's step vs a plain fp32 eager loop; what bounds it")
+    t.add_argument("--model", "-a", required=True, help="architecture, as for `warmstart train --model`")
+    t.add_argument("--synthetic", action="store_true", help="random images: time the step only (no loader)")
+    t.add_argument("--data", metavar="DIR", help="also measure the loader on DIR (DIR/train if present)")
+    t.add_argument("--img-size", type=int, default=None, help="default: 224 on a GPU, 96 on a CPU")
+    t.add_argument("--steps", type=int, default=None, metavar="N", help="timed steps per round (default: 30 GPU, 4 CPU)")
+    t.add_argument("--rounds", type=int, default=2, help="alternated rounds (default: 2)")
+    t.add_argument("--settle", type=float, default=1.0, metavar="S", help="seconds of pause before each timing")
+    t.add_argument("--channels-last", action="store_true", help="warmstart's step in NHWC (as train --channels-last)")
+    t.add_argument("--compile", action="store_true", help="torch.compile warmstart's model (as train --compile)")
+    t.add_argument("-b", "--batch-size", type=int, default=None, help="default: 128 on a GPU, 16 on a CPU")
+    options.add(t, "device", "amp", "workers", "json")
+
+
+def run(args) -> int:
+    for name in ("rounds", "batch_size", "img_size", "steps", "images"):
+        if (getattr(args, name, None) or 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    return bench_data(args) if args.what == "data" else bench_train(args)
+
+
+# ---------------------------------------------------------------- the two input pipelines
+
+def list_images(root: Path, limit: int | None = None) -> list[str]:
+    """Image files under root (a flat folder or class folders, any depth), relative, sorted; labels don't matter."""
+    if not root.is_dir():
+        raise UserError(f"--data {root} is not a folder")
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                   and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise UserError(f"--data {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files[:limit]
+
+
+def warmstart_loader(root: Path, files: list[str], *, size: int, batch_size: int, workers: int, min_scale: float,
+                     decoder: str | None = None, seed: int = 0):
+    """The loader `warmstart train` builds (engine/run.py), over these files."""
+    from warmstart.data.dataset import ImageDataset, make_loader
+    from warmstart.data.sampler import TrainSampler
+
+    extra = {}
+    if decoder is not None:
+        if "decoder" not in inspect.signature(ImageDataset).parameters:
+            raise UserError(f"--decoder {decoder}: this version of warmstart has a single decoder; drop --decoder")
+        extra["decoder"] = decoder
+    dataset = ImageDataset(root, [(f, 0) for f in files], train=True, min_scale=min_scale, **extra)
+    sampler = TrainSampler(len(dataset), seed=seed, multiple_of=batch_size)
+    sampler.set_epoch(0, size)
+    return make_loader(dataset, sampler, batch_size=batch_size, workers=workers, train=True)
+
+
+class Classic(torch.utils.data.Dataset):
+    """The classic PyTorch ImageNet example's training set: ImageFolder's loader (PIL open, convert to RGB) and its
+    transforms, over a list of files (ImageFolder itself needs class folders; its __getitem__ is these two lines)."""
+
+    def __init__(self, root: Path, files: list[str], size: int):
+        from torchvision import transforms as T
+
+        self.paths = [str(root / f) for f in files]
+        self.transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from torchvision.datasets.folder import pil_loader
+
+        return self.transform(pil_loader(self.paths[i])), 0
+
+
+def classic_loader(root: Path, files: list[str], *, size: int, batch_size: int, workers: int):
+    return torch.utils.data.DataLoader(Classic(root, files, size), batch_size=batch_size, shuffle=True,
+                                       num_workers=workers)
+
+
+def loader_rate(loader, desc: str, skip: int) -> float:
+    """Images per second once `skip` batches have arrived: the first batches carry worker start-up (each worker's
+    first batch arrives at once), not the steady state an epoch of ImageNet runs in."""
+    it, seen, t0 = iter(loader), 0, None
+    progress = bar(total=len(loader), desc=desc, leave=False)
+    for i, batch in enumerate(it):
+        progress.update(1)
+        if i == skip - 1:
+            t0 = time.perf_counter()
+        elif i >= skip:
+            seen += len(batch[0])
+    progress.close()
+    if t0 is None or seen == 0:
+        raise UserError(f"too few images for a timing: {len(loader)} batches, {skip} of them start-up; "
+                        f"use more images or a smaller --batch-size")
+    return seen / (time.perf_counter() - t0)
+
+
+def warm_page_cache(root: Path, files: list[str]) -> None:
+    """Read every file once, so the first round's contestant does not pay for the disk alone."""
+    for f in files:
+        with open(root / f, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+
+
+def rounds_summary(rounds: list[dict], a: str, b: str) -> dict:
+    """Each contestant's best round, their ratio, and the median of the per-round ratios."""
+    best_a, best_b = max(r[a] for r in rounds), max(r[b] for r in rounds)
+    return {f"{a}_img_s": best_a, f"{b}_img_s": best_b, "ratio": best_a / best_b,
+            "median_ratio": statistics.median(r[a] / r[b] for r in rounds)}
+
+
+def bench_data(args) -> int:
+    root = Path(args.data)
+    files = list_images(root, args.images)
+    options.set_threads(args.workers)  # as train does: math threads + workers = this process's CPUs
+    workers, size, batch = args.workers, args.img_size, args.batch_size
+    skip = max(1, workers)
+    print(f"bench data: {len(files)} images under {root}, {size} px, {workers} worker(s), batch {batch}, "
+          f"decoder {args.decoder or 'default'}, crops of {args.min_scale:g}-1 of the area (classic: 0.08-1)")
+    warm_page_cache(root, files)
+    rounds = []
+    for r in range(args.rounds):
+        got = {}
+        # alternate who goes first: a machine that gets busier or quieter within a round favours neither
+        for who in (("warmstart", "baseline") if r % 2 == 0 else ("baseline", "warmstart")):
+            time.sleep(args.settle)
+            loader = (warmstart_loader(root, files, size=size, batch_size=batch, workers=workers,
+                                       min_scale=args.min_scale, decoder=args.decoder, seed=r)
+                      if who == "warmstart" else classic_loader(root, files, size=size, batch_size=batch,
+                                                                workers=workers))
+            got[who] = loader_rate(loader, f"round {r + 1}/{args.rounds} {who}", skip)
+            del loader  # its workers end before the other contestant's start
+        rounds.append({"warmstart": got["warmstart"], "baseline": got["baseline"],
+                       "ratio": got["warmstart"] / got["baseline"]})
+        print(f"round {r + 1}/{args.rounds}: warmstart {got['warmstart']:.0f} img/s, classic example "
+              f"{got['baseline']:.0f} img/s, ratio {got['warmstart'] / got['baseline']:.2f}x", flush=True)
+    result = {**rounds_summary(rounds, "warmstart", "baseline"), "rounds": rounds, "images": len(files),
+              "img_size": size, "workers": workers, "batch_size": batch, "decoder": args.decoder}
+    print(f"warmstart {result['warmstart_img_s']:.0f} img/s vs the classic example {result['baseline_img_s']:.0f} "
+          f"img/s (best of {len(rounds)} round(s) each): {result['ratio']:.2f}x (median of the rounds' ratios "
+          f"{result['median_ratio']:.2f}x)")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+# ---------------------------------------------------------------- the two training steps
+
+def bench_train(args) -> int:
+    from warmstart.config import TrainConfig
+    from warmstart.data.transforms import Normalize
+    from warmstart.engine import distributed, recipe
+    from warmstart.engine.loop import Position, train_one_epoch
+    from warmstart.models import build_model
+
+    if not args.synthetic and not args.data:
+        raise UserError("bench train needs --data DIR (times the loader too) or --synthetic (the step alone)")
+    dist = distributed.setup(args.device)  # the device, cudnn autotuning and TF32 exactly as train sets them
+    device, cuda = dist.device, dist.device.type == "cuda"
+    size = args.img_size or (224 if cuda else 96)
+    batch = args.batch_size or (128 if cuda else 16)
+    steps = args.steps or (30 if cuda else 4)
+    warmup = 5 if cuda else 2  # cudnn autotuning and torch.compile happen in the first steps
+    workers = 0 if args.synthetic else args.workers
+    threads = options.set_threads(workers)
+    model, _ = build_model(args.model, 1000)
+    baseline_model = copy.deepcopy(model)
+
+    # one batch, used by every step: the step is timed, not the data
+    loader = None
+    if args.synthetic:
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    else:
+        root = Path(args.data) / "train" if (Path(args.data) / "train").is_dir() else Path(args.data)
+        files = list_images(root)
+        loader = warmstart_loader(root, files, size=size, batch_size=batch, workers=workers, min_scale=0.08)
+        if len(loader) < max(1, workers) + 1:
+            raise UserError(f"{len(files)} images under {root} are too few to time the loader at --batch-size {batch}")
+        images = next(iter(loader))[0]
+    labels = torch.randint(0, 1000, (batch,))
+    # the classic example's loader hands over normalised float images (4x the bytes of warmstart's uint8)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    floats = (images.float() / 255 - mean) / std
+    if cuda:  # both loaders pin their batches on a GPU (the classic example: pin_memory=True)
+        images, labels, floats = images.pin_memory(), labels.pin_memory(), floats.pin_memory()
+
+    # warmstart's step, built as engine/run.py builds it
+    cfg = TrainConfig(model=args.model, batch_size=batch, amp=args.amp, channels_last=args.channels_last,
+                      compile=args.compile, epochs=1, warmup_epochs=0)
+    model = model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD, channels_last=cfg.channels_last).to(device)
+    lr, _ = recipe.effective_lr(cfg, batch)
+    optimizer = recipe.build_optimizer(cfg, model, lr)
+    scheduler = recipe.build_scheduler(cfg, optimizer, updates_per_epoch=steps)
+    loss_fn = recipe.build_loss(cfg, None)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    stepped = torch.compile(model) if cfg.compile else model
+
+    def warmstart_step(n: int, desc: str) -> float:
+        stats = train_one_epoch(model=stepped, loader=[(images, labels, 0)] * n, normalize=normalize,
+                                loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, pos=Position(),
+                                device=device, amp=cfg.amp, scaler=scaler, desc=desc)
+        return stats["img_per_s"]
+
+    # the classic example's step: fp32, NCHW, eager, SGD with momentum (without its per-step loss.item() sync)
+    baseline_model = baseline_model.to(device)
+    criterion = torch.nn.CrossEntropyLoss()
+    base_opt = torch.optim.SGD(baseline_model.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
+
+    def baseline_step(n: int, desc: str) -> float:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default, which the classic example keeps
+        baseline_model.train()
+        t0 = time.perf_counter()
+        for _ in iterate(range(n), desc=desc):
+            x, y = floats.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            loss = criterion(baseline_model(x), y)
+            base_opt.zero_grad()
+            loss.backward()
+            base_opt.step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        return n * batch / (time.perf_counter() - t0)
+
+    what = f"{args.amp or 'fp32'}{', channels_last' if cfg.channels_last else ''}{', compiled' if cfg.compile else ''}"
+    print(f"bench train: {args.model} on {device}, {size} px, batch {batch}, {steps} steps x {args.rounds} round(s); "
+          f"warmstart's step ({what}) vs fp32 eager; {threads}")
+    warmstart_step(warmup, "warm-up warmstart")
+    baseline_step(warmup, "warm-up baseline")
+    rounds = []
+    for r in range(args.rounds):
+        got = {}
+        order = ["warmstart", "baseline"] if r % 2 == 0 else ["baseline", "warmstart"]
+        for who in (["loader"] if loader is not None else []) + order:
+            time.sleep(args.settle)
+            desc = f"round {r + 1}/{args.rounds} {who}"
+            if who == "loader":
+                got[who] = loader_rate(loader, desc, max(1, workers))
+            else:
+                got[who] = (warmstart_step if who == "warmstart" else baseline_step)(steps, desc)
+        got["ratio"] = got["warmstart"] / got["baseline"]
+        rounds.append(got)
+        print(f"round {r + 1}/{args.rounds}: warmstart step {got['warmstart']:.1f} img/s, fp32 eager "
+              f"{got['baseline']:.1f} img/s, ratio {got['ratio']:.2f}x"
+              + (f"; loader {got['loader']:.0f} img/s" if "loader" in got else ""), flush=True)
+    result = {**rounds_summary(rounds, "warmstart", "baseline"), "rounds": rounds, "model": args.model,
+              "device": str(device), "img_size": size, "batch_size": batch, "amp": args.amp,
+              "channels_last": cfg.channels_last, "compile": cfg.compile, "loader_img_s": None}
+    step = result["warmstart_img_s"]
+    if loader is not None:
+        result["loader_img_s"] = max(r["loader"] for r in rounds)
+        result["bound"] = "loader" if result["loader_img_s"] < step else "step"
+        bound = (f"the loader bounds training ({result['loader_img_s']:.0f} < {step:.0f} img/s with {workers} "
+                 f"worker(s)" if result["bound"] == "loader" else
+                 f"the step bounds training (loader {result['loader_img_s']:.0f} >= {step:.0f} img/s with {workers} "
+                 f"worker(s)") + ("; on a CPU the two share the cores, so training is slower than either)"
+                                  if not cuda else ")")
+    else:
+        result["bound"] = "step"
+        bound = "the step bounds training here (--synthetic: no loader; give --data DIR to time it)"
+    print(f"warmstart step {step:.1f} img/s vs fp32 eager {result['baseline_img_s']:.1f} img/s (best of "
+          f"{len(rounds)} round(s) each): {result['ratio']:.2f}x; {bound}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
