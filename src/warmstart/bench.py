@@ -53,6 +53,7 @@ def add_arguments(parser):
     t.add_argument("--model", "-a", required=True, help="architecture, as for `warmstart train --model`")
     t.add_argument("--synthetic", action="store_true", help="random images: time the step only (no loader)")
     t.add_argument("--data", metavar="DIR", help="also measure the loader on DIR (DIR/train if present)")
+    t.add_argument("--decoder", default=None, metavar="NAME", help="the loader's decoder (default: its default)")
     t.add_argument("--img-size", type=int, default=None, help="default: 224 on a GPU, 96 on a CPU")
     t.add_argument("--steps", type=int, default=None, metavar="N", help="timed steps per round (default: 30 GPU, 4 CPU)")
     t.add_argument("--rounds", type=int, default=2, help="alternated rounds (default: 2)")
@@ -136,6 +137,8 @@ def loader_rate(loader, desc: str, skip: int) -> float:
             t0 = time.perf_counter()
         elif i >= skip:
             seen += len(batch[0])
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # --decoder gpu: the last batch's decoding is done, not just queued
     progress.close()
     if t0 is None or seen == 0:
         raise UserError(f"too few images for a timing: {len(loader)} batches, {skip} of them start-up; "
@@ -222,10 +225,11 @@ def bench_train(args) -> int:
     else:
         root = Path(args.data) / "train" if (Path(args.data) / "train").is_dir() else Path(args.data)
         files = list_images(root)
-        loader = warmstart_loader(root, files, size=size, batch_size=batch, workers=workers, min_scale=0.08)
+        loader = warmstart_loader(root, files, size=size, batch_size=batch, workers=workers, min_scale=0.08,
+                                  decoder=args.decoder)
         if len(loader) < max(1, workers) + 1:
             raise UserError(f"{len(files)} images under {root} are too few to time the loader at --batch-size {batch}")
-        images = next(iter(loader))[0]
+        images = next(iter(loader))[0].cpu()  # (--decoder gpu decodes onto the device)
     labels = torch.randint(0, 1000, (batch,))
     # the classic example's loader hands over normalised float images (4x the bytes of warmstart's uint8)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The checks only a CUDA machine can make, in under 8 minutes, each against its alternative in the same run:
+#   1. bench train resnet50: warmstart's step in bf16 + channels_last, eager and compiled, vs an fp32 eager loop
+#   2. bench data on real JPEGs: warmstart's default (CPU) decoder vs --decoder gpu (nvJPEG), each vs the classic
+#      example's pipeline, same files and workers
+#   3. a 2-epoch train on imagenette-dev, then evaluate its best checkpoint
+#   4. a one-process NCCL smoke test: torchrun --nproc-per-node 1 ... --dist-backend nccl
+# Run from anywhere:  bash benchmarks/gpu_check.sh
+# Writes every command's output to $OUT (if set; else a temporary folder) and appends a table to
+# benchmarks/RESULTS.md with the GPU model and the date. Data: $WARMSTART_SHARED_DATA, ../shared/data or
+# shared/data (imagenet-sample, imagenette-dev); without them, drawn images from `python -m warmstart.synthetic`.
+# Installs nothing heavy: uses .venv/bin/python if present, else `python`; warmstart itself is installed
+# (--no-deps, offline) only when it is not importable.
+set -uo pipefail
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "gpu_check: no CUDA GPU here (nvidia-smi is missing or sees no device); run this on a GPU machine" >&2
+    exit 2
+fi
+cd "$(dirname "$0")/.."
+if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+if ! "$PY" -c "import warmstart" 2>/dev/null; then
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . || { echo "gpu_check: cannot install warmstart with $PY" >&2; exit 2; }
+fi
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: nvidia-smi sees a GPU but $PY's torch has no CUDA; use a CUDA build of torch" >&2
+    exit 2
+fi
+RES=${OUT:-$(mktemp -d)}
+mkdir -p "$RES"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+WORKERS=$(( $(nproc) < 8 ? $(nproc) : 8 ))
+SHARED=${WARMSTART_SHARED_DATA:-../shared/data}
+[ -d "$SHARED" ] || SHARED=shared/data
+START=$SECONDS
+echo "gpu_check: $GPU, $WORKERS data workers, results in $RES"
+
+# a check: its name, a time limit in seconds, the command; output in $RES/NAME.out and .err; status in $RES/status
+check() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name  [$((SECONDS - START)) s]: $*"
+    timeout "$limit" "$@" >"$RES/$name.out" 2>"$RES/$name.err"
+    local rc=$?
+    echo "$name $rc" >>"$RES/status"
+    tail -n 2 "$RES/$name.out"
+    [ $rc -eq 0 ] || { echo "   FAILED (exit $rc; 124 = over ${limit}s):"; tail -n 5 "$RES/$name.err"; }
+}
+
+if [ -d "$SHARED/imagenet-sample" ] && [ -d "$SHARED/imagenette-dev" ]; then
+    JPEGS=$SHARED/imagenet-sample
+    TRAIN=$SHARED/imagenette-dev
+    WHAT="imagenet-sample (1,000 real ImageNet JPEGs), imagenette-dev"
+else  # no shared data on this machine: drawn shapes, 10 classes (JPEGs, but not photographs)
+    "$PY" -m warmstart.synthetic --out "$RES/shapes" --classes 0-9 --train 150 --val 50 --size 320 >/dev/null
+    JPEGS=$RES/shapes/train
+    TRAIN=$RES/shapes
+    WHAT="drawn shapes from warmstart.synthetic (no shared data here)"
+fi
+
+: >"$RES/status"
+check train_bf16 90 "$PY" -m warmstart bench train --model resnet50 --synthetic --amp bf16 --channels-last --json
+check train_bf16_compiled 120 "$PY" -m warmstart bench train --model resnet50 --synthetic --amp bf16 --channels-last \
+    --compile --json
+check data_cpu 45 "$PY" -m warmstart bench data --data "$JPEGS" --img-size 224 --workers "$WORKERS" -b 64 --json
+check data_gpu 45 "$PY" -m warmstart bench data --data "$JPEGS" --img-size 224 --workers "$WORKERS" -b 64 \
+    --decoder gpu --json
+check train_2_epochs 90 "$PY" -m warmstart train --data "$TRAIN" --model resnet50 --epochs 2 --img-size 160 -b 64 \
+    -j "$WORKERS" --amp bf16 --channels-last --out "$RES/run"
+check evaluate 30 "$PY" -m warmstart evaluate --checkpoint "$RES/run/checkpoints/best.pt" --data "$TRAIN" \
+    -j "$WORKERS" --amp bf16 --json
+check nccl_smoke 45 "$PY" -m torch.distributed.run --nproc-per-node 1 -m warmstart train --data "$TRAIN" \
+    --model resnet18 --epochs 1 --img-size 64 -b 64 -j "$WORKERS" --dist-backend nccl --out "$RES/nccl"
+
+# one table for benchmarks/RESULTS.md, from each check's last JSON line (or its exit status)
+"$PY" - "$RES" "$GPU" "$WHAT" "$((SECONDS - START))" >"$RES/summary.md" <<'EOF'
+import datetime, json, pathlib, sys
+res, gpu, what, seconds = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+status = dict(line.split() for line in (res / "status").read_text().splitlines())
+
+def row(name, what, fmt=None):
+    """fmt(the check's JSON line), or without fmt its last line of output."""
+    if status.get(name) != "0":
+        return f"| {what} | FAILED (exit {status.get(name)}{', over its time limit' if status.get(name) == '124' else ''}) |"
+    lines = (res / f"{name}.out").read_text().strip().splitlines() or ["(no output)"]
+    return f"| {what} | {fmt(json.loads(lines[-1])) if fmt else lines[-1]} |"
+
+def rounds(r, key_a, key_b):
+    return ", ".join(f"{x[key_a]:.0f}/{x[key_b]:.0f}" for x in r["rounds"])
+
+step = lambda r: (f"warmstart {r['warmstart_img_s']:.0f} img/s vs fp32 eager {r['baseline_img_s']:.0f} img/s: "
+                  f"**{r['ratio']:.2f}x** (rounds: {rounds(r, 'warmstart', 'baseline')}; batch {r['batch_size']}, "
+                  f"{r['img_size']} px)")
+data = lambda r: (f"warmstart {r['warmstart_img_s']:.0f} img/s vs classic {r['baseline_img_s']:.0f} img/s: "
+                  f"**{r['ratio']:.2f}x** (rounds: {rounds(r, 'warmstart', 'baseline')}; {r['images']} images, "
+                  f"{r['workers']} workers)")
+evaluate = lambda r: f"top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}% on {r['count']} images"
+print(f"\n## GPU check (`bash benchmarks/gpu_check.sh`): {gpu}, {datetime.date.today()}\n")
+print(f"Data: {what}. {seconds} s in all.\n")
+print("| check | result |\n|---|---|")
+print(row("train_bf16", "bench train resnet50, bf16 + channels_last, eager", step))
+print(row("train_bf16_compiled", "bench train resnet50, bf16 + channels_last, compiled", step))
+print(row("data_cpu", "bench data, default CPU decoder, 224 px", data))
+print(row("data_gpu", "bench data, --decoder gpu, 224 px", data))
+print(row("train_2_epochs", "train resnet50 2 epochs, 160 px, bf16"))
+print(row("evaluate", "evaluate its best.pt", evaluate))
+print(row("nccl_smoke", "torchrun --nproc-per-node 1, --dist-backend nccl, 1 epoch"))
+EOF
+cat "$RES/summary.md"
+cat "$RES/summary.md" >>benchmarks/RESULTS.md
+echo "gpu_check: done in $((SECONDS - START)) s; appended to benchmarks/RESULTS.md; outputs in $RES"
+! grep -qv " 0$" "$RES/status"  # exit 1 when any check failed
