@@ -66,7 +66,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     for name in ("rounds", "batch_size", "img_size", "steps", "images"):
-        if (getattr(args, name, None) or 1) < 1:
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     return bench_data(args) if args.what == "data" else bench_train(args)
 
@@ -180,6 +180,8 @@ def bench_data(args) -> int:
                                        min_scale=args.min_scale, decoder=args.decoder, seed=r)
                       if who == "warmstart" else classic_loader(root, files, size=size, batch_size=batch,
                                                                 workers=workers))
+            if who == "warmstart":
+                decoder = getattr(loader.dataset, "decoder", None) or "pil"
             got[who] = loader_rate(loader, f"round {r + 1}/{args.rounds} {who}", skip)
             del loader  # its workers end before the other contestant's start
         rounds.append({"warmstart": got["warmstart"], "baseline": got["baseline"],
@@ -187,8 +189,8 @@ def bench_data(args) -> int:
         print(f"round {r + 1}/{args.rounds}: warmstart {got['warmstart']:.0f} img/s, classic example "
               f"{got['baseline']:.0f} img/s, ratio {got['warmstart'] / got['baseline']:.2f}x", flush=True)
     result = {**rounds_summary(rounds, "warmstart", "baseline"), "rounds": rounds, "images": len(files),
-              "img_size": size, "workers": workers, "batch_size": batch, "decoder": args.decoder}
-    print(f"warmstart {result['warmstart_img_s']:.0f} img/s vs the classic example {result['baseline_img_s']:.0f} "
+              "img_size": size, "workers": workers, "batch_size": batch, "decoder": decoder}
+    print(f"warmstart ({decoder}) {result['warmstart_img_s']:.0f} img/s vs the classic example {result['baseline_img_s']:.0f} "
           f"img/s (best of {len(rounds)} round(s) each): {result['ratio']:.2f}x (median of the rounds' ratios "
           f"{result['median_ratio']:.2f}x)")
     if args.json:

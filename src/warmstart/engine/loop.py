@@ -152,9 +152,10 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
     bar.close()
     if watch is not None:
         watch.judge()  # an epoch shorter than the window: judge on what was measured (once per run)
+    loss_total = loss_sum.item()  # waits for the device's last step: the rate below counts all of it
     elapsed = time.perf_counter() - t_start
     # on the device: NCCL reduces CUDA tensors only
-    stats = all_reduce_sum(torch.tensor([loss_sum.item(), seen, skipped], dtype=torch.float64, device=device)).tolist()
+    stats = all_reduce_sum(torch.tensor([loss_total, seen, skipped], dtype=torch.float64, device=device)).tolist()
     return {"train_loss": stats[0] / max(stats[1], 1), "train_images": int(stats[1]), "skipped": int(stats[2]),
             "img_per_s": stats[1] / elapsed, "data_wait": data_wait / max(elapsed, 1e-9)}
 
