@@ -1,5 +1,6 @@
 """`warmstart bench data|train` report honest figures, and training says once when the loader bounds it."""
 
+import inspect
 import json
 import time
 from pathlib import Path
@@ -80,6 +81,17 @@ def test_bench_data_reads_a_flat_folder(data, tmp_path, capsys):
                  "--settle", "0", "--json"]) == 0
     r = last_json(capsys.readouterr().out)
     assert r["images"] == 24 and r["warmstart_img_s"] > 0 and r["baseline_img_s"] > 0
+
+
+def test_bench_data_measures_the_decoder_asked_for(data, capsys):
+    if "decoder" not in inspect.signature(ImageDataset).parameters:
+        pytest.skip("this warmstart has a single decoder")
+    from warmstart.data import decode
+
+    name = next(n for n in decode.DECODERS if n not in ("gpu", decode.DEFAULT))
+    assert main(["bench", "data", "--data", str(data / "val"), "--img-size", "32", "-j", "0", "-b", "4", "--rounds",
+                 "1", "--settle", "0", "--decoder", name, "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["decoder"] == name
 
 
 def test_bench_train_synthetic_and_with_a_loader(data, monkeypatch, capsys, one_thread):
