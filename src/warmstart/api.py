@@ -34,7 +34,7 @@ def load_backbone(ckpt, *, ema: bool | None = None, trust_code: bool = False) ->
 
 def eval_transform(ckpt) -> v2.Compose:
     """The checkpoint's own evaluation preprocessing (resize, centre crop, mean/std) as a torchvision transform:
-    PIL image or uint8 tensor in, normalised float32 CHW tensor out. Builds no model."""
+    an image path, PIL image or uint8 tensor in, normalised float32 CHW tensor out. Builds no model."""
     spec = checkpoint.read_transform(ckpt)
-    return v2.Compose([transforms.eval_transform(spec), v2.ToDtype(torch.float32, scale=True),
+    return v2.Compose([transforms.eval_pipeline(spec), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(spec["mean"], spec["std"])])

@@ -114,6 +114,7 @@ class TrainConfig:
     crop_pct: float = _opt(0.875, "evaluation centre-crop fraction: resize to size/crop_pct, then crop size")
     min_scale: float = _opt(0.25, "RandomResizedCrop smallest area fraction")
     auto_augment: str | None = _opt(None, "trivialaugment, randaugment or randaugment-M (magnitude M)")
+    decoder: str | None = _opt(None, options.HELP["decoder"], metavar="NAME")
     reprob: float = _opt(0.0, "random-erasing probability")
     # precision and speed
     amp: str | None = _opt(None, options.HELP["amp"], choices=["bf16", "fp16"])

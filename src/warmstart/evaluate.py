@@ -29,12 +29,13 @@ def add_arguments(parser):
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder (uses DIR/val if present)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="also write metrics.json, per_class.csv and confusion.png in DIR")
-    options.add(parser, "batch_size", "workers", "device", "amp", "weights", "json", "trust_code")
+    options.add(parser, "batch_size", "workers", "device", "amp", "weights", "json", "trust_code", "decoder")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help=options.THREADS_HELP)
 
 
 def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, amp=None, weights="auto",
-                        as_json=False, trust_code=False, out=None, threads=None) -> dict:
+                        as_json=False, trust_code=False, out=None, threads=None,
+                        decoder=None) -> dict:
     """Metrics as engine.loop.evaluate computes them during training; with `out`, the report files in that folder."""
     root = Path(data)
     if not root.is_dir():
@@ -53,7 +54,7 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
     try:
         model.to(dist.device)
         loader = eval_loader(split, classes, spec, batch_size=batch_size, workers=workers, rank=dist.rank,
-                             world_size=dist.world_size, pin_memory=dist.device.type == "cuda")
+                             world_size=dist.world_size, pin_memory=dist.device.type == "cuda", decoder=decoder)
         normalize = Normalize(spec["mean"], spec["std"]).to(dist.device)
         metrics = evaluate(model, loader, normalize, dist.device, amp, show_progress=dist.is_main,
                            num_classes=len(classes) if out else None)
@@ -81,5 +82,6 @@ def run(args) -> int:
     with torch.inference_mode():
         evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, amp=args.amp, weights=args.weights, as_json=args.json,
-                            trust_code=args.trust_code, out=args.out, threads=args.threads)
+                            trust_code=args.trust_code, out=args.out, threads=args.threads,
+                            decoder=args.decoder)
     return 0

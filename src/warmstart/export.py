@@ -36,8 +36,9 @@ import torch
 from PIL import Image
 
 from warmstart import checkpoint, fileio, models, options
-from warmstart.data.dataset import DECODE_ERRORS
-from warmstart.data.transforms import Normalize, eval_resize_size, eval_transform, load_image
+from warmstart.data import transforms
+from warmstart.data.decode import DECODE_ERRORS
+from warmstart.data.transforms import Normalize, eval_resize_size
 from warmstart.errors import UserError
 
 CHECK_IMAGES = 4
@@ -58,10 +59,10 @@ def check_batch(loaded, folder) -> tuple[torch.Tensor, str]:
         raise UserError(f"--check-images {folder} is not a folder; pass a folder of images")
     where = Path(folder) if folder else Path(data) / "val" if data and (Path(data) / "val").is_dir() else None
     candidates = find_images([str(where)]) if where else []
-    transform, images = eval_transform(spec), []
+    transform, images = transforms.eval_pipeline(spec), []
     for path in candidates[::max(1, len(candidates) // CHECK_IMAGES)]:  # spread over the class folders
         with contextlib.suppress(*DECODE_ERRORS):
-            images.append(transform(load_image(path, eval_resize_size(spec))))
+            images.append(transform(path))
         if len(images) == CHECK_IMAGES:
             break
     if folder and not images:

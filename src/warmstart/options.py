@@ -40,6 +40,10 @@ HELP = {
     "json": "make the last line of stdout one JSON object",
     "checkpoint": "a .pt file written by warmstart (e.g. RUN/checkpoints/best.pt)",
     "weights": "which weights: the raw model, its EMA, or whichever scored higher in training (default: auto)",
+    # the names are data/decode.py's DECODERS, checked there (this module stays torch-free)
+    "decoder": "image decoder: simplejpeg (default: JPEGs decoded at the smallest DCT scale the crop allows), pil "
+               "(the same through PIL), pil-full (always a full decode: the plain reference) or gpu (nvJPEG on the "
+               "CUDA device, training batches)",
 }
 
 
@@ -77,6 +81,8 @@ def add(parser: argparse.ArgumentParser, *names: str, batch_size: int = 128) -> 
             parser.add_argument("--json", action="store_true", help=HELP[name])
         elif name == "weights":
             parser.add_argument("--weights", choices=["auto", "model", "ema"], default="auto", help=HELP[name])
+        elif name == "decoder":
+            parser.add_argument("--decoder", default=None, metavar="NAME", help=HELP[name])
         else:
             raise KeyError(name)
 

@@ -8,9 +8,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from warmstart import checkpoint, options
-from warmstart.data.dataset import DECODE_ERRORS
+from warmstart.data import transforms
+from warmstart.data.decode import DECODE_ERRORS
 from warmstart.data.folder import IMAGE_EXTENSIONS
-from warmstart.data.transforms import Normalize, eval_resize_size, eval_transform, load_image
+from warmstart.data.transforms import Normalize
 from warmstart.engine import distributed
 from warmstart.engine.loop import autocast
 from warmstart.errors import UserError
@@ -32,7 +33,7 @@ def add_arguments(parser):
     # not options' --json: this one writes a line per image, not one object at the end
     parser.add_argument("--json", action="store_true",
                         help='one JSON object per image per line: {"path", "top": [{"class", "name", "prob"}, ...]}')
-    options.add(parser, "batch_size", "workers", "device", "amp", "weights", "trust_code", batch_size=64)
+    options.add(parser, "batch_size", "workers", "device", "amp", "weights", "trust_code", "decoder", batch_size=64)
 
 
 def find_images(args: list[str]) -> list[Path]:
@@ -49,15 +50,15 @@ def find_images(args: list[str]) -> list[Path]:
 
 
 class Images(Dataset):
-    def __init__(self, paths: list[Path], spec: dict):
-        self.paths, self.spec, self.transform = paths, spec, eval_transform(spec)
+    def __init__(self, paths: list[Path], spec: dict, decoder: str | None = None):
+        self.paths, self.transform = paths, transforms.eval_pipeline(spec, decoder)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            return i, self.transform(load_image(self.paths[i], eval_resize_size(self.spec))), None
+            return i, self.transform(self.paths[i]), None
         except DECODE_ERRORS as e:  # missing, corrupt, not an image: reported, never fatal
             return i, None, (getattr(e, "strerror", None) or str(e) or type(e).__name__)
 
@@ -80,7 +81,7 @@ def run(args) -> int:
     normalize = Normalize(loaded.transform["mean"], loaded.transform["std"]).to(device)
     k = min(args.top_k, len(loaded.classes))
     workers = args.workers if len(paths) > args.batch_size else 0  # a few images: starting workers costs more
-    loader = DataLoader(Images(paths, loaded.transform), batch_size=args.batch_size, num_workers=workers,
+    loader = DataLoader(Images(paths, loaded.transform, args.decoder), batch_size=args.batch_size, num_workers=workers,
                         collate_fn=collate)
 
     path_w = max(len(str(p)) for p in paths)

@@ -5,24 +5,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from warmstart.data import decode, transforms
+from warmstart.data.decode import DECODE_ERRORS
 from warmstart.data.folder import index_folder
 from warmstart.data.sampler import EvalSampler
-from warmstart.data.transforms import eval_resize_size, eval_transform, load_image, train_decode_size, train_transform
-
-# what a broken file raises while decoding; anything else is a bug or a bad setting and must surface
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+from warmstart.errors import UserError
 
 
 class ImageDataset(Dataset):
-    """train=True: random crops at the size the sampler asks for, seeded per sample.
-    train=False: the deterministic eval transform described by `spec` (see transforms.transform_spec)."""
+    """train=True: random crops at the size the sampler asks for, seeded per sample (decode.random_resized_crop).
+    train=False: the checkpoint's preprocessing described by `spec` (transforms.eval_pipeline)."""
 
     def __init__(self, root: Path, samples: list[tuple[str, int]], *, train: bool, spec: dict | None = None,
-                 min_scale: float = 0.08, auto_augment: str | None = None):
-        self.root, self.train, self.spec = Path(root), train, spec
+                 min_scale: float = 0.08, auto_augment: str | None = None, decoder: str | None = None):
+        decoder = decode.check(decoder)
+        if train and decoder == "gpu" and auto_augment:
+            raise UserError(f"--decoder gpu does not apply --auto-augment {auto_augment} (it runs on PIL/CPU "
+                            f"tensors); drop one of the two")
+        self.root, self.train, self.spec, self.decoder = Path(root), train, spec, decoder
         # numpy arrays, not a list of tuples: forked workers would otherwise copy the list page by page
         # as reference counts change (hundreds of MB per worker at ImageNet scale)
         self.paths = np.array([p.encode() for p, _ in samples])
@@ -35,31 +37,37 @@ class ImageDataset(Dataset):
 
     def _transform(self, size: int):
         if size not in self._transforms:
-            self._transforms[size] = (train_transform(size, min_scale=self.min_scale, auto_augment=self.auto_augment)
-                                      if self.train else eval_transform(self.spec))
+            self._transforms[size] = (transforms.train_transform(size, auto_augment=self.auto_augment) if self.train
+                                      else transforms.eval_pipeline(self.spec, self.decoder))
         return self._transforms[size]
 
     def __getitem__(self, key):
         index, seed, size = key
         path, label = self.root / self.paths[index].decode(), int(self.labels[index])
-        decode_size = train_decode_size(size, self.min_scale) if self.train else eval_resize_size(self.spec)
-        try:
-            img = load_image(path, decode_size)
-        except DECODE_ERRORS:  # corrupt or unreadable: skipped by collate and counted, never a crash
-            return None, label
         if not self.train:
-            return self._transform(size)(img), label
+            try:
+                return self._transform(size)(path), label
+            except DECODE_ERRORS:  # corrupt or unreadable: skipped by collate and counted, never a crash
+                return None, label
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)  # CPU only: leave CUDA generators alone
+            scale = (self.min_scale, 1.0)
+            try:
+                if self.decoder == "gpu":  # box and flip drawn here, from the same seed; gpu_batch cuts on the device
+                    return decode.gpu_item(path, size, scale), label
+                img = decode.random_resized_crop(self.decoder, path, size, scale)
+            except DECODE_ERRORS:
+                return None, label
             return self._transform(size)(img), label
 
 
 def collate(batch):
-    """Stack the readable samples; the third item counts the unreadable ones that were dropped."""
+    """Stack the readable samples; the third item counts the unreadable ones that were dropped. (--decoder gpu: the
+    samples stay a list of encoded files, which GpuLoader decodes.)"""
     good = [(x, y) for x, y in batch if x is not None]
     if not good:
         return torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long), len(batch)
-    images = torch.stack([x for x, _ in good])
+    images = torch.stack([x for x, _ in good]) if torch.is_tensor(good[0][0]) else [x for x, _ in good]
     labels = torch.tensor([y for _, y in good])
     return images, labels, len(batch) - len(good)
 
@@ -90,13 +98,27 @@ class Loader(DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+class GpuLoader(Loader):
+    """--decoder gpu: the workers hand over encoded files with their boxes; each batch is decoded on the device."""
+
+    def __iter__(self):
+        for items, labels, bad in super().__iter__():
+            yield decoded(items), labels, bad
+
+
+def decoded(images):
+    """A collated batch's images as a tensor: --decoder gpu's encoded files are decoded on the device here."""
+    return decode.gpu_batch(images) if isinstance(images, list) else images
+
+
 def make_loader(dataset, sampler, *, batch_size: int, workers: int, train: bool, pin_memory: bool = False):
     # its own generator: creating an iterator must not draw from the global RNG, or a resumed run would
     # continue from a different random state than the uninterrupted one
-    return Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                  drop_last=train, pin_memory=pin_memory, persistent_workers=workers > 0,
-                  prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(0),
-                  worker_init_fn=_worker_ignores_stop_signals if workers > 0 else None)
+    gpu = train and getattr(dataset, "decoder", None) == "gpu"  # batches of encoded files: nothing to pin
+    return (GpuLoader if gpu else Loader)(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate, drop_last=train,
+        pin_memory=pin_memory and not gpu, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(0), worker_init_fn=_worker_ignores_stop_signals if workers > 0 else None)
 
 
 def read_human_names(root: Path, classes: list[str]) -> list[str] | None:
@@ -109,11 +131,12 @@ def read_human_names(root: Path, classes: list[str]) -> list[str] | None:
 
 
 def eval_loader(split_dir: Path, classes: list[str], spec: dict, *, batch_size: int, workers: int,
-                rank: int = 0, world_size: int = 1, pin_memory: bool = False, samples=None):
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False, samples=None,
+                decoder: str | None = None):
     """A loader over every image of split_dir once (sharded across ranks), labelled in `classes` order; or over
     `samples` ((path under split_dir, label) pairs) when the caller already has them."""
     if samples is None:
         _, samples = index_folder(split_dir, classes)
-    dataset = ImageDataset(split_dir, samples, train=False, spec=spec)
+    dataset = ImageDataset(split_dir, samples, train=False, spec=spec, decoder=decoder)
     sampler = EvalSampler(len(dataset), size=spec["size"], rank=rank, world_size=world_size)
     return make_loader(dataset, sampler, batch_size=batch_size, workers=workers, train=False, pin_memory=pin_memory)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from warmstart import checkpoint, config, options
-from warmstart.data.dataset import ImageDataset, collate, eval_loader, make_loader
+from warmstart.data.dataset import ImageDataset, collate, decoded, eval_loader, make_loader
 from warmstart.data.sampler import TrainSampler
 from warmstart.data.sources import Splits, load_splits
 from warmstart.data.transforms import Normalize
@@ -143,7 +143,7 @@ class Run:
 
         # data: one global permutation, sharded; batches the sampler marks with a seed and an image size
         self.train_set = ImageDataset(splits.train_root, splits.train, train=True, min_scale=cfg.min_scale,
-                                      auto_augment=cfg.auto_augment)
+                                      auto_augment=cfg.auto_augment, decoder=cfg.decoder)
         self.sampler = TrainSampler(len(self.train_set), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                                     multiple_of=cfg.batch_size * cfg.accum_steps)
         self.batches_per_epoch = self.sampler.per_rank // cfg.batch_size
@@ -156,10 +156,11 @@ class Run:
                                         train=True, pin_memory=cuda)
         self.val_loader = eval_loader(splits.val_root, splits.classes, eval_spec, batch_size=cfg.batch_size,
                                       workers=cfg.workers, rank=dist.rank, world_size=dist.world_size,
-                                      pin_memory=cuda, samples=splits.val)
+                                      pin_memory=cuda, samples=splits.val, decoder=cfg.decoder)
 
         # model: checked on a real batch before anything else is built around it
         probe, _, _ = collate([self.train_set[(i % len(self.train_set), i, size_for_epoch(cfg, 0))] for i in range(2)])
+        probe = decoded(probe)
         if len(probe) == 0:
             raise UserError(f"the first training images in {splits.train_root} cannot be decoded; check the dataset")
         self.model = model.to(self.device)
