@@ -1,6 +1,7 @@
 """Inputs as users have them: 16-bit PNG/TIFF, Excel's CSV with a byte-order mark, and a folder where two images share
 a stem (a.png, a.gif), which prepare --from-folder must not merge."""
 
+import io
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from synth import make_image_folder
 from warmstart.cli import main
 from warmstart.data.sources import load_splits
 from warmstart.data.transforms import load_image
+from warmstart.prepare import images
 
 GREY = 129  # the true 8-bit value; its 16-bit form is 129 * 257
 
@@ -58,3 +60,18 @@ def test_prepare_from_folder_keeps_images_that_share_a_stem(tmp_path):
     assert json.loads((out / "prepared.json").read_text())["splits"]["."]["images"] == len(written)
     # the a.JPEG written is the JPEG's own image (colour 80), not another file's
     assert abs(np.asarray(Image.open(out / "n00000001" / "a.JPEG"))[..., 0].mean() - 80) < 8
+
+
+def test_prepare_keeps_16_bit_images_grey(tmp_path):
+    """prepare re-encodes a 16-bit PNG as a JPEG, resized (--from-folder) or repaired (a PNG inside an archive): its grey
+    stays grey, not white."""
+    src = tmp_path / "src" / "n00000001"
+    src.mkdir(parents=True)
+    Image.fromarray(np.full((30, 40), GREY * 257, dtype=np.uint16)).save(src / "deep.png")
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(src / "plain.JPEG")
+    out = tmp_path / "out"
+    assert main(["prepare", "--from-folder", str(src.parent), "--resize-short", "16", "--out", str(out),
+                 "--workers", "1"]) == 0
+    assert abs(np.asarray(Image.open(out / "n00000001" / "deep.JPEG").convert("L")).mean() - GREY) <= 2
+    repaired = images.repair((src / "deep.png").read_bytes())
+    assert abs(np.asarray(Image.open(io.BytesIO(repaired)).convert("L")).mean() - GREY) <= 2

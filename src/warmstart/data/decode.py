@@ -24,20 +24,12 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from warmstart.errors import UserError
+from warmstart.pixels import to_rgb  # noqa: F401 (decoders use it; transforms re-exports it)
 
 # what a broken file raises while decoding; anything else is a bug or a bad setting and must surface
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range, as torchvision and timm use it
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB. PIL's convert clips 16-bit greys (PNG/TIFF decode as I;16, I;16B or I) at 255 instead of scaling
-    them, which turns them almost white; so they are scaled to 8 bits first (v/257 rounded: 65535 -> 255)."""
-    if img.mode == "I" or img.mode.startswith("I;16"):
-        a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        img = Image.fromarray(((a + 128) // 257).astype(np.uint8))
-    return img.convert("RGB")
 
 
 class Pil:

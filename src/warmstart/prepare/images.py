@@ -7,6 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from warmstart import fileio
+from warmstart.pixels import to_rgb
 
 SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 MAGIC = {b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
@@ -48,7 +49,7 @@ def repair(data: bytes | memoryview, quality: int = 95) -> bytes | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             buf = io.BytesIO()
-            img.convert("RGB").save(buf, "JPEG", quality=quality)
+            to_rgb(img).save(buf, "JPEG", quality=quality)
             return buf.getvalue()
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
@@ -74,9 +75,8 @@ def write_resized(jobs: list[tuple[bytes | str, str]], short: int, quality: int)
     for src, dst in jobs:
         try:
             with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
-                out = resize_short(img, short)
-                if out.mode not in ("L", "RGB"):
-                    out = out.convert("RGB")
+                # 16-bit, CMYK, palette, alpha: to 8-bit RGB before resizing (16-bit scaled, not clipped white)
+                out = resize_short(img if img.mode in ("L", "RGB") else to_rgb(img), short)
                 buf = io.BytesIO()
                 out.save(buf, "JPEG", quality=quality)
         except (OSError, ValueError, Image.DecompressionBombError):
