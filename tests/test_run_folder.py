@@ -151,6 +151,31 @@ def test_sigterm_to_the_process_group_with_data_workers(data, tmp_path):
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["train_state"]["position"]["epoch"] == 2
 
 
+CRASHING_MODEL = """
+from torch import nn
+
+class Crash(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+        self.calls = 0
+    def forward(self, x):
+        self.calls += self.training
+        if self.calls == 5:
+            raise RuntimeError("a bug in the model")
+        return self.net(x)
+"""
+
+
+def test_an_error_with_data_workers_ends_the_process(data, tmp_path):
+    """Workers ignore SIGTERM, which multiprocessing's exit handler sends them: the process must still exit."""
+    model = tmp_path / "crash.py"
+    model.write_text(CRASHING_MODEL)
+    r = cli("train", data, "--model", f"{model}:Crash", "--out", tmp_path / "run", *QUICK[:4], "-j", "2", timeout=90)
+    assert r.returncode == 1 and "a bug in the model" in r.stderr
+    assert r.stderr.count("Traceback") == 1 and "killed by signal" not in r.stderr, r.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- item 3: resume honours or refuses every change
 
 

@@ -1,5 +1,7 @@
 """A folder of labelled images, addressed by (index, seed, size) keys from the samplers."""
 
+import atexit
+import multiprocessing
 import signal
 from pathlib import Path
 
@@ -76,6 +78,22 @@ def collate(batch):
 # process saves and stops at the next update (engine/run.py); a data worker must live until then, but torch's worker
 # handler makes SIGTERM from anyone but the parent fatal, which would end the run in a DataLoader error, unsaved.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _kill_loader_workers() -> None:
+    """At exit, SIGKILL the daemonic children (data workers) still alive. multiprocessing's own exit handler stops
+    them with SIGTERM, which they now ignore: after an uncaught error it would wait for them forever. Registered
+    after multiprocessing's handler, so it runs first (atexit is last-in, first-out)."""
+    # torch's SIGCHLD handler would raise "worker killed" in here, and stop the loop before every worker is killed
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    for p in workers:
+        p.kill()
+    for p in workers:
+        p.join(timeout=5)
+
+
+atexit.register(_kill_loader_workers)
 
 
 def _worker_ignores_stop_signals(worker_id: int) -> None:
