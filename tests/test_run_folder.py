@@ -103,6 +103,37 @@ def test_tampered_finetune_folder_never_runs_or_trusts_its_checkpoint(trained, d
     assert not marker.exists()
 
 
+def test_zoo_path_of_a_tampered_finetune_folder_runs_nothing(trained, data, tmp_path):
+    """`torchvision:pkg:fn` would import and call fn; zoo kwargs that read files need --trust-code too."""
+    marker, run = tmp_path / "pwned", tmp_path / "ft"
+    run.mkdir()
+    weights = trained / "checkpoints" / "best.pt"
+    for zoo, kwargs in [("torchvision:os:system", {"command": f"touch {marker}"}),
+                        ("timm:resnet18", {"checkpoint_path": str(weights)})]:
+        (run / "config.yaml").write_text(yaml.safe_dump({"from_": zoo, "model_kwargs": kwargs, "weights": str(weights),
+                                                         "data": str(data), "epochs": 1}))
+        before = trust_list()
+        one_line_error(cli("finetune", "--out", run, "--resume", "auto"), zoo.split(":")[-1])
+        assert not marker.exists() and trust_list() == before
+
+
+def test_a_recipe_is_data_too(data, tmp_path):
+    """A model a --config recipe names is built only when trusted: recipes are files people share."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').close()\nimport torch.nn as nn\nNet = nn.Linear\n")
+    before = trust_list()
+    for model, kwargs in [("os:system", {"command": f"touch {marker}"}), (f"{evil}:Net", {})]:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"model": model, "model_kwargs": kwargs, "epochs": 1}))
+        one_line_error(cli("train", data, "--config", recipe, "--out", tmp_path / "r", *QUICK), "recipe.yaml",
+                       "--trust-code")
+        assert not marker.exists() and trust_list() == before
+    # the same model named on the command line is the user's own choice
+    recipe.write_text(yaml.safe_dump({"epochs": 1}))
+    assert main(["train", str(data), "--config", str(recipe), *TINY, "--out", str(tmp_path / "r2"), *QUICK]) == 0
+
+
 def test_trust_code_is_never_read_from_a_recipe(data, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("trust_code: true\nepochs: 1\n")

@@ -128,6 +128,11 @@ class TrainConfig:
     def eval_size(self) -> int:
         return self.eval_img_size or int(round(1.25 * self.img_size / 8) * 8)
 
+    def yaml_source(self, *names: str) -> Path | None:
+        """The YAML file (saved config.yaml or --config recipe) that set any of these settings; None when the
+        command line or the defaults did."""
+        return next((p for k, p in getattr(self, "from_yaml", {}).items() if k in names), None)
+
     @property
     def run_dir(self) -> Path:
         if self.out:
@@ -252,24 +257,25 @@ LAUNCH = ("multiprocessing_distributed", "dist_url", "dist_backend", "world_size
 def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
     """defaults < the command's defaults < a saved run's config.yaml (--resume auto) < --config < flags.
     cfg.given holds the names set by anything above the defaults (finetune only fills in what was not given);
-    cfg.from_run those whose value came from the saved config.yaml: data someone may have sent, so a model or
-    checkpoint it names is built only under trust.check_trusted (train.py, finetune.py)."""
+    cfg.from_yaml maps those whose value came from a YAML file (a saved config.yaml, a --config recipe) to that file:
+    data someone may have sent, so a model or checkpoint it names is built only under trust.check_trusted
+    (train.py, finetune.py); only this command line's --model / --from / --model-kwargs are the user's own choice."""
     values = dict(COMMAND_DEFAULTS.get(command, {}))
-    given, from_run = set(), set()
+    given, from_yaml = set(), {}
     # `--out RUN --resume auto` alone continues RUN with the configuration it was started with
     saved = Path(getattr(args, "out", "") or "") / "config.yaml"
     if getattr(args, "resume", None) == "auto" and getattr(args, "out", None) and saved.is_file():
         loaded = {k: v for k, v in load_yaml(str(saved), saved=True).items() if k not in LAUNCH}
         given |= loaded.keys()
-        from_run |= loaded.keys()
+        from_yaml.update(dict.fromkeys(loaded, saved))
         values.update(loaded)
     if getattr(args, "config", None):
         given |= (loaded := load_yaml(args.config)).keys()
-        from_run -= loaded.keys()
+        from_yaml.update(dict.fromkeys(loaded, Path(args.config)))
         values.update(loaded)
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     given |= flags.keys()
-    from_run -= flags.keys()
+    from_yaml = {k: v for k, v in from_yaml.items() if k not in flags}
     values.update(flags)
     recipe = load_yaml(args.config) if getattr(args, "config", None) else {}
     if "img_size" in flags and recipe.get("img_size"):
@@ -281,7 +287,7 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
     if getattr(args, "data_pos", None):
         values["data"] = args.data_pos
     cfg = TrainConfig(**values)
-    cfg.given, cfg.from_run, cfg.saved_config = given, from_run, saved
+    cfg.given, cfg.from_yaml = given, from_yaml
     for name in ("epochs", "batch_size", "accum_steps", "img_size", "eval_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")

@@ -10,7 +10,7 @@ from warmstart.data.transforms import transform_spec, zoo_transform_spec
 from warmstart.engine import distributed
 from warmstart.engine.run import Run, resume_path, session
 from warmstart.errors import UserError
-from warmstart.models import build_model, find_head, replace_head
+from warmstart.models import build_model, find_head, replace_head, spec_for
 
 HELP = "fine-tune a pretrained checkpoint on your dataset (new head, frozen or layer-wise LRs)"
 DESCRIPTION = """Fine-tune a pretrained model on your dataset: the model is rebuilt from the checkpoint alone (its
@@ -74,6 +74,11 @@ def pretrained(cfg: config.TrainConfig) -> checkpoint.Loaded:
                         f"nothing")
     state = _read_weights(Path(cfg.weights))
     name = source.split(":", 1)[1] if source.startswith("torchvision:") else source
+    if trust.runs_code({"name": name}):  # torchvision:pkg.mod:fn would import and call what it names
+        raise UserError(f"--from {source}: name a torchvision model after torchvision: (e.g. torchvision:resnet50)")
+    # zoo kwargs that would read files or download, from this command line or (refused unless --trust-code) a YAML
+    trust.check_trusted(spec_for(name, 1000, cfg.model_kwargs), cfg.yaml_source("from_", "model_kwargs") or "--from",
+                        cfg.trust_code)
     model, _ = build_model(name, 1000, cfg.model_kwargs)
     head = find_head(model, 1000, cfg.head)
     n = state.get(f"{head}.weight", torch.empty(1000)).shape[0]

@@ -41,9 +41,8 @@ def run(args) -> int:
 
 def train(cfg: config.TrainConfig, dist: distributed.Dist) -> int:
     with session(cfg, dist) as (log, splits):
-        if {"model", "model_kwargs"} & cfg.from_run:  # named by RUN/config.yaml, not by this command line
-            trust.check_trusted(spec_for(cfg.model, len(splits.classes), cfg.model_kwargs), cfg.saved_config,
-                                cfg.trust_code)
+        if yaml := cfg.yaml_source("model", "model_kwargs"):  # named by a YAML file, not by this command line
+            trust.check_trusted(spec_for(cfg.model, len(splits.classes), cfg.model_kwargs), yaml, cfg.trust_code)
         model, model_spec = build_model(cfg.model, len(splits.classes), cfg.model_kwargs)
         trust.trust(model_spec)  # the user's own code: its checkpoints may rebuild it without --trust-code
         zeroed = zero_init_last_norm(model) if cfg.zero_init_last else 0
