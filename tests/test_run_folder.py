@@ -153,6 +153,27 @@ def test_finetune_resumes_from_last_pt_alone(trained, data, tmp_path):
     assert ckpt["train_state"]["position"]["epoch"] == 2 and ckpt["model_spec"]["head"]["num_classes"] == 4
 
 
+@pytest.mark.parametrize("name", ["log.txt", "metrics.jsonl", ".lock"])
+def test_a_link_in_the_run_folder_is_never_written_through(name, trained, data, tmp_path):
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    shutil.copytree(trained, run)
+    victim.write_text("precious\n")
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(victim)
+    one_line_error(cli("train", "--out", run, "--resume", "auto", "--epochs", "2"), name, "symbolic link")
+    assert victim.read_text() == "precious\n"
+
+
+def test_only_whole_digest_lines_grant_trust(trained, tmp_path):
+    """A log line pointed at the trust file (or any other text in it) grants nothing."""
+    spec = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)["model_spec"]
+    evil = {**spec, "source": spec["source"] + "\n# changed\n"}
+    with open(trust.trust_file(), "a") as f:
+        f.write(f"2026-12-02 08:00:00 warmstart finetune: pretrained {trust.spec_digest(evil)}\n")
+    assert not trust.is_trusted(evil)
+    assert trust.is_trusted(spec)  # trained here: its own line
+
+
 # ---------------------------------------------------------------- item 2: SIGTERM to the whole process group
 
 

@@ -119,3 +119,18 @@ def atomic_write(path, write: Callable[[Path], None], *, durable: bool = True, w
 
 def write_text(path, text: str, *, durable: bool = True) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), durable=durable)
+
+
+def open_own(path, mode: str = "a"):
+    """Open a file of a run folder for appending ("a") or reading and writing ("r+", created if missing), never
+    through a symbolic link: a run folder is data someone may have sent, and a link in it (log.txt ->
+    ~/.bashrc) would make warmstart write where the sender chose."""
+    flags = {"a": os.O_WRONLY | os.O_APPEND, "r+": os.O_RDWR}[mode] | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link; a run folder's files must be its own: remove the link (or "
+                            f"give another --out)") from None
+        raise
+    return os.fdopen(fd, mode)

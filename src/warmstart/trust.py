@@ -16,6 +16,7 @@ trust_code from YAML).
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from warmstart.errors import UserError
@@ -55,8 +56,13 @@ def trust_file() -> Path:
 
 
 def _trusted_digests() -> set[str]:
+    """Whole lines of 64 hex digits only: text that reached the file another way (a log line, a pasted note)
+    grants nothing."""
     path = trust_file()
-    return set(path.read_text().split()) if path.is_file() else set()
+    if not path.is_file():
+        return set()
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return {line for line in lines if re.fullmatch(r"[0-9a-f]{64}", line)}
 
 
 def is_trusted(model_spec: dict) -> bool:

@@ -46,7 +46,7 @@ def _lock(run_dir: Path):
     import os
     import socket
 
-    f = open(run_dir / ".lock", "a+")
+    f = fileio.open_own(run_dir / ".lock", "r+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -66,8 +66,8 @@ def _repair_torn_tail(path: Path) -> None:
     """A crash mid-write leaves a last line without its newline; the next append would glue a good row to it."""
     if not path.is_file() or path.stat().st_size == 0:
         return
-    with open(path, "rb+") as f:
-        data = f.read()
+    with fileio.open_own(path, "r+") as f:
+        data = f.buffer.read()
         if not data.endswith(b"\n"):
             f.truncate(data.rfind(b"\n") + 1)
 
@@ -82,7 +82,7 @@ class RunLog:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._lock = _lock(self.run_dir)
             _repair_torn_tail(self.run_dir / "metrics.jsonl")
-            self._log = open(self.run_dir / "log.txt", "a")
+            self._log = fileio.open_own(self.run_dir / "log.txt")
 
     def __enter__(self):
         return self
@@ -95,7 +95,10 @@ class RunLog:
             return
         tqdm.write(msg)
         with _disk(self.run_dir / "log.txt"):
-            self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+            # every line starts with the time: a value from a run folder (a model name with a newline in it)
+            # cannot start a line of its own
+            stamp = time.strftime('%Y-%m-%d %H:%M:%S')
+            self._log.write("".join(f"{stamp} {line}\n" for line in msg.splitlines() or [""]))
             self._log.flush()
 
     def scalars(self, step: int, values: dict) -> None:
@@ -114,7 +117,7 @@ class RunLog:
         if not self.enabled:
             return
         with _disk(self.run_dir / "metrics.jsonl"):
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with fileio.open_own(self.run_dir / "metrics.jsonl") as f:
                 f.write(json.dumps(row) + "\n")
         rows = read_metrics(self.run_dir)
         keys = list(dict.fromkeys(k for r in rows for k in r))
