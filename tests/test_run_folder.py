@@ -19,6 +19,7 @@ import yaml
 from synth import QUICK, REPO, TINY, make_image_folder, slow_model_source
 from warmstart import checkpoint, trust
 from warmstart.cli import main
+from warmstart.engine.runlog import read_metrics
 
 
 
@@ -278,15 +279,18 @@ def test_save_at_the_epochs_last_update_resumes_anywhere(trained, data, tmp_path
     assert "trained before the resume" in (run / "log.txt").read_text()
 
 
-def test_torn_metrics_line_does_not_stop_a_resume(trained, data, tmp_path):
+@pytest.mark.parametrize("garbage", [b'{"epoch": 2, "train_lo',  # a crash mid-write
+                                     b'\xff\xfe not text\n', b'{"epoch": "one"}\n', b'{"epoch": 0, "val_top1": "high"}\n',
+                                     b'[1, 2]\n'])
+def test_a_torn_or_garbage_metrics_line_does_not_stop_a_resume(garbage, trained, data, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write('{"epoch": 2, "train_lo')  # a crash mid-write
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(garbage)
     assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "2", *QUICK, "--resume", "auto"]) == 0
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    assert [yaml.safe_load(line)["epoch"] for line in lines] == [1, 2]
-    assert (run / "metrics.csv").read_text().count("\n") == 3
+    assert [r["epoch"] for r in read_metrics(run) if r["epoch"] > 0] == [1, 2]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["train_state"]["position"]["epoch"] == 2
+    assert (run / "metrics.csv").is_file()
 
 
 # ---------------------------------------------------------------- item 5: one writer per run folder; malformed fields
@@ -330,6 +334,40 @@ def test_malformed_checkpoint_fields_are_one_line(field, value, named, trained, 
     for argv in (["evaluate", "--checkpoint", bad, "--data", data, "-j", "0"],
                  ["predict", "--checkpoint", bad, data / "val"]):
         one_line_error(cli(*argv), named)
+
+
+def _tamper(ckpt: dict, case: str) -> None:
+    train = ckpt["train_state"]
+    if case == "extra position key":
+        train["position"]["evil"] = 1
+    elif case == "text epoch":
+        train["position"]["epoch"] = "1"
+    elif case == "text world size":
+        train["layout"]["world_size"] = "a"
+    elif case == "no layout":
+        del train["layout"]
+    elif case == "short rng":
+        ckpt["rng"][0]["torch"] = ckpt["rng"][0]["torch"][:10]
+    elif case == "text param groups":
+        train["optimizer"]["param_groups"] = "x"
+    elif case == "text classes":
+        ckpt["classes"] = "abc"
+    elif case == "text config":
+        ckpt["config"] = "x"
+    elif case == "odd format":
+        ckpt["format"] = 3
+
+
+@pytest.mark.parametrize("case", ["extra position key", "text epoch", "text world size", "no layout", "short rng",
+                                  "text param groups", "text classes", "text config", "odd format"])
+def test_a_tampered_last_pt_is_one_line_on_resume(case, trained, data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    _tamper(ckpt, case)
+    torch.save(ckpt, run / "checkpoints" / "last.pt")
+    capsys_free = cli("train", "--out", run, "--resume", "auto", "--epochs", "2", "-j", "1")
+    one_line_error(capsys_free, "last.pt")
 
 
 def test_upgrade_brings_old_checkpoints_up_to_date(trained, tmp_path):

@@ -87,19 +87,24 @@ def upgrade(ckpt: dict, path="checkpoint") -> dict:
     ckpt = dict(ckpt)
     version = str(ckpt.get("format") or "warmstart/1")
     if version not in ("warmstart/1", FORMAT):
-        raise UserError(f"{path} is in format {version!r}, newer than this warmstart reads ({FORMAT}); upgrade "
-                        f"warmstart (pip install -U warmstart)")
+        newer = version.startswith("warmstart/") and version[10:].isdigit()
+        raise UserError(f"{path} is in format {version!r}, " + (
+            f"newer than this warmstart reads ({FORMAT}); upgrade warmstart (pip install -U warmstart)" if newer else
+            f"not one warmstart writes ({FORMAT}); use the file the run wrote"))
+    # defaults for what is missing; a field of the wrong type is left for _check_fields to name
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     ckpt.setdefault("ema", None)
     ckpt["prefer_ema"] = bool(ckpt.get("prefer_ema"))
-    ckpt["classes"] = {"names": [], "human": None, **(ckpt.get("classes") or {})}
+    classes = ckpt.get("classes") or {}
+    ckpt["classes"] = {"names": [], "human": None, **classes} if isinstance(classes, dict) else classes
     for key in ("transform", "metrics", "config"):
         ckpt[key] = ckpt.get(key) or {}
     if version == "warmstart/1":
         rng = ckpt.get("rng")
-        ckpt["rng"] = [] if rng is None else [rng] if isinstance(rng, dict) else list(rng)  # one state per rank
+        ckpt["rng"] = [] if rng is None else [rng] if isinstance(rng, dict) else rng  # one state per rank
         train = ckpt.get("train_state")
-        if isinstance(train, dict):  # layout before it was recorded: one process, the config's batch
+        if isinstance(train, dict) and isinstance(train.get("layout") or {}, dict):  # before it was recorded: one
+            # process, the config's batch
             layout = {"world_size": 1, "batch_size": config.get("batch_size"), "accum_steps": config.get("accum_steps") or 1,
                       "seed": config.get("seed", 0), "train_images": None, **(train.get("layout") or {})}
             ckpt["train_state"] = {**train, "layout": layout}
@@ -118,9 +123,12 @@ def _check_fields(ckpt: dict, path) -> None:
         return UserError(f"{path}: malformed checkpoint field {field} ({why}); it was edited or not written by "
                          f"warmstart: use the file the run wrote")
 
-    def count(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    def count(v, least: int = 1) -> bool:
+        return type(v) is int and v >= least
 
+    for key in ("classes", "transform", "metrics", "config"):
+        if not isinstance(ckpt[key], dict):
+            raise bad(key, f"a {type(ckpt[key]).__name__}, not a mapping")
     spec = ckpt["model_spec"]
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
         raise bad("model_spec.name", "not a model name")
@@ -153,9 +161,26 @@ def _check_fields(ckpt: dict, path) -> None:
                 raise bad(f"transform.{key}", f"{v!r} is not 3 numbers{' above 0' if key == 'std' else ''}")
         if t.get("interpolation", "bilinear") not in INTERPOLATIONS:
             raise bad("transform.interpolation", f"{t.get('interpolation')!r} is not one of {', '.join(INTERPOLATIONS)}")
+    if not isinstance(ckpt["rng"], list) or not all(isinstance(r, dict) for r in ckpt["rng"]):
+        raise bad("rng", "not one RNG state per rank")
     train = ckpt["train_state"]
-    if train is not None and not (isinstance(train, dict) and isinstance(train.get("position"), dict)):
-        raise bad("train_state", "no position")
+    if train is None:
+        return
+    if not isinstance(train, dict):
+        raise bad("train_state", "not a mapping")
+    pos, layout, opt = train.get("position"), train.get("layout"), train.get("optimizer")
+    if not isinstance(pos, dict) or set(pos) - {"epoch", "batch_in_epoch", "step", "best_top1"} or not all(
+            count(pos.get(k, 0), 0) for k in ("epoch", "batch_in_epoch", "step")) or type(
+            pos.get("best_top1", -1.0)) not in (int, float):
+        raise bad("train_state.position", "needs whole epoch, batch_in_epoch and step counts and a best_top1")
+    if not isinstance(layout, dict) or not (count(layout.get("world_size")) and count(layout.get("accum_steps"))
+                                            and (layout.get("batch_size") is None or count(layout["batch_size"]))
+                                            and type(layout.get("seed", 0)) is int
+                                            and (layout.get("train_images") is None or count(layout["train_images"]))):
+        raise bad("train_state.layout", "needs world_size, batch_size, accum_steps, seed and train_images")
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])):
+        raise bad("train_state.optimizer", "not an optimizer state_dict")
 
 
 @dataclass
@@ -255,7 +280,15 @@ def rng_state() -> dict:
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, where="checkpoint") -> None:
+    try:
+        _set_rng_state(state)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise UserError(f"{where}: malformed checkpoint field rng ({type(e).__name__}: {str(e)[:120]}); it was edited "
+                        f"or not written by warmstart: use the file the run wrote") from None
+
+
+def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if torch.is_tensor(state.get("cuda")) and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])  # this process's device only

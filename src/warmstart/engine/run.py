@@ -265,6 +265,8 @@ class Run:
         self.pos, self.metrics, self.prefer_ema = pos, state.get("metrics") or {}, bool(state.get("prefer_ema"))
         rngs = state.get("rng") or []
         self._rng = rngs[self.dist.rank] if len(rngs) == self.dist.world_size else None
+        if self._rng is not None:
+            checkpoint.set_rng_state(self._rng, where)  # a malformed state is one line now; fit() sets it again
         if rngs and self._rng is None:
             self.log.print(f"{where} holds the random streams of {len(rngs)} process(es), this run has "
                            f"{self.dist.world_size}: they restart from --seed {cfg.seed} (+ rank)")

@@ -143,14 +143,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    # a resumed run rewrites epochs it redoes: keep the last row per epoch
+    # a resumed run rewrites epochs it redoes: keep the last row per epoch. A line torn by a crash or edited into
+    # something else is not a row: it must not stop a run after a full epoch of training
     rows = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             r = json.loads(line)
-            rows[r["epoch"]] = r
-        except (ValueError, TypeError, KeyError):  # a line torn by a crash, or edited by hand: not a row
+        except ValueError:
             continue
+        if isinstance(r, dict) and type(r.get("epoch")) is int:
+            rows[r["epoch"]] = r
     return [rows[e] for e in sorted(rows)]
 
 
@@ -166,7 +168,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
               ("learning rate", ["lr"])]
     for ax, (title, keys) in zip(axes, panels):
         for k in keys:
-            pts = [(e, r[k]) for e, r in zip(epochs, rows) if r.get(k) is not None]
+            pts = [(e, r[k]) for e, r in zip(epochs, rows) if type(r.get(k)) in (int, float)]
             if pts:
                 ax.plot(*zip(*pts), marker="o", markersize=3, label=k)
         ax.set_title(title)
@@ -174,7 +176,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend()
-    best = max((r.get("val_top1") or 0 for r in rows), default=0)
+    best = max((r["val_top1"] for r in rows if type(r.get("val_top1")) in (int, float)), default=0)
     fig.suptitle(f"{path.parent.name}: best val top-1 {best:.2f}%")
     fig.tight_layout()
     try:
