@@ -241,7 +241,27 @@ def test_changed_optimiser_settings_are_applied_on_resume(trained, data, tmp_pat
     assert [g["lr"] for g in groups] == pytest.approx([0.05] * len(groups))
     assert {g["momentum"] for g in groups} == {0.5}
     assert {g["weight_decay"] for g in groups} == {0.0, 0.01}  # norms and biases never decay
-    assert "--momentum 0.9 -> 0.5" in (run / "log.txt").read_text()
+    log = (run / "log.txt").read_text()
+    assert "--momentum 0.9 -> 0.5" in log and "peak lr 0.025 -> 0.05" in log
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(trained, data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    for argv in (["train", data, *TINY, "--out", run, "--epochs", "1", *QUICK],
+                 ["finetune", "--from", trained / "checkpoints" / "best.pt", "--data", data, "--out", run, *QUICK]):
+        one_line_error(cli(*argv), "already holds a run", "--resume auto")
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_a_regrouping_change_is_refused_before_anything_is_said_applied(trained, data, tmp_path):
+    run = tmp_path / "ft"
+    base = ["--from", trained / "checkpoints" / "best.pt", "--data", data, "--out", run, *QUICK]
+    assert cli("finetune", *base, "--epochs", "1").returncode == 0
+    r = cli("finetune", *base, "--epochs", "2", "--resume", "auto", "--head-lr-mult", "10")
+    one_line_error(r, "--head-lr-mult", "groups the parameters differently")
+    assert "applied" not in r.stdout
 
 
 def mid_epoch(run: Path, batch_in_epoch: int, epoch: int = 1, **layout) -> Path:

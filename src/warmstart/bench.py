@@ -1,6 +1,6 @@
 """`warmstart bench`: warmstart against the common alternative, both measured in one run on this machine.
 
-DESIGN.md, "Performance protocol": a speed claim is a ratio measured in one run, on the same machine and data. These
+docs/ARCHITECTURE.md, "Performance protocol": a speed claim is a ratio measured in one run, on the same machine and data. These
 machines are shared and noisy, so the two contestants alternate in rounds (the order flips every round, with a pause
 before each) and every round is reported; the summary takes each one's best round, as benchmarks/prepare.py does.
 
@@ -41,6 +41,8 @@ def add_arguments(parser):
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
     d = sub.add_parser("data", help="input pipeline img/s: warmstart vs the classic example, same files")
     d.add_argument("--data", required=True, metavar="DIR", help="a folder of images: flat, or class folders (any depth)")
+    d.add_argument("--baseline-data", metavar="DIR", help="the classic pipeline reads these instead (e.g. --data a "
+                   "`prepare --resize-short` copy, --baseline-data the originals); default: --data")
     d.add_argument("--img-size", type=int, default=224, help="training crop size (default: 224)")
     d.add_argument("--min-scale", type=float, default=0.08,
                    help="warmstart's smallest crop area (default: 0.08, the classic example's and the ImageNet recipes')")
@@ -162,13 +164,17 @@ def rounds_summary(rounds: list[dict], a: str, b: str) -> dict:
 
 
 def bench_data(args) -> int:
-    root = Path(args.data)
+    root, base_root = Path(args.data), Path(args.baseline_data or args.data)
     files = list_images(root, args.images)
+    base_files = files if base_root == root else list_images(base_root, args.images)
     options.set_threads(args.workers)  # as train does: math threads + workers = this process's CPUs
     workers, size, batch = args.workers, args.img_size, args.batch_size
     skip = max(1, workers)
     print(f"bench data: {len(files)} images under {root}, {size} px, {workers} worker(s), batch {batch}, "
           f"decoder {args.decoder or 'default'}, crops of {args.min_scale:g}-1 of the area (classic: 0.08-1)")
+    if base_root != root:
+        print(f"the classic pipeline reads {len(base_files)} images under {base_root}")
+        warm_page_cache(base_root, base_files)
     warm_page_cache(root, files)
     rounds = []
     for r in range(args.rounds):
@@ -178,8 +184,8 @@ def bench_data(args) -> int:
             time.sleep(args.settle)
             loader = (warmstart_loader(root, files, size=size, batch_size=batch, workers=workers,
                                        min_scale=args.min_scale, decoder=args.decoder, seed=r)
-                      if who == "warmstart" else classic_loader(root, files, size=size, batch_size=batch,
-                                                                workers=workers))
+                      if who == "warmstart" else classic_loader(base_root, base_files, size=size,
+                                                                batch_size=batch, workers=workers))
             if who == "warmstart":
                 decoder = getattr(loader.dataset, "decoder", None) or "pil"
             got[who] = loader_rate(loader, f"round {r + 1}/{args.rounds} {who}", skip)

@@ -67,6 +67,9 @@ def unverified_warning(root: Path) -> str | None:
 def session(cfg: config.TrainConfig, dist: distributed.Dist, **split_options) -> Iterator[tuple[RunLog, Splits]]:
     """The start-up train and finetune share: the run folder locked and logged (rank 0), seeds, the data splits.
     The lock is released however the command ends."""
+    if not cfg.resume and (cfg.run_dir / "checkpoints" / "last.pt").is_file():
+        raise UserError(f"{cfg.run_dir} already holds a run (checkpoints/last.pt); continue it with --resume auto, "
+                        f"or give a new --out")
     with RunLog(cfg.run_dir, enabled=dist.is_main) as log:
         seed_everything(cfg.seed)
         splits = load_splits(cfg.data, **split_options)
@@ -238,19 +241,23 @@ class Run:
                             f"with the same {'seed and data' if order else 'global batch'}"
                             f"{'' if order else f' (--global-batch {old_global} derives it for any process count)'}"
                             f" or from an end-of-epoch checkpoint")
+        groups = train["optimizer"]["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise UserError(f"{where}: its optimiser groups the parameters differently ({len(groups)} groups, this run "
+                            f"{len(self.optimizer.param_groups)}): --head-lr-mult, --layer-decay, --freeze-until or "
+                            f"--linear-probe changed; resume with the checkpoint's values or start a new run")
         meaning = [f"{config.flag_name(k)} {saved_config[k]} -> {getattr(cfg, k)}" for k in MEANING
                    if k in saved_config and saved_config[k] != getattr(cfg, k)]
+        # timm's schedulers keep the peak (before each group's lr_scale) as initial_lr
+        old_peak = max(float(g.get("initial_lr", g.get("lr", 0))) for g in groups) if groups else None
+        if old_peak is not None and abs(old_peak - self.lr) > 1e-12 * max(1.0, self.lr):
+            meaning.insert(0, f"peak lr {old_peak:.4g} -> {self.lr:.4g}")
         if meaning:
             self.log.print(f"resuming with settings that differ from the checkpoint's, applied from here on: "
                            f"{'; '.join(meaning)}")
         _load(unwrap(self.model), state["model"], where, "model weights")
         if self.ema is not None:
             _load(self.ema.module, state["ema"] if state.get("ema") is not None else state["model"], where, "EMA weights")
-        groups = train["optimizer"]["param_groups"]
-        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
-            raise UserError(f"{where}: its optimiser groups the parameters differently ({len(groups)} groups, this run "
-                            f"{len(self.optimizer.param_groups)}): --head-lr-mult, --layer-decay, --freeze-until or "
-                            f"--linear-probe changed; resume with the checkpoint's values or start a new run")
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         _load(self.optimizer, train["optimizer"], where, "optimizer state")
         for group, mine in zip(self.optimizer.param_groups, settings):
