@@ -75,3 +75,15 @@ def test_prepare_keeps_16_bit_images_grey(tmp_path):
     assert abs(np.asarray(Image.open(out / "n00000001" / "deep.JPEG").convert("L")).mean() - GREY) <= 2
     repaired = images.repair((src / "deep.png").read_bytes())
     assert abs(np.asarray(Image.open(io.BytesIO(repaired)).convert("L")).mean() - GREY) <= 2
+
+
+def test_prepare_from_a_flat_folder_writes_its_images(tmp_path):
+    """Images at the top of --from-folder (no class folders, like a folder of photos) are written, not only counted."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30), (40 * i, 100, 200)).save(src / f"photo{i}.jpg")
+    out = tmp_path / "out"
+    assert main(["prepare", "--from-folder", str(src), "--resize-short", "16", "--out", str(out), "--workers", "1"]) == 0
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["photo0.jpg", "photo1.jpg", "photo2.jpg"]
+    assert json.loads((out / "prepared.json").read_text())["splits"]["."]["images"] == 3

@@ -260,7 +260,8 @@ def from_folder(args: argparse.Namespace, out: Path) -> int:
                 continue
             future = output.submit(files, 0)
             future.add_done_callback(lambda f, n=len(files): bar.update(n))
-            output.commit(rel, [rel] if rel != "." else [], [future])
+            # a class folder moves into place as one; images at the top of a flat folder move one by one
+            output.commit(rel, [rel] if rel != "." else [name for name, _ in files], [future])
         output.settle(block=True)
         bar.close()
         records = list(output.done.values())
