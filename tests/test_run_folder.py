@@ -255,6 +255,16 @@ def test_a_finished_run_is_not_overwritten_without_resume(trained, data, tmp_pat
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_gpu_run_folder_resumes_on_a_cpu_and_gpu_is_refused_before_the_folder(trained, data, tmp_path):
+    one_line_error(cli("train", data, *TINY, "--out", tmp_path / "new", "--decoder", "gpu", *QUICK), "--decoder gpu")
+    assert not (tmp_path / "new").exists()
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    edit_config(run, decoder="gpu", threads=64)  # how that run was launched, not what it is
+    assert main(["train", "--out", str(run), "--resume", "auto", "--epochs", "2", "-j", "0"]) == 0
+
+
 def test_a_regrouping_change_is_refused_before_anything_is_said_applied(trained, data, tmp_path):
     run = tmp_path / "ft"
     base = ["--from", trained / "checkpoints" / "best.pt", "--data", data, "--out", run, *QUICK]

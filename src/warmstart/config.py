@@ -251,7 +251,8 @@ COMMAND_DEFAULTS = {
 
 
 # how this invocation starts its processes, not what the run is: a resumed run may be launched another way
-LAUNCH = ("multiprocessing_distributed", "dist_url", "dist_backend", "world_size", "rank", "nproc_per_node", "device")
+LAUNCH = ("multiprocessing_distributed", "dist_url", "dist_backend", "world_size", "rank", "nproc_per_node", "device",
+          "decoder", "threads")  # a --decoder gpu run resumes on a CPU machine with the default decoder
 
 
 def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from warmstart import checkpoint, config, options
+from warmstart.data import decode
 from warmstart.data.dataset import ImageDataset, collate, decoded, eval_loader, make_loader
 from warmstart.data.sampler import TrainSampler
 from warmstart.data.sources import Splits, load_splits
@@ -67,6 +68,7 @@ def unverified_warning(root: Path) -> str | None:
 def session(cfg: config.TrainConfig, dist: distributed.Dist, **split_options) -> Iterator[tuple[RunLog, Splits]]:
     """The start-up train and finetune share: the run folder locked and logged (rank 0), seeds, the data splits.
     The lock is released however the command ends."""
+    decode.check(cfg.decoder)  # before the run folder is touched
     if not cfg.resume and (cfg.run_dir / "checkpoints" / "last.pt").is_file():
         raise UserError(f"{cfg.run_dir} already holds a run (checkpoints/last.pt); continue it with --resume auto, "
                         f"or give a new --out")
