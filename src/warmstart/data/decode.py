@@ -24,7 +24,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from warmstart.errors import UserError
-from warmstart.pixels import to_rgb  # noqa: F401 (decoders use it; transforms re-exports it)
+from warmstart.pixels import to_rgb
 
 # what a broken file raises while decoding; anything else is a bug or a bad setting and must surface
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)

@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from warmstart.data import decode
-from warmstart.data.decode import to_rgb
+from warmstart.pixels import to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
