@@ -30,7 +30,10 @@ class TrainConfig:
     right for a first run and small data. For full ImageNet start from examples/recipes/."""
 
     # what to train, on what, where
-    data: str | None = _opt(None, "dataset folder holding train/ and val/ (ImageFolder layout; what `warmstart prepare` writes)")
+    data: str | None = _opt(None, "dataset folder holding train/ and val/ (ImageFolder layout; what `warmstart prepare` "
+                            "writes), or shards (`prepare --shards`): their folder or an s3://bucket/prefix URL")
+    cache_dir: str | None = _opt(None, options.HELP["cache_dir"], metavar="DIR")
+    cache_limit: str = _opt(options.DEFAULT_CACHE_LIMIT, options.HELP["cache_limit"], metavar="SIZE")
     model: str = _opt("resnet50", "architecture: torchvision name (resnet50), timm:NAME (timm:convnext_tiny), "
                      "path/file.py:ClassOrFactory or package.module:callable", "-a", "--arch", metavar="MODEL", only="train")
     model_kwargs: dict = _opt({}, "JSON keyword arguments for the model constructor, e.g. '{\"width\": 48}'", metavar="JSON")
@@ -216,7 +219,7 @@ def _coerce(name: str, value, source: str):
 
 
 # never read from YAML: trust is granted on the command line only (trust.py), a run folder or recipe is data
-CLI_ONLY = ("trust_code",)
+CLI_ONLY = ("trust_code", "cache_dir")  # a YAML file must not choose where this machine writes
 
 
 def load_yaml(path: str, saved: bool = False) -> dict:
@@ -252,7 +255,7 @@ COMMAND_DEFAULTS = {
 
 # how this invocation starts its processes, not what the run is: a resumed run may be launched another way
 LAUNCH = ("multiprocessing_distributed", "dist_url", "dist_backend", "world_size", "rank", "nproc_per_node", "device",
-          "decoder", "threads")  # a --decoder gpu run resumes on a CPU machine with the default decoder
+          "decoder", "threads", "cache_dir", "cache_limit")  # a --decoder gpu run resumes on a CPU machine too
 
 
 def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:

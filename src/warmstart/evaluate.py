@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from warmstart import checkpoint, options
+from warmstart.data import shards
 from warmstart.data.dataset import eval_loader
 from warmstart.data.folder import list_classes
 from warmstart.data.transforms import Normalize
@@ -26,35 +27,40 @@ example:
 
 def add_arguments(parser):
     options.add(parser, "checkpoint")
-    parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder (uses DIR/val if present)")
+    parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder (uses DIR/val if present), or shards "
+                        "(their folder or s3://bucket/prefix: the val split)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="also write metrics.json, per_class.csv and confusion.png in DIR")
-    options.add(parser, "batch_size", "workers", "device", "amp", "weights", "json", "trust_code", "decoder")
+    options.add(parser, "batch_size", "workers", "device", "amp", "weights", "json", "trust_code", "decoder", "cache")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help=options.THREADS_HELP)
 
 
 def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, amp=None, weights="auto",
                         as_json=False, trust_code=False, out=None, threads=None,
-                        decoder=None) -> dict:
+                        decoder=None, cache_dir=None, cache_limit=options.DEFAULT_CACHE_LIMIT) -> dict:
     """Metrics as engine.loop.evaluate computes them during training; with `out`, the report files in that folder."""
-    root = Path(data)
-    if not root.is_dir():
+    root, samples = Path(data), None
+    if not shards.is_shards(data) and not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
     if out and Path(out).exists() and not Path(out).is_dir():  # say so before a long evaluation, not after
         raise UserError(f"--out {out} is a file; pass a folder for metrics.json, per_class.csv and confusion.png")
-    split = root / "val" if (root / "val").is_dir() else root
     loaded = checkpoint.load_model(path, ema=options.ema_choice(weights), trust_code=trust_code)
     model, classes, spec = loaded.model, loaded.classes, loaded.transform
-    unknown = sorted(set(list_classes(split)) - set(classes))
-    if unknown:
-        raise UserError(f"{split} has class folders the checkpoint does not know: {', '.join(unknown[:5])}; "
-                        f"evaluate on data with the checkpoint's classes ({len(classes)})")
+    if shards.is_shards(data):  # the val shards, with their labels mapped onto the checkpoint's classes by name
+        split, samples = None, shards.val_reader(str(data), classes, cache_dir=cache_dir, cache_limit=cache_limit)
+    else:
+        split = root / "val" if (root / "val").is_dir() else root
+        unknown = sorted(set(list_classes(split)) - set(classes))
+        if unknown:
+            raise UserError(f"{split} has class folders the checkpoint does not know: {', '.join(unknown[:5])}; "
+                            f"evaluate on data with the checkpoint's classes ({len(classes)})")
     options.set_threads(workers, threads)
     dist = distributed.setup(device)  # under torchrun each rank evaluates its shard; sums are reduced
     try:
         model.to(dist.device)
         loader = eval_loader(split, classes, spec, batch_size=batch_size, workers=workers, rank=dist.rank,
-                             world_size=dist.world_size, pin_memory=dist.device.type == "cuda", decoder=decoder)
+                             world_size=dist.world_size, pin_memory=dist.device.type == "cuda", decoder=decoder,
+                             samples=samples)
         normalize = Normalize(spec["mean"], spec["std"]).to(dist.device)
         metrics = evaluate(model, loader, normalize, dist.device, amp, show_progress=dist.is_main,
                            num_classes=len(classes) if out else None)
@@ -62,14 +68,14 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
     finally:
         distributed.cleanup()
     if metrics["count"] == 0:
-        raise UserError(f"none of the {metrics['skipped']} images under {split} could be read")
+        raise UserError(f"none of the {metrics['skipped']} images under {split or data} could be read")
     if dist.is_main:
-        print(f"{path}: {metrics['count']} images from {split}: loss {metrics['loss']:.4f}, top-1 {metrics['top1']:.2f}%, "
+        print(f"{path}: {metrics['count']} images from {split or data}: loss {metrics['loss']:.4f}, top-1 {metrics['top1']:.2f}%, "
               f"top-5 {metrics['top5']:.2f}%" + (f" ({metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ""))
         if out:
             from warmstart import report  # matplotlib: only imported when a report is asked for
 
-            report.write_report(out, {**metrics, "checkpoint": str(path), "data": str(split),
+            report.write_report(out, {**metrics, "checkpoint": str(path), "data": str(split or data),
                                       "weights": "ema" if loaded.used_ema else "model"},
                                 confusion, classes, loaded.human)
             print(f"report in {out}: metrics.json, per_class.csv, confusion.png")
@@ -83,5 +89,5 @@ def run(args) -> int:
         evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, amp=args.amp, weights=args.weights, as_json=args.json,
                             trust_code=args.trust_code, out=args.out, threads=args.threads,
-                            decoder=args.decoder)
+                            decoder=args.decoder, cache_dir=args.cache_dir, cache_limit=args.cache_limit)
     return 0

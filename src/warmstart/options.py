@@ -28,6 +28,7 @@ def _default_workers() -> int:
 
 
 DEFAULT_WORKERS = _default_workers()
+DEFAULT_CACHE_LIMIT = "50GB"
 
 HELP = {
     "device": "cpu, cuda or cuda:N (default: cuda if available, else cpu)",
@@ -44,6 +45,9 @@ HELP = {
     "decoder": "image decoder: simplejpeg (default: JPEGs decoded at the smallest DCT scale the crop allows), pil "
                "(the same through PIL), pil-full (always a full decode: the plain reference) or gpu (nvJPEG on the "
                "CUDA device, training batches)",
+    "cache_dir": "with s3:// shards: where downloaded chunks are kept (default: a folder per URL under "
+                 "$WARMSTART_CACHE or ~/.cache/warmstart/shards)",
+    "cache_limit": f"with s3:// shards: the most the chunk cache may hold, e.g. 20GB (default: {DEFAULT_CACHE_LIMIT})",
 }
 
 
@@ -83,6 +87,9 @@ def add(parser: argparse.ArgumentParser, *names: str, batch_size: int = 128) -> 
             parser.add_argument("--weights", choices=["auto", "model", "ema"], default="auto", help=HELP[name])
         elif name == "decoder":
             parser.add_argument("--decoder", default=None, metavar="NAME", help=HELP[name])
+        elif name == "cache":
+            parser.add_argument("--cache-dir", default=None, metavar="DIR", help=HELP["cache_dir"])
+            parser.add_argument("--cache-limit", default=DEFAULT_CACHE_LIMIT, metavar="SIZE", help=HELP["cache_limit"])
         else:
             raise KeyError(name)
 

@@ -43,9 +43,13 @@ class ImageDataset(Dataset):
                                       else transforms.eval_pipeline(self.spec, self.decoder))
         return self._transforms[size]
 
+    def read(self, index: int):
+        """(what a decoder opens: a path, or a file's bytes; the label)."""
+        return self.root / self.paths[index].decode(), int(self.labels[index])
+
     def __getitem__(self, key):
         index, seed, size = key
-        path, label = self.root / self.paths[index].decode(), int(self.labels[index])
+        path, label = self.read(index)
         if not self.train:
             try:
                 return self._transform(size)(path), label
@@ -61,6 +65,27 @@ class ImageDataset(Dataset):
             except DECODE_ERRORS:
                 return None, label
             return self._transform(size)(img), label
+
+
+class ShardDataset(ImageDataset):
+    """The same samples from shards (data/shards.py): a file's bytes and label come from its chunk."""
+
+    def __init__(self, reader, **kw):
+        super().__init__(Path("."), [], **kw)
+        self.reader = reader
+
+    def __len__(self):
+        return len(self.reader)
+
+    def read(self, index: int):
+        data, label, _ = self.reader[index]
+        return data, label
+
+
+def dataset_for(root: Path | None, samples, **kw) -> ImageDataset:
+    """One split of sources.Splits as a dataset: a folder's root and (path, label) samples, or (root None) the
+    shards.ShardReader of a shard split."""
+    return ShardDataset(samples, **kw) if root is None else ImageDataset(root, samples, **kw)
 
 
 def collate(batch):
@@ -152,9 +177,10 @@ def eval_loader(split_dir: Path, classes: list[str], spec: dict, *, batch_size: 
                 rank: int = 0, world_size: int = 1, pin_memory: bool = False, samples=None,
                 decoder: str | None = None):
     """A loader over every image of split_dir once (sharded across ranks), labelled in `classes` order; or over
-    `samples` ((path under split_dir, label) pairs) when the caller already has them."""
+    `samples` ((path under split_dir, label) pairs, or a shards.ShardReader with split_dir None) when the caller
+    already has them."""
     if samples is None:
         _, samples = index_folder(split_dir, classes)
-    dataset = ImageDataset(split_dir, samples, train=False, spec=spec, decoder=decoder)
+    dataset = dataset_for(split_dir, samples, train=False, spec=spec, decoder=decoder)
     sampler = EvalSampler(len(dataset), size=spec["size"], rank=rank, world_size=world_size)
     return make_loader(dataset, sampler, batch_size=batch_size, workers=workers, train=False, pin_memory=pin_memory)

@@ -1,6 +1,6 @@
 """Decoders: a file -> RGB pixels, decoding no more of them than the caller will use.
 
-The contract. A decoder is a class in DECODERS: `Decoder(path)` reads the header only (`.size` is (width, height) of
+The contract. A decoder is a class in DECODERS: `Decoder(src)` (a path, or a file's bytes: shards) reads the header only (`.size` is (width, height) of
 the full image) and `.decode(min_size)` returns RGB as a uint8 (height, width, 3) array at the smallest DCT scale
 (1/1, 1/2, 1/4, 1/8 of each side, sides rounded up) that keeps both sides >= min_size (None: full size). A file that
 cannot be decoded raises one of DECODE_ERRORS: the datasets skip and count it. Adding a decoder is a class here and a
@@ -37,8 +37,8 @@ class Pil:
 
     reduce = True
 
-    def __init__(self, path):
-        self.img = Image.open(path)  # lazy: reads the header, decodes nothing
+    def __init__(self, src):
+        self.img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)  # lazy: reads the header only
         self.size = self.img.size
 
     def decode(self, min_size=None) -> np.ndarray:
@@ -59,10 +59,10 @@ class SimpleJpeg:
     steps like Pil. Anything libjpeg-turbo will not decode (not a JPEG, CMYK, corrupt) goes to Pil, which repeats the
     verdict or decodes it."""
 
-    def __init__(self, path):
+    def __init__(self, src):
         import simplejpeg
 
-        self.decode_jpeg, self.data, self.fallback = simplejpeg.decode_jpeg, Path(path).read_bytes(), None
+        self.decode_jpeg, self.data, self.fallback = simplejpeg.decode_jpeg, read(src), None
         try:
             h, w, colorspace, _ = simplejpeg.decode_jpeg_header(self.data)
             self.size = (w, h)
@@ -87,13 +87,17 @@ class Gpu:
     (gpu_item); gpu_batch decodes, crops and resizes the whole batch on the device. One file alone (evaluation,
     predict) decodes on the CPU, as Pil: nvJPEG pays off on batches."""
 
-    def __init__(self, path):
-        self.data = Path(path).read_bytes()
+    def __init__(self, src):
+        self.data = read(src)
         self.pil = Pil(io.BytesIO(self.data))  # the header: raises for what is not an image
         self.size = self.pil.size
 
     def decode(self, min_size=None) -> np.ndarray:
         return self.pil.decode(min_size)
+
+
+def read(src) -> bytes:
+    return src if isinstance(src, bytes) else Path(src).read_bytes()
 
 
 DECODERS = {"pil": Pil, "pil-full": PilFull, "simplejpeg": SimpleJpeg, "gpu": Gpu}
@@ -144,10 +148,10 @@ def min_decode_size(size, box, out: int) -> tuple[int, int]:
     return -(-w * out // (right - left)), -(-h * out // (bottom - top))
 
 
-def random_resized_crop(decoder: str, path, out: int, scale) -> torch.Tensor:
+def random_resized_crop(decoder: str, src, out: int, scale) -> torch.Tensor:
     """RandomResizedCrop(out, scale) of the file as a uint8 (3, out, out) tensor, decoding only as much as the box
     needs. Draws from torch's RNG (the dataset seeds it per sample)."""
-    f = DECODERS[decoder](path)
+    f = DECODERS[decoder](src)
     return crop(f, sample_box(*f.size, scale), out)
 
 
@@ -163,10 +167,10 @@ def crop(f, box, out: int) -> torch.Tensor:
 
 # --- the GPU path: whole batches on the device ---------------------------------------------------------------------
 
-def gpu_item(path, out: int, scale) -> tuple:
+def gpu_item(src, out: int, scale) -> tuple:
     """One training sample for gpu_batch, drawn in the worker: (the file's bytes, its box in full-size pixels, flip?,
     out). The box comes from the same sampler and seeded RNG as the CPU path."""
-    f = Gpu(path)
+    f = Gpu(src)
     box, flip = sample_box(*f.size, scale), torch.rand(1).item() < 0.5
     if f.pil.img.format != "JPEG" or f.pil.img.mode != "RGB":  # PNG, greyscale, CMYK: cut here, on the CPU
         return crop(f, box, out), None, flip, out

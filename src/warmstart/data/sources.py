@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from warmstart.data import shards
 from warmstart.data.dataset import read_human_names
 from warmstart.data.folder import find_split, index_folder
 from warmstart.errors import UserError
@@ -15,11 +16,12 @@ from warmstart.errors import UserError
 class Splits:
     classes: list[str]
     human: list[str] | None
-    train_root: Path
-    train: list[tuple[str, int]]    # (path relative to train_root, or absolute; class index)
-    val_root: Path
+    train_root: Path | None         # None: shards
+    train: list[tuple[str, int]]    # (path relative to train_root, or absolute; class index), or a ShardReader
+    val_root: Path | None
     val: list[tuple[str, int]]
     note: str = ""                  # how the validation set was obtained, for the start-of-run line
+    warning: str | None = None      # shards: why they are unverified (folders: prepared.json, read by engine/run.py)
 
 
 def stratified_split(samples: list[tuple[str, int]], fraction: float, seed: int):
@@ -65,9 +67,22 @@ def _from_csv(path: Path, val_split: float, seed: int) -> Splits:
                   f"val = a stratified {val_split:.0%} of {path.name} (seed {seed}, {len(val)} images)")
 
 
-def load_splits(data, *, val_split: float | None = None, seed: int = 0) -> Splits:
+def _from_shards(data: str, cache_dir, cache_limit) -> Splits:
+    classes, human, readers, warning = shards.load_splits(data, cache_dir=cache_dir, cache_limit=cache_limit)
+    missing = [s for s in shards.SPLITS if s not in readers]
+    if missing:
+        raise UserError(f"--data {data} has no {missing[0]} shards; write them with `warmstart prepare --shards` "
+                        f"from a folder with train/ and val/")
+    return Splits(classes, human, None, readers["train"], None, readers["val"], f"val = {readers['val'].url}", warning)
+
+
+def load_splits(data, *, val_split: float | None = None, seed: int = 0, cache_dir=None,
+                cache_limit: str = shards.DEFAULT_CACHE_LIMIT) -> Splits:
     """The training and validation images of DATA. val_split=None requires a val/ folder (pretraining);
-    a fraction allows holding one out when there is none (fine-tuning)."""
+    a fraction allows holding one out when there is none (fine-tuning). Shards (a folder with warmstart.json, or
+    s3://) come with both splits; their train/val are shards.ShardReaders and their roots None."""
+    if shards.is_shards(data):
+        return _from_shards(str(data), cache_dir, cache_limit)
     root = Path(data)
     if root.is_file() and root.suffix.lower() == ".csv":
         return _from_csv(root, val_split or 0.1, seed)

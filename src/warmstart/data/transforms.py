@@ -54,7 +54,7 @@ def eval_transform(spec: dict) -> v2.Compose:
 
 def eval_pipeline(spec: dict, decoder: str | None = None):
     """The checkpoint's preprocessing, the one copy: evaluate, predict, export's check and the Python API call it.
-    A path (decoded by `decoder`), a PIL image or a uint8 CHW tensor -> uint8 (3, size, size): the shorter side
+    A path or a file's bytes (decoded by `decoder`), a PIL image or a uint8 CHW tensor -> uint8 (3, size, size): the shorter side
     resized to size/crop_pct with the spec's interpolation (PIL's filters, as training evaluated it), centre crop.
 
     Decoded in full: a reduced decode (DCT scaling) before the resize moved top-1 by up to 0.8 point against the
@@ -63,7 +63,7 @@ def eval_pipeline(spec: dict, decoder: str | None = None):
     resize_crop, decoder = eval_transform(spec), decode.check(decoder)
 
     def run(image):
-        if isinstance(image, (str, Path)):
+        if isinstance(image, (str, Path, bytes)):
             image = Image.fromarray(decode.DECODERS[decoder](image).decode())  # gpu: on the CPU (see decode.Gpu)
         elif isinstance(image, Image.Image):
             image = to_rgb(image)

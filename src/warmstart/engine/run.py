@@ -23,7 +23,7 @@ import torch
 
 from warmstart import checkpoint, config, options
 from warmstart.data import decode
-from warmstart.data.dataset import ImageDataset, collate, decoded, eval_loader, make_loader
+from warmstart.data.dataset import collate, dataset_for, decoded, eval_loader, make_loader
 from warmstart.data.sampler import TrainSampler
 from warmstart.data.sources import Splits, load_splits
 from warmstart.data.transforms import Normalize
@@ -74,8 +74,8 @@ def session(cfg: config.TrainConfig, dist: distributed.Dist, **split_options) ->
                         f"or give a new --out")
     with RunLog(cfg.run_dir, enabled=dist.is_main) as log:
         seed_everything(cfg.seed)
-        splits = load_splits(cfg.data, **split_options)
-        if warning := unverified_warning(Path(cfg.data)):
+        splits = load_splits(cfg.data, cache_dir=cfg.cache_dir, cache_limit=cfg.cache_limit, **split_options)
+        if warning := splits.warning if splits.train_root is None else unverified_warning(Path(cfg.data)):
             log.print(warning)
         yield log, splits
 
@@ -147,8 +147,8 @@ class Run:
             derive_batch(cfg, dist.world_size, log)
 
         # data: one global permutation, sharded; batches the sampler marks with a seed and an image size
-        self.train_set = ImageDataset(splits.train_root, splits.train, train=True, min_scale=cfg.min_scale,
-                                      auto_augment=cfg.auto_augment, decoder=cfg.decoder)
+        self.train_set = dataset_for(splits.train_root, splits.train, train=True, min_scale=cfg.min_scale,
+                                     auto_augment=cfg.auto_augment, decoder=cfg.decoder)
         self.sampler = TrainSampler(len(self.train_set), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                                     multiple_of=cfg.batch_size * cfg.accum_steps)
         self.batches_per_epoch = self.sampler.per_rank // cfg.batch_size

@@ -13,7 +13,9 @@ from tqdm import tqdm
 from warmstart import fileio
 from warmstart.data.folder import IMAGE_EXTENSIONS
 from warmstart.errors import UserError
+from warmstart.data import shards
 from warmstart.prepare import archives, facts, images, manifest, verify
+from warmstart.prepare import shards as pack
 from warmstart.prepare.extract import Output
 
 HELP = "ILSVRC2012 archives (official or Kaggle) -> verified train/ and val/ class folders, offline"
@@ -47,6 +49,13 @@ space? Run the same command again: finished classes are kept.
   warmstart prepare --from-folder /data/imagenet --resize-short 160 --out /data/imagenet160
 
 resizes any ImageFolder tree (mirrored as-is) instead.
+
+  warmstart prepare --archives ~/Downloads/ilsvrc --shards /data/imagenet-shards
+  warmstart prepare --from-folder /data/imagenet --shards /data/imagenet-shards [--resize-short 256]
+
+writes train and val as shards instead (LitData's format: a few 64 MB chunk files per split plus
+warmstart.json with classes, counts and every chunk's SHA-256), for shared file systems and object
+storage: copy the folder to s3://bucket/prefix and train with --data s3://bucket/prefix.
 """
 BATCH = 256  # flat-split files per writer task
 
@@ -54,8 +63,14 @@ BATCH = 256  # flat-split files per writer task
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--archives", type=Path, metavar="DIR", help="folder holding the official archives or the Kaggle zip/folder")
-    src.add_argument("--from-folder", type=Path, metavar="DIR", help="an ImageFolder tree to resize (needs --resize-short)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created; nothing is written outside it)")
+    src.add_argument("--from-folder", type=Path, metavar="DIR", help="an ImageFolder tree to resize (--resize-short) or "
+                     "to write as shards (--shards)")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", type=Path, metavar="DIR", help="output folder (created; nothing is written outside it)")
+    dest.add_argument("--shards", type=Path, metavar="DIR", help="write train and val shards (LitData's format, for "
+                      "shared file systems and s3://) to DIR instead of class folders")
+    p.add_argument("--chunk-bytes", default=shards.DEFAULT_CHUNK_BYTES, metavar="SIZE",
+                   help=f"with --shards: the size of each chunk file (default: {shards.DEFAULT_CHUNK_BYTES})")
     p.add_argument("--partial", action="store_true", help="accept a subset (partial download, mini archives) and report what is missing; also accept "
                    "archives that differ from the official MD5s, marking the data unverified in prepared.json")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="threads for checks/repairs/writes and processes for resizing (default: all cores)")
@@ -71,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--resized-only needs --resize-short N")
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
+    if args.shards:
+        if args.resized_only:
+            raise UserError("--resized-only is for class folders; with --shards, --resize-short N alone writes "
+                            "resized shards")
+        out = args.shards.expanduser().resolve()
+        return (pack.from_folder if args.from_folder else pack.from_archives)(args, out)
     out = args.out.expanduser().resolve()
     if (out / "prepared.json").is_file():
         shutil.rmtree(out / ".partial", ignore_errors=True)
@@ -232,7 +253,7 @@ def output_names(files: list[str]) -> list[str]:
 def from_folder(args: argparse.Namespace, out: Path) -> int:
     src = args.from_folder.expanduser().resolve()
     if not args.resize_short:
-        raise UserError("--from-folder makes a resized copy; give --resize-short N (e.g. 160)")
+        raise UserError("--from-folder makes a resized copy; give --resize-short N (e.g. 160), or --shards DIR")
     if not src.is_dir():
         raise UserError(f"--from-folder {src} is not a folder")
     if out == src or src in out.parents or out in src.parents:

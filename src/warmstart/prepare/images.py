@@ -66,24 +66,28 @@ def resize_short(img: Image.Image, short: int) -> Image.Image:
     return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=None if img.size == size else 2.0)
 
 
-def write_resized(jobs: list[tuple[bytes | str, str]], short: int, quality: int) -> list[int]:
-    """Worker-process task: decode each source (bytes or path), resize, write a JPEG. -> bytes written.
+def resized_bytes(src: bytes | memoryview | str, short: int, quality: int) -> bytes | None:
+    """Decode a source (bytes or path), resize its shorter side to `short`, encode a JPEG; None if undecodable."""
+    try:
+        with Image.open(io.BytesIO(src) if not isinstance(src, str) else src) as img:
+            # 16-bit, CMYK, palette, alpha: to 8-bit RGB before resizing (16-bit scaled, not clipped white)
+            out = resize_short(img if img.mode in ("L", "RGB") else to_rgb(img), short)
+            buf = io.BytesIO()
+            out.save(buf, "JPEG", quality=quality)
+            return buf.getvalue()
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
-    A file that cannot be decoded writes nothing and reports -1.
-    """
+
+def write_resized(jobs: list[tuple[bytes | str, str]], short: int, quality: int) -> list[int]:
+    """Worker-process task: resized_bytes of each source, written to its path. -> bytes written, -1 for a file
+    that cannot be decoded (nothing written)."""
     sizes = []
     for src, dst in jobs:
-        try:
-            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
-                # 16-bit, CMYK, palette, alpha: to 8-bit RGB before resizing (16-bit scaled, not clipped white)
-                out = resize_short(img if img.mode in ("L", "RGB") else to_rgb(img), short)
-                buf = io.BytesIO()
-                out.save(buf, "JPEG", quality=quality)
-        except (OSError, ValueError, Image.DecompressionBombError):
-            sizes.append(-1)
-            continue
-        write_file(dst, buf.getbuffer())
-        sizes.append(buf.tell())
+        data = resized_bytes(src, short, quality)
+        if data is not None:
+            write_file(dst, data)
+        sizes.append(len(data) if data is not None else -1)
     return sizes
 
 

@@ -1,0 +1,235 @@
+"""Shards: a dataset as a few large files instead of a million small ones, in LitData's format.
+
+Layout (what `warmstart prepare --shards OUT` writes; OUT may then be copied to a shared file system or an
+object store as it is):
+
+    OUT/warmstart.json           classes, counts per class, every chunk's size and SHA-256, how it was made
+    OUT/train/index.json         LitData's index of the split (chunk files and sample counts)
+    OUT/train/chunk-0-N.bin      samples: (the image file's bytes as stored, class name, file name, CRC-32 of the bytes)
+    OUT/val/...                  the same for the validation split
+
+LitData stores and fetches (local folders are read in place; `s3://` chunks are downloaded into a size-capped local
+cache); warmstart keeps its own order: the samplers address samples by global index, exactly as for folders, so a
+shard run sees every sample once per epoch and resumes on any process count, the same way. Every read checks the
+sample's CRC-32, so a damaged chunk is one error naming it, not silently different pixels.
+"""
+
+import hashlib
+import json
+import os
+import zlib
+from bisect import bisect_right
+from pathlib import Path
+
+from warmstart import __version__, fileio
+from warmstart.errors import UserError
+from warmstart.options import DEFAULT_CACHE_LIMIT
+
+FORMAT = "warmstart-shards/1"
+META = "warmstart.json"
+SPLITS = ("train", "val")
+DEFAULT_CHUNK_BYTES = "64MB"
+
+
+def is_remote(data) -> bool:
+    return str(data).startswith("s3://")
+
+
+def is_shards(data) -> bool:
+    """Whether --data names shards: an s3:// URL, or a folder holding warmstart.json."""
+    return is_remote(data) or (Path(data) / META).is_file()
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+class SplitWriter:
+    """One split's chunks, written in the order samples are added (LitData's BinaryWriter, one process)."""
+
+    def __init__(self, folder: Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES):
+        from litdata.streaming.writer import BinaryWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.count, self.bytes = folder, 0, 0
+        self.classes: dict[str, int] = {}  # images per class name
+        self.writer = BinaryWriter(str(folder), chunk_bytes=chunk_bytes)
+
+    def add(self, name: str, data: bytes, cls: str) -> None:
+        data = bytes(data)
+        self.writer.add_item(self.count, (data, cls, name, zlib.crc32(data)))
+        self.count += 1
+        self.bytes += len(data)
+        self.classes[cls] = self.classes.get(cls, 0) + 1
+
+    def close(self) -> dict:
+        """Flush the last chunk, write index.json; -> this split's record for warmstart.json, each chunk hashed as
+        read back from disk (what a later check compares with)."""
+        if self.count == 0:
+            raise UserError(f"{self.folder}: no readable images for this split; nothing to write")
+        self.writer.done()
+        self.writer.merge()  # one writer: 0.index.json -> index.json
+        chunks = []
+        for c in json.loads((self.folder / "index.json").read_text())["chunks"]:
+            path = self.folder / c["filename"]
+            chunks.append({"file": c["filename"], "samples": c["chunk_size"], "bytes": path.stat().st_size,
+                           "sha256": sha256(path)})
+        return {"images": self.count, "bytes": self.bytes, "classes": dict(sorted(self.classes.items())),
+                "chunks": chunks}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_meta(out: Path, *, classes: list[str], human: list[str] | None, splits: dict, options: dict,
+               unverified: list[str], notes: list[str], checksums: list[dict] = ()) -> dict:
+    """OUT/warmstart.json, written last and atomically: its presence means the shards are complete."""
+    doc = {
+        "format": FORMAT,
+        "tool": f"warmstart {__version__}",
+        "classes": classes,
+        "human": human,
+        "options": options,
+        "verified": not unverified,
+        "unverified_reasons": list(unverified),
+        "checksums": list(checksums),  # the archives', as prepared.json records them
+        "chunk_sha256": "SHA-256 of each chunk file, read back from disk after writing",
+        "splits": splits,
+        "notes": notes,
+    }
+    fileio.write_text(out / META, json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+def _s3_parts(url: str) -> tuple[str, str]:
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    if not bucket:
+        raise UserError(f"--data {url}: expected s3://bucket/prefix")
+    return bucket, prefix.strip("/")
+
+
+def read_meta(data: str) -> dict:
+    """warmstart.json of a shard folder or s3:// prefix, checked; one line for anything else."""
+    if is_remote(data):
+        bucket, prefix = _s3_parts(data)
+        try:
+            import boto3
+            import botocore.exceptions
+
+            body = boto3.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/{META}" if prefix else META)["Body"]
+            text = body.read().decode()
+        except ImportError:
+            raise UserError(f"--data {data}: reading shards needs LitData; pip install 'warmstart[shards]'") from None
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise UserError(f"--data {data}: cannot read {META} ({str(e).splitlines()[0][:200]}); check the URL, "
+                            f"AWS credentials and AWS_ENDPOINT_URL") from None
+        where = f"{data.rstrip('/')}/{META}"
+    else:
+        where = Path(data) / META
+        try:
+            text = where.read_text()
+        except OSError as e:
+            raise UserError(f"cannot read {where} ({e.strerror})") from None
+    try:
+        doc = json.loads(text)
+        ok = doc.get("format") == FORMAT and isinstance(doc.get("classes"), list) and isinstance(doc.get("splits"), dict)
+    except (ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise UserError(f"{where} is not a warmstart shard description ({FORMAT}); write shards with "
+                        f"`warmstart prepare --shards`")
+    return doc
+
+
+class ShardReader:
+    """Samples of one split by global index. Opened lazily, in the process that reads (each data worker opens
+    its own after the fork: LitData keeps file handles and download threads)."""
+
+    def __init__(self, url: str, split: dict, classes: list[str], *, cache_dir: Path | None, cache_limit: str):
+        self.url, self.cache_dir, self.cache_limit = url, cache_dir, cache_limit
+        self.label = {c: i for i, c in enumerate(classes)}  # class name -> label (evaluate: the checkpoint's order)
+        self.files = [c["file"] for c in split["chunks"]]
+        self.ends, n = [], 0
+        for c in split["chunks"]:
+            n += c["samples"]
+            self.ends.append(n)
+        self.n, self.ds, self.pid = n, None, None
+
+    def __len__(self):
+        return self.n
+
+    def chunk(self, index: int) -> str:
+        return f"{self.url.rstrip('/')}/{self.files[bisect_right(self.ends, index)]}"
+
+    def _open(self):
+        from litdata import StreamingDataset
+        import litdata.streaming.downloader as downloader
+
+        if is_remote(self.url) and os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
+            downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"  # a loopback or in-cluster endpoint (MinIO)
+        kw = {"cache_dir": str(self.cache_dir), "max_cache_size": self.cache_limit} if is_remote(self.url) else {}
+        self.ds = StreamingDataset(self.url, batch_decode=0, **kw)
+        if len(self.ds) != self.n:
+            raise UserError(f"{self.url}/index.json lists {len(self.ds)} samples, {META} {self.n}; the shards were "
+                            f"changed after writing: write them again")
+
+    def __getitem__(self, index: int) -> tuple[bytes, int, str]:
+        if self.pid != os.getpid():  # first read in this process (a forked worker must not share its parent's)
+            self._open()
+            self.pid = os.getpid()
+        try:
+            data, cls, name, crc = self.ds[index]
+            data = bytes(data)
+        except UserError:
+            raise
+        except Exception as e:  # LitData's own errors for a torn or missing chunk (struct, OSError, ...)
+            raise UserError(f"shard chunk {self.chunk(index)} is unreadable ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); copy it again or write "
+                            f"the shards again") from None
+        if zlib.crc32(data) != crc:
+            raise UserError(f"shard chunk {self.chunk(index)} is damaged: sample {index} ({name}) fails its CRC-32; "
+                            f"copy the chunk again or write the shards again")
+        if cls not in self.label:
+            raise UserError(f"shard chunk {self.chunk(index)}: sample {index} ({name}) has class {cls!r}, which is not "
+                            f"in {META}; the shards were changed after writing: write them again")
+        return data, self.label[cls], name
+
+
+def cache_folder(url: str, cache_dir: Path | None) -> Path:
+    """Where chunks of an s3:// dataset are cached: --cache-dir, else one folder per URL under warmstart's cache."""
+    from warmstart.data.folder import cache_dir as base
+
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return base() / "shards" / hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+def load_splits(data: str, *, cache_dir=None, cache_limit: str = DEFAULT_CACHE_LIMIT):
+    """(classes, human names, {split: ShardReader}, a warning when unverified) of a shard folder or s3:// prefix."""
+    doc = read_meta(data)
+    url = data.rstrip("/") if is_remote(data) else str(Path(data).resolve())
+    cache = cache_folder(url, cache_dir) if is_remote(data) else None
+    readers = {s: ShardReader(f"{url}/{s}", doc["splits"][s], doc["classes"], cache_dir=cache and cache / s,
+                              cache_limit=cache_limit) for s in SPLITS if s in doc["splits"]}
+    warning = None if doc.get("verified") else (f"warning: training on unverified shards "
+                                                 f"({'; '.join(doc.get('unverified_reasons') or ['not verified'])}); "
+                                                 f"see {url}/{META}")
+    return doc["classes"], doc.get("human"), readers, warning
+
+
+def val_reader(data: str, classes: list[str], *, cache_dir=None, cache_limit: str = DEFAULT_CACHE_LIMIT) -> ShardReader:
+    """The val split of shards, labelled in `classes` order (a checkpoint's): matched by class name."""
+    theirs, _, readers, _ = load_splits(data, cache_dir=cache_dir, cache_limit=cache_limit)
+    if "val" not in readers:
+        raise UserError(f"{data} has no val shards to evaluate on")
+    unknown = [c for c in theirs if c not in classes]
+    if unknown:
+        raise UserError(f"{data} has classes the checkpoint does not know: {', '.join(unknown[:5])}; evaluate on data "
+                        f"with the checkpoint's classes ({len(classes)})")
+    readers["val"].label = {c: i for i, c in enumerate(classes)}
+    return readers["val"]
