@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/warmstart: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,shards]'
 	touch $@
 
 test: $(BIN)/warmstart

@@ -141,6 +141,19 @@ class Loader(DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except UserError as e:  # from a worker, torch wraps it in its traceback: keep the user's one line
+            raise UserError(worker_message(str(e))) from None
+
+
+def worker_message(text: str) -> str:
+    """The UserError line inside torch's 'Caught UserError in DataLoader worker process N. Original Traceback'."""
+    lines = [line for line in text.strip().splitlines() if line.startswith("warmstart.errors.UserError: ")]
+    return lines[-1].split(": ", 1)[1] if lines else text
+
+
 class GpuLoader(Loader):
     """--decoder gpu: the workers hand over encoded files with their boxes; each batch is decoded on the device."""
 

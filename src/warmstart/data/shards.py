@@ -40,14 +40,24 @@ def is_shards(data) -> bool:
     return is_remote(data) or (Path(data) / META).is_file()
 
 
+def litdata():
+    """LitData, or one line saying how to install it (an optional dependency: warmstart[shards])."""
+    try:
+        import litdata
+        import litdata.streaming.downloader
+        import litdata.streaming.writer
+    except ImportError:
+        raise UserError("shards need LitData: pip install 'warmstart[shards]'") from None
+    return litdata
+
+
 # --------------------------------------------------------------------------------------------------- writing
 
 class SplitWriter:
     """One split's chunks, written in the order samples are added (LitData's BinaryWriter, one process)."""
 
     def __init__(self, folder: Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES):
-        from litdata.streaming.writer import BinaryWriter
-
+        BinaryWriter = litdata().streaming.writer.BinaryWriter
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.count, self.bytes = folder, 0, 0
         self.classes: dict[str, int] = {}  # images per class name
@@ -117,14 +127,13 @@ def read_meta(data: str) -> dict:
     """warmstart.json of a shard folder or s3:// prefix, checked; one line for anything else."""
     if is_remote(data):
         bucket, prefix = _s3_parts(data)
-        try:
-            import boto3
-            import botocore.exceptions
+        litdata()  # and with it boto3
+        import boto3
+        import botocore.exceptions
 
+        try:
             body = boto3.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/{META}" if prefix else META)["Body"]
             text = body.read().decode()
-        except ImportError:
-            raise UserError(f"--data {data}: reading shards needs LitData; pip install 'warmstart[shards]'") from None
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             raise UserError(f"--data {data}: cannot read {META} ({str(e).splitlines()[0][:200]}); check the URL, "
                             f"AWS credentials and AWS_ENDPOINT_URL") from None
@@ -167,13 +176,11 @@ class ShardReader:
         return f"{self.url.rstrip('/')}/{self.files[bisect_right(self.ends, index)]}"
 
     def _open(self):
-        from litdata import StreamingDataset
-        import litdata.streaming.downloader as downloader
-
+        lit = litdata()
         if is_remote(self.url) and os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
-            downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"  # a loopback or in-cluster endpoint (MinIO)
+            lit.streaming.downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"  # a loopback or in-cluster endpoint (MinIO)
         kw = {"cache_dir": str(self.cache_dir), "max_cache_size": self.cache_limit} if is_remote(self.url) else {}
-        self.ds = StreamingDataset(self.url, batch_decode=0, **kw)
+        self.ds = lit.StreamingDataset(self.url, batch_decode=0, **kw)
         if len(self.ds) != self.n:
             raise UserError(f"{self.url}/index.json lists {len(self.ds)} samples, {META} {self.n}; the shards were "
                             f"changed after writing: write them again")

@@ -302,6 +302,9 @@ class Run:
         self.log.print(f"global batch {self.global_batch} ({cfg.batch_size} x {dist.world_size} process(es) x "
                        f"{cfg.accum_steps} accum), {cfg.opt} lr {self.lr:.4g} ({self.lr_how}), {cfg.sched} schedule, "
                        f"{cfg.epochs} epochs x {self.updates_per_epoch} updates -> {self.run_dir}")
+        if left := len(self.train_set) - self.sampler.epoch_len:  # never padded with repeats: exactly once, or not
+            self.log.print(f"each epoch trains {self.sampler.epoch_len} of the {len(self.train_set)} training images "
+                           f"(whole global batches); the other {left}, a different {left} each epoch, wait for the next")
         if dist.cpu_threads:
             self.log.print(dist.cpu_threads)
 
