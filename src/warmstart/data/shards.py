@@ -181,6 +181,10 @@ class ShardReader:
             lit.streaming.downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"  # a loopback or in-cluster endpoint (MinIO)
         kw = {"cache_dir": str(self.cache_dir), "max_cache_size": self.cache_limit} if is_remote(self.url) else {}
         self.ds = lit.StreamingDataset(self.url, batch_decode=0, **kw)
+        # whole chunks into the cache, one request each, instead of LitData's default for indexing: one ranged
+        # request per sample, which is the small-files problem again (set before the first read: LitData reads it
+        # when it builds its cache)
+        self.ds._on_demand_bytes = False
         if len(self.ds) != self.n:
             raise UserError(f"{self.url}/index.json lists {len(self.ds)} samples, {META} {self.n}; the shards were "
                             f"changed after writing: write them again")
