@@ -40,7 +40,8 @@ examples:
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
     d = sub.add_parser("data", help="input pipeline img/s: warmstart vs the classic example, same files")
-    d.add_argument("--data", required=True, metavar="DIR", help="a folder of images: flat, or class folders (any depth)")
+    d.add_argument("--data", required=True, metavar="DIR", help="a folder of images: flat, or class folders (any "
+                   "depth); or shards (their folder or s3://, the train split: give --baseline-data too)")
     d.add_argument("--baseline-data", metavar="DIR", help="the classic pipeline reads these instead (e.g. --data a "
                    "`prepare --resize-short` copy, --baseline-data the originals); default: --data")
     d.add_argument("--img-size", type=int, default=224, help="training crop size (default: 224)")
@@ -50,7 +51,7 @@ def add_arguments(parser):
     d.add_argument("--images", type=int, default=None, metavar="N", help="use the first N images (default: all)")
     d.add_argument("--rounds", type=int, default=3, help="alternated rounds (default: 3)")
     d.add_argument("--settle", type=float, default=2.0, metavar="S", help="seconds of pause before each timing")
-    options.add(d, "batch_size", "workers", "json", batch_size=32)
+    options.add(d, "batch_size", "workers", "json", "cache", batch_size=32)
     t = sub.add_parser("train", help="training img/s: warmstart's step vs a plain fp32 eager loop; what bounds it")
     t.add_argument("--model", "-a", required=True, help="architecture, as for `warmstart train --model`")
     t.add_argument("--synthetic", action="store_true", help="random images: time the step only (no loader)")
@@ -86,9 +87,9 @@ def list_images(root: Path, limit: int | None = None) -> list[str]:
     return files[:limit]
 
 
-def warmstart_loader(root: Path, files: list[str], *, size: int, batch_size: int, workers: int, min_scale: float,
+def warmstart_loader(root: Path, files, *, size: int, batch_size: int, workers: int, min_scale: float,
                      decoder: str | None = None, seed: int = 0):
-    """The loader `warmstart train` builds (engine/run.py), over these files."""
+    """The loader `warmstart train` builds (engine/run.py), over these files (or, root None, a shards.ShardReader)."""
     from warmstart.data.dataset import ImageDataset, make_loader
     from warmstart.data.sampler import TrainSampler
 
@@ -97,7 +98,12 @@ def warmstart_loader(root: Path, files: list[str], *, size: int, batch_size: int
         if "decoder" not in inspect.signature(ImageDataset).parameters:
             raise UserError(f"--decoder {decoder}: this version of warmstart has a single decoder; drop --decoder")
         extra["decoder"] = decoder
-    dataset = ImageDataset(root, [(f, 0) for f in files], train=True, min_scale=min_scale, **extra)
+    if root is None:
+        from warmstart.data.dataset import ShardDataset
+
+        dataset = ShardDataset(files, train=True, min_scale=min_scale, **extra)
+    else:
+        dataset = ImageDataset(root, [(f, 0) for f in files], train=True, min_scale=min_scale, **extra)
     sampler = TrainSampler(len(dataset), seed=seed, multiple_of=batch_size)
     sampler.set_epoch(0, size)
     return make_loader(dataset, sampler, batch_size=batch_size, workers=workers, train=True)
@@ -164,18 +170,29 @@ def rounds_summary(rounds: list[dict], a: str, b: str) -> dict:
 
 
 def bench_data(args) -> int:
-    root, base_root = Path(args.data), Path(args.baseline_data or args.data)
-    files = list_images(root, args.images)
-    base_files = files if base_root == root else list_images(base_root, args.images)
+    from warmstart.data import shards
+
+    if shards.is_shards(args.data):  # warmstart reads the train shards; the classic pipeline needs files
+        if not args.baseline_data:
+            raise UserError(f"--data {args.data} is shards; give --baseline-data DIR, the same images as files, for "
+                            f"the classic pipeline")
+        root, base_root = None, Path(args.baseline_data)
+        files = shards.load_splits(args.data, cache_dir=args.cache_dir, cache_limit=args.cache_limit)[2]["train"]
+        base_files = list_images(base_root, args.images)
+    else:
+        root, base_root = Path(args.data), Path(args.baseline_data or args.data)
+        files = list_images(root, args.images)
+        base_files = files if base_root == root else list_images(base_root, args.images)
     options.set_threads(args.workers)  # as train does: math threads + workers = this process's CPUs
     workers, size, batch = args.workers, args.img_size, args.batch_size
     skip = max(1, workers)
-    print(f"bench data: {len(files)} images under {root}, {size} px, {workers} worker(s), batch {batch}, "
+    print(f"bench data: {len(files)} images under {root or args.data}, {size} px, {workers} worker(s), batch {batch}, "
           f"decoder {args.decoder or 'default'}, crops of {args.min_scale:g}-1 of the area (classic: 0.08-1)")
     if base_root != root:
         print(f"the classic pipeline reads {len(base_files)} images under {base_root}")
         warm_page_cache(base_root, base_files)
-    warm_page_cache(root, files)
+    if root is not None:
+        warm_page_cache(root, files)
     rounds = []
     for r in range(args.rounds):
         got = {}

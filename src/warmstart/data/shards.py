@@ -16,6 +16,7 @@ sample's CRC-32, so a damaged chunk is one error naming it, not silently differe
 
 import hashlib
 import json
+import logging
 import os
 import zlib
 from bisect import bisect_right
@@ -42,12 +43,15 @@ def is_shards(data) -> bool:
 
 def litdata():
     """LitData, or one line saying how to install it (an optional dependency: warmstart[shards])."""
+    os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # it would ask PyPI for a newer version
     try:
         import litdata
         import litdata.streaming.downloader
+        import litdata.streaming.serializers
         import litdata.streaming.writer
     except ImportError:
         raise UserError("shards need LitData: pip install 'warmstart[shards]'") from None
+    logging.getLogger("litdata").setLevel(logging.ERROR)  # e.g. advice on cache sizes, printed by every worker
     return litdata
 
 
@@ -57,11 +61,18 @@ class SplitWriter:
     """One split's chunks, written in the order samples are added (LitData's BinaryWriter, one process)."""
 
     def __init__(self, folder: Path, chunk_bytes: str = DEFAULT_CHUNK_BYTES):
-        BinaryWriter = litdata().streaming.writer.BinaryWriter
+        streaming = litdata().streaming
+
+        class PlainStr(streaming.serializers.StringSerializer):
+            def can_serialize(self, data) -> bool:  # LitData's own stores the *file* a string names, if it exists
+                return isinstance(data, str)
+
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.count, self.bytes = folder, 0, 0
         self.classes: dict[str, int] = {}  # images per class name
-        self.writer = BinaryWriter(str(folder), chunk_bytes=chunk_bytes)
+        # a fresh folder each time: LitData's writer silently writes nothing where an index.json exists
+        self.writer = streaming.writer.BinaryWriter(str(folder), chunk_bytes=chunk_bytes,
+                                                    serializers={"str": PlainStr()})
 
     def add(self, name: str, data: bytes, cls: str) -> None:
         data = bytes(data)
@@ -76,7 +87,7 @@ class SplitWriter:
         if self.count == 0:
             raise UserError(f"{self.folder}: no readable images for this split; nothing to write")
         self.writer.done()
-        self.writer.merge()  # one writer: 0.index.json -> index.json
+        self.writer._merge_no_wait()  # 0.index.json -> index.json; merge() waits for WORLD_SIZE writers (torchrun)
         chunks = []
         for c in json.loads((self.folder / "index.json").read_text())["chunks"]:
             path = self.folder / c["filename"]
@@ -172,6 +183,15 @@ class ShardReader:
     def __len__(self):
         return self.n
 
+    def _read(self, index: int) -> tuple:
+        try:
+            data, cls, name, crc = self.ds[index]
+            return bytes(data), cls, name, crc
+        except Exception as e:  # LitData's own errors for a damaged chunk (struct.error, RuntimeError, timeouts)
+            raise UserError(f"shard chunk {self.chunk(index)} is unreadable ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); copy it again or write "
+                            f"the shards again") from None
+
     def chunk(self, index: int) -> str:
         return f"{self.url.rstrip('/')}/{self.files[bisect_right(self.ends, index)]}"
 
@@ -179,7 +199,14 @@ class ShardReader:
         lit = litdata()
         if is_remote(self.url) and os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
             lit.streaming.downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"  # a loopback or in-cluster endpoint (MinIO)
-        kw = {"cache_dir": str(self.cache_dir), "max_cache_size": self.cache_limit} if is_remote(self.url) else {}
+        kw = {}
+        if is_remote(self.url):
+            import botocore.config  # LitData's default, 1000 adaptive retries, waits for ever on a dead endpoint
+
+            kw = {"cache_dir": str(self.cache_dir), "max_cache_size": self.cache_limit,
+                  "storage_options": {"config": botocore.config.Config(
+                      retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120)}}
+        # batch_decode=0: decode the one sample asked for (its default decodes whole windows: ~5x slower here)
         self.ds = lit.StreamingDataset(self.url, batch_decode=0, **kw)
         # whole chunks into the cache, one request each, instead of LitData's default for indexing: one ranged
         # request per sample, which is the small-files problem again (set before the first read: LitData reads it
@@ -193,15 +220,10 @@ class ShardReader:
         if self.pid != os.getpid():  # first read in this process (a forked worker must not share its parent's)
             self._open()
             self.pid = os.getpid()
-        try:
-            data, cls, name, crc = self.ds[index]
-            data = bytes(data)
-        except UserError:
-            raise
-        except Exception as e:  # LitData's own errors for a torn or missing chunk (struct, OSError, ...)
-            raise UserError(f"shard chunk {self.chunk(index)} is unreadable ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); copy it again or write "
-                            f"the shards again") from None
+            if is_remote(self.url):  # downloaded chunks memory-mapped, not read whole for every sample
+                self._read(index)
+                self.ds.cache._reader.enable_mmap_for_chunks(set(range(len(self.files))))
+        data, cls, name, crc = self._read(index)
         if zlib.crc32(data) != crc:
             raise UserError(f"shard chunk {self.chunk(index)} is damaged: sample {index} ({name}) fails its CRC-32; "
                             f"copy the chunk again or write the shards again")
@@ -209,6 +231,34 @@ class ShardReader:
             raise UserError(f"shard chunk {self.chunk(index)}: sample {index} ({name}) has class {cls!r}, which is not "
                             f"in {META}; the shards were changed after writing: write them again")
         return data, self.label[cls], name
+
+
+def stored_sizes(url: str) -> dict[str, int]:
+    """{path under url: bytes} of every file stored there (one listing per 1,000 objects on S3)."""
+    if not is_remote(url):
+        root = Path(url)
+        return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.glob("*/*") if p.is_file()}
+    import boto3
+
+    bucket, prefix = _s3_parts(url)
+    sizes = {}
+    for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        for obj in page.get("Contents", []):
+            sizes[obj["Key"][len(prefix) + 1:]] = obj["Size"]
+    return sizes
+
+
+def check_chunks(url: str, doc: dict) -> None:
+    """Every chunk warmstart.json lists is there at the size written, before any process waits for one (LitData
+    waits minutes for a chunk that is missing or short, then fails inside a data worker)."""
+    sizes = stored_sizes(url)
+    for split, rec in doc["splits"].items():
+        for c in rec["chunks"]:
+            have = sizes.get(f"{split}/{c['file']}")
+            if have != c["bytes"]:
+                state = "is missing" if have is None else f"holds {have:,} bytes, not the {c['bytes']:,} written"
+                raise UserError(f"shard chunk {url}/{split}/{c['file']} {state}; copy it again or write the shards "
+                                f"again")
 
 
 def cache_folder(url: str, cache_dir: Path | None) -> Path:
@@ -224,6 +274,7 @@ def load_splits(data: str, *, cache_dir=None, cache_limit: str = DEFAULT_CACHE_L
     """(classes, human names, {split: ShardReader}, a warning when unverified) of a shard folder or s3:// prefix."""
     doc = read_meta(data)
     url = data.rstrip("/") if is_remote(data) else str(Path(data).resolve())
+    check_chunks(url, doc)
     cache = cache_folder(url, cache_dir) if is_remote(data) else None
     readers = {s: ShardReader(f"{url}/{s}", doc["splits"][s], doc["classes"], cache_dir=cache and cache / s,
                               cache_limit=cache_limit) for s in SPLITS if s in doc["splits"]}
