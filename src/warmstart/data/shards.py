@@ -270,17 +270,38 @@ def cache_folder(url: str, cache_dir: Path | None) -> Path:
     return base() / "shards" / hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:16]
 
 
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as LitData reads them
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'64MB' -> 64_000_000; one line for anything else."""
+    t = str(text).strip().upper()
+    number = t.rstrip("KMGTB")
+    try:
+        value = float(number) * UNITS[t[len(number):]]
+    except (ValueError, KeyError):
+        value = 0
+    if value < 1:
+        raise UserError(f"{flag} {text}: expected a size such as 500MB or 20GB")
+    return int(value)
+
+
 def load_splits(data: str, *, cache_dir=None, cache_limit: str = DEFAULT_CACHE_LIMIT):
     """(classes, human names, {split: ShardReader}, a warning when unverified) of a shard folder or s3:// prefix."""
+    limit = parse_size(cache_limit, "--cache-limit")
     doc = read_meta(data)
     url = data.rstrip("/") if is_remote(data) else str(Path(data).resolve())
     check_chunks(url, doc)
     cache = cache_folder(url, cache_dir) if is_remote(data) else None
     readers = {s: ShardReader(f"{url}/{s}", doc["splits"][s], doc["classes"], cache_dir=cache and cache / s,
                               cache_limit=cache_limit) for s in SPLITS if s in doc["splits"]}
-    warning = None if doc.get("verified") else (f"warning: training on unverified shards "
-                                                 f"({'; '.join(doc.get('unverified_reasons') or ['not verified'])}); "
-                                                 f"see {url}/{META}")
+    reasons = "; ".join(doc.get("unverified_reasons") or ["not verified"])
+    warnings = [] if doc.get("verified") else [f"warning: training on unverified shards ({reasons}); see {url}/{META}"]
+    need = sum(c["bytes"] for rec in doc["splits"].values() for c in rec["chunks"])
+    if is_remote(data) and need > limit:  # samples come in a random order: a chunk is wanted again within the epoch
+        warnings.append(f"warning: --cache-limit {cache_limit} is below the {need / 1e9:.1f} GB of these shards: "
+                        f"chunks will be downloaded again and again; raise it (disk space allowing)")
+    warning = "\n".join(warnings) or None
     return doc["classes"], doc.get("human"), readers, warning
 
 

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         if args.resized_only:
             raise UserError("--resized-only is for class folders; with --shards, --resize-short N alone writes "
                             "resized shards")
+        shards.parse_size(args.chunk_bytes, "--chunk-bytes")
         out = args.shards.expanduser().resolve()
         return (pack.from_folder if args.from_folder else pack.from_archives)(args, out)
     out = args.out.expanduser().resolve()
