@@ -98,6 +98,9 @@ def report(out: Path, doc: dict, seconds: float) -> None:
               f"{manifest.size(sum(c['bytes'] for c in rec['chunks']))}")
     for r in doc["repairs"] if "repairs" in doc else []:
         print(f"repaired {r['file']} (was {r['was']})")
+    missing = [n[len("missing: "):] for n in doc["notes"] if n.startswith("missing: ")]
+    if missing:
+        print("partial: " + "; ".join(missing))
     if not doc["verified"]:
         print("unverified: " + "; ".join(doc["unverified_reasons"]))
     print(f"wrote shards {out} in {seconds:.1f}s (train or evaluate with --data {out})")
