@@ -116,3 +116,19 @@ def test_torchrun_evaluate_on_imagenette_counts_all_500(setup, monkeypatch, caps
     results = {1: in_process(setup, IMAGENETTE, 64, monkeypatch, capsys)}
     results.update({k: torchrun(setup, IMAGENETTE, 64, k) for k in (2, 3)})
     check_identical(results, n, 0)
+
+
+def test_torchrun_evaluate_from_shards_counts_every_val_image_once(setup, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("litdata", reason="needs litdata, from the test extra (pip install -e '.[test]')")
+    pack = tmp_path / "shards"
+    capsys.readouterr()
+    # small chunks: each rank's share spans chunk boundaries. prepare reads headers, not whole images: it leaves out
+    # the noise file (no image header) and stores the truncated JPEG as it is, which evaluate skips and counts
+    assert main(["prepare", "--from-folder", str(setup["data"]), "--shards", str(pack), "--chunk-bytes", "8KB"]) == 0
+    assert "not decodable, skipped: val/" in capsys.readouterr().out
+    assert len(json.loads((pack / "warmstart.json").read_text())["splits"]["val"]["chunks"]) >= 3
+    folder = in_process(setup, setup["data"], 8, monkeypatch, capsys)
+    results = {1: in_process(setup, pack, 8, monkeypatch, capsys)}
+    results.update({k: torchrun(setup, pack, 8, k) for k in (2, 3)})
+    check_identical(results, SYNTH_VAL_GOOD, 1)
+    assert (results[1]["top1"], results[1]["top5"]) == (folder["top1"], folder["top5"])

@@ -128,10 +128,12 @@ def write_meta(out: Path, *, classes: list[str], human: list[str] | None, splits
 # --------------------------------------------------------------------------------------------------- reading
 
 def _s3_parts(url: str) -> tuple[str, str]:
+    """(bucket, key prefix: "" at the bucket's root, else ending in "/")."""
     bucket, _, prefix = url[len("s3://"):].partition("/")
     if not bucket:
         raise UserError(f"--data {url}: expected s3://bucket/prefix")
-    return bucket, prefix.strip("/")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
 
 
 def read_meta(data: str) -> dict:
@@ -143,7 +145,7 @@ def read_meta(data: str) -> dict:
         import botocore.exceptions
 
         try:
-            body = boto3.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/{META}" if prefix else META)["Body"]
+            body = boto3.client("s3").get_object(Bucket=bucket, Key=prefix + META)["Body"]
             text = body.read().decode()
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             raise UserError(f"--data {data}: cannot read {META} ({str(e).splitlines()[0][:200]}); check the URL, "
@@ -195,7 +197,7 @@ class ShardReader:
     def chunk(self, index: int) -> str:
         return f"{self.url.rstrip('/')}/{self.files[bisect_right(self.ends, index)]}"
 
-    def _open(self):
+    def _open(self, index: int):
         lit = litdata()
         if is_remote(self.url) and os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
             lit.streaming.downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"  # a loopback or in-cluster endpoint (MinIO)
@@ -212,17 +214,18 @@ class ShardReader:
         # request per sample, which is the small-files problem again (set before the first read: LitData reads it
         # when it builds its cache)
         self.ds._on_demand_bytes = False
-        if len(self.ds) != self.n:
-            raise UserError(f"{self.url}/index.json lists {len(self.ds)} samples, {META} {self.n}; the shards were "
-                            f"changed after writing: write them again")
+        self._read(index)  # LitData builds its cache on the first read
+        # the cache's length is the whole split's; the dataset's own len() is this rank's share under torchrun
+        if len(self.ds.cache) != self.n:
+            raise UserError(f"{self.url}/index.json lists {len(self.ds.cache)} samples, {META} {self.n}; the shards "
+                            f"were changed after writing: write them again")
+        if is_remote(self.url):  # downloaded chunks memory-mapped, not read whole for every sample
+            self.ds.cache._reader.enable_mmap_for_chunks(set(range(len(self.files))))
 
     def __getitem__(self, index: int) -> tuple[bytes, int, str]:
         if self.pid != os.getpid():  # first read in this process (a forked worker must not share its parent's)
-            self._open()
+            self._open(index)
             self.pid = os.getpid()
-            if is_remote(self.url):  # downloaded chunks memory-mapped, not read whole for every sample
-                self._read(index)
-                self.ds.cache._reader.enable_mmap_for_chunks(set(range(len(self.files))))
         data, cls, name, crc = self._read(index)
         if zlib.crc32(data) != crc:
             raise UserError(f"shard chunk {self.chunk(index)} is damaged: sample {index} ({name}) fails its CRC-32; "
@@ -242,9 +245,9 @@ def stored_sizes(url: str) -> dict[str, int]:
 
     bucket, prefix = _s3_parts(url)
     sizes = {}
-    for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+    for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            sizes[obj["Key"][len(prefix) + 1:]] = obj["Size"]
+            sizes[obj["Key"][len(prefix):]] = obj["Size"]
     return sizes
 
 

@@ -99,6 +99,9 @@ def report(out: Path, doc: dict, seconds: float) -> None:
     for r in doc["repairs"] if "repairs" in doc else []:
         print(f"repaired {r['file']} (was {r['was']})")
     missing = [n[len("missing: "):] for n in doc["notes"] if n.startswith("missing: ")]
+    for n in doc["notes"]:
+        if not n.startswith("missing: "):
+            print(n)
     if missing:
         print("partial: " + "; ".join(missing))
     if not doc["verified"]:
