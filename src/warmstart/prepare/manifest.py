@@ -78,7 +78,7 @@ def table(splits: dict[str, dict], seconds: dict[str, float], resized: str | Non
 
 
 def size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"
 
 
 def manifest(options: dict, splits: dict, checksums: list[dict], missing: list[str], notes: list[str],
