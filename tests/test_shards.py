@@ -248,7 +248,9 @@ def test_training_from_s3_equals_training_from_local_shards(synth, tmp_path, cap
     chunks = json.loads((synth.shards / shards.META).read_text())["splits"]
     assert len(chunks["val"]["chunks"]) <= 8 and evaluated < 64 / 4, evaluated
     assert trained < 96, trained  # 2 epochs of 96 train and 64 val images, read by 2 processes (main, a worker)
-    assert {p.name for p in (cache / "train").rglob("chunk-*.bin")} == {c["file"] for c in chunks["train"]["chunks"]}
+    # every train chunk in one folder of the cache, named after the URL and its warmstart.json
+    assert {p.name for p in cache.glob("*/train/chunk-*.bin")} == {c["file"] for c in chunks["train"]["chunks"]}
+    assert len(list(cache.iterdir())) == 1
 
 
 def test_shards_at_the_root_of_a_bucket(synth):
@@ -405,3 +407,129 @@ def test_an_s3_url_that_is_not_there_is_one_line(synth, capsys):
         assert "s3://nobucket/x" in error_line(capsys, ["evaluate", "--checkpoint", str(synth.ckpt), "--data",
                                                         "s3://nobucket/x"])
         assert time.time() - t0 < 60  # no retrying for minutes
+
+
+# ---------------------------------------------------------------- shards are data: tampering never runs code
+
+@pytest.fixture()
+def small(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=6, val_per_class=2, size=32)
+    prepare_shards(data, tmp_path / "shards", "--chunk-bytes", "4KB")
+    return tmp_path / "shards"
+
+
+class Marker:
+    """Unpickling this creates a file: what a shard's author could do with code of their choosing."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def pickled_train_split(shards_dir: Path, marker: Path) -> None:
+    """Replace the train split with one whose first field LitData stores with pickle (as its writer does for any
+    object), and make warmstart.json list its chunk at the right size: only index.json says "pickle"."""
+    from litdata.streaming.writer import BinaryWriter
+
+    train = shards_dir / "train"
+    shutil.rmtree(train)
+    writer = BinaryWriter(str(train), chunk_bytes="64MB")
+    for i in range(12):
+        writer.add_item(i, (Marker(marker), "c00", f"x{i}.jpg", 0))
+    writer.done()
+    writer._merge_no_wait()
+    assert json.loads((train / "index.json").read_text())["config"]["data_format"][0] == "pickle"
+    doc = json.loads((shards_dir / shards.META).read_text())
+    chunk = json.loads((train / "index.json").read_text())["chunks"][0]
+    path = train / chunk["filename"]
+    doc["splits"]["train"]["chunks"] = [{"file": chunk["filename"], "samples": 12, "bytes": path.stat().st_size,
+                                         "sha256": shards.sha256(path)}]
+    (shards_dir / shards.META).write_text(json.dumps(doc))
+
+
+def test_an_index_that_would_unpickle_is_refused_and_never_read(small, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    pickled_train_split(small, marker)
+    line = error_line(capsys, ["train", str(small), "--out", str(tmp_path / "run"), *TINY, *QUICK, "-j", "2",
+                               "--epochs", "1"])
+    assert "index.json is not what `warmstart prepare --shards` writes" in line and not marker.exists()
+    # and were index.json swapped after that check: LitData's readers get no pickle to call
+    doc = json.loads((small / shards.META).read_text())
+    reader = shards.ShardReader(str(small / "train"), doc["splits"]["train"], doc["classes"], cache_dir=None,
+                                cache_limit="1GB")
+    with pytest.raises(shards.UserError, match="names a data format"):
+        reader[0]
+    assert not marker.exists()
+
+
+def test_an_s3_index_cannot_move_the_cache(small, tmp_path):
+    needs("moto")
+    escaped = tmp_path / "escaped"
+    index = small / "train" / "index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "updated_at": str(escaped)}))
+    with s3server.serve():
+        s3server.upload(small, "moved", "x")
+        cache = tmp_path / "cache"
+        _, _, readers, _ = shards.load_splits("s3://moved/x", cache_dir=cache)
+        assert readers["train"][0][2] == "train_0_0.jpg"
+    assert not escaped.exists()  # LitData would have put the chunk cache there
+    assert {p.name for p in cache.glob("*/train/*.bin")} == {"chunk-0-0.bin"}
+
+
+def edit(doc: dict, change: str) -> None:
+    train = doc["splits"]["train"]
+    chunk = train["chunks"][0]
+    {"bytes as text": lambda: chunk.update(bytes=str(chunk["bytes"])),
+     "no file": lambda: chunk.pop("file"),
+     "file outside": lambda: chunk.update(file="../../../chunk-0-0.bin"),
+     "chunks a number": lambda: train.update(chunks=5),
+     "split null": lambda: doc["splits"].update(train=None),
+     "samples as text": lambda: chunk.update(samples=str(chunk["samples"])),
+     "samples negative": lambda: chunk.update(samples=-chunk["samples"]),
+     "images wrong": lambda: train.update(images=99),
+     "extra class": lambda: doc["classes"].append("zzz"),
+     "duplicate class": lambda: doc.update(classes=["c00", "c00", "c01"]),
+     "classes numbers": lambda: doc.update(classes=[0, 1]),
+     "other split": lambda: doc["splits"].update(test=train)}[change]()
+
+
+@pytest.mark.parametrize("change", ["bytes as text", "no file", "file outside", "chunks a number", "split null",
+                                    "samples as text", "samples negative", "images wrong", "extra class",
+                                    "duplicate class", "classes numbers", "other split"])
+def test_an_edited_warmstart_json_is_one_line(small, tmp_path, capsys, change):
+    doc = json.loads((small / shards.META).read_text())
+    edit(doc, change)
+    (small / shards.META).write_text(json.dumps(doc))
+    line = error_line(capsys, ["train", str(small), "--out", str(tmp_path / "run"), *TINY, *QUICK, "--epochs", "1"])
+    assert f"{small / shards.META} is damaged or was edited" in line, line
+
+
+@pytest.mark.parametrize("index,says", [(None, "cannot read"), ({}, "is not LitData's index"),
+                                        ("renamed", "lists other chunks")])
+def test_a_missing_or_edited_index_is_one_line(small, tmp_path, capsys, index, says):
+    path = small / "train" / "index.json"
+    if index is None:
+        path.unlink()
+    elif index == "renamed":
+        doc = json.loads(path.read_text())
+        doc["chunks"][0]["filename"] = "../../../../../../etc/passwd"
+        path.write_text(json.dumps(doc))
+    else:
+        path.write_text(json.dumps(index))
+    line = error_line(capsys, ["train", str(small), "--out", str(tmp_path / "run"), *TINY, *QUICK, "--epochs", "1"])
+    assert says in line and "index.json" in line, line
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "1e400", "-5GB", "0.5B"])
+def test_sizes_that_are_not_sizes_are_one_line(text):
+    with pytest.raises(shards.UserError, match="expected a size such as"):
+        shards.parse_size(text, "--cache-limit")
+
+
+def test_shards_onto_a_file_is_one_line(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=1, size=32)
+    (tmp_path / "afile").write_text("keep\n")
+    assert "is a file" in error_line(capsys, ["prepare", "--from-folder", str(data), "--shards", str(tmp_path / "afile")])
+    assert (tmp_path / "afile").read_text() == "keep\n"

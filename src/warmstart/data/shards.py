@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import zlib
 from bisect import bisect_right
 from pathlib import Path
@@ -25,11 +26,21 @@ from pathlib import Path
 from warmstart import __version__, fileio
 from warmstart.errors import UserError
 from warmstart.options import DEFAULT_CACHE_LIMIT
+from warmstart.prepare.manifest import size
 
 FORMAT = "warmstart-shards/1"
 META = "warmstart.json"
 SPLITS = ("train", "val")
 DEFAULT_CHUNK_BYTES = "64MB"
+CHUNK_NAME = re.compile(r"chunk-[0-9]+-[0-9]+\.bin")  # as LitData's writer names them: no folders, no ".."
+FIELDS = ["bytes", "str", "str", "int"]  # a sample: image bytes, class name, file name, CRC-32
+_LEAF = {"type": None, "context": None, "children_spec": []}
+# index.json's config as SplitWriter writes it (LitData 0.2.76), chunk_bytes aside. The reader refuses any other:
+# its data_format picks LitData's deserializers, and "pickle" among them would run code a shard's author chose.
+INDEX_CONFIG = {"chunk_size": None, "compression": None, "compression_batch_size": None, "compression_level": None,
+                "data_format": FIELDS, "encryption": None, "ipc_compression": None, "item_loader": "PyTreeLoader",
+                "types": "json", "data_spec": [1, {"type": "builtins.tuple", "context": "null",
+                                                   "children_spec": [_LEAF] * 4}]}
 
 
 def is_remote(data) -> bool:
@@ -47,6 +58,7 @@ def litdata():
     try:
         import litdata
         import litdata.streaming.downloader
+        import litdata.streaming.resolver
         import litdata.streaming.serializers
         import litdata.streaming.writer
     except ImportError:
@@ -136,27 +148,69 @@ def _s3_parts(url: str) -> tuple[str, str]:
     return bucket, f"{prefix}/" if prefix else ""
 
 
+def s3_config(read_timeout: int = 30):
+    """Bounded retries and timeouts: boto3's and LitData's defaults wait minutes on an endpoint that never answers."""
+    import botocore.config
+
+    return botocore.config.Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10,
+                                  read_timeout=read_timeout)
+
+
+def read_text(url: str, name: str) -> str:
+    """The text of url/name, a local path or an s3:// object; one line when it cannot be read."""
+    if not is_remote(url):
+        try:
+            return (Path(url) / name).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {Path(url) / name} ({getattr(e, 'strerror', None) or e})") from None
+    bucket, prefix = _s3_parts(url)
+    litdata()  # and with it boto3
+    import boto3
+    import botocore.exceptions
+
+    try:
+        body = boto3.client("s3", config=s3_config()).get_object(Bucket=bucket, Key=prefix + name)["Body"]
+        return body.read().decode()
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, UnicodeDecodeError) as e:
+        raise UserError(f"--data {url}: cannot read {name} ({str(e).splitlines()[0][:200]}); check the URL, "
+                        f"AWS credentials and AWS_ENDPOINT_URL") from None
+
+
+def _count(v, least: int = 0) -> bool:
+    return type(v) is int and v >= least
+
+
+def _problem(doc: dict) -> str | None:
+    """What is wrong with a parsed warmstart.json of our format, or None: everything the readers rely on."""
+    classes, splits = doc["classes"], doc["splits"]
+    if not all(isinstance(c, str) and c for c in classes) or classes != sorted(set(classes)):
+        return "classes must be distinct names in sorted order"
+    if not splits or not set(splits) <= set(SPLITS):
+        return f"splits must be {' and/or '.join(SPLITS)}"
+    held = set()
+    for name, rec in splits.items():
+        counts = rec.get("classes") if isinstance(rec, dict) else None
+        if not isinstance(counts, dict) or not all(_count(v, 1) for v in counts.values()):
+            return f"{name}: classes must map class names to image counts"
+        chunks = rec.get("chunks")
+        if not isinstance(chunks, list) or not chunks or not all(
+                isinstance(c, dict) and isinstance(c.get("file"), str) and CHUNK_NAME.fullmatch(c["file"])
+                and _count(c.get("samples"), 1) and _count(c.get("bytes"), 1) for c in chunks):
+            return f"{name}: chunks must list files named chunk-N-M.bin with their sample and byte counts"
+        if len({c["file"] for c in chunks}) != len(chunks):
+            return f"{name}: a chunk file is listed twice"
+        if not rec.get("images") == sum(c["samples"] for c in chunks) == sum(counts.values()):
+            return f"{name}: its image count, chunk sample counts and class counts disagree"
+        held |= set(counts)
+    if held != set(classes):
+        return "classes is not the set of classes the splits hold"
+    return None
+
+
 def read_meta(data: str) -> dict:
     """warmstart.json of a shard folder or s3:// prefix, checked; one line for anything else."""
-    if is_remote(data):
-        bucket, prefix = _s3_parts(data)
-        litdata()  # and with it boto3
-        import boto3
-        import botocore.exceptions
-
-        try:
-            body = boto3.client("s3").get_object(Bucket=bucket, Key=prefix + META)["Body"]
-            text = body.read().decode()
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            raise UserError(f"--data {data}: cannot read {META} ({str(e).splitlines()[0][:200]}); check the URL, "
-                            f"AWS credentials and AWS_ENDPOINT_URL") from None
-        where = f"{data.rstrip('/')}/{META}"
-    else:
-        where = Path(data) / META
-        try:
-            text = where.read_text()
-        except OSError as e:
-            raise UserError(f"cannot read {where} ({e.strerror})") from None
+    where = f"{data.rstrip('/')}/{META}" if is_remote(data) else Path(data) / META
+    text = read_text(data, META)
     try:
         doc = json.loads(text)
         ok = doc.get("format") == FORMAT and isinstance(doc.get("classes"), list) and isinstance(doc.get("splits"), dict)
@@ -165,7 +219,48 @@ def read_meta(data: str) -> dict:
     if not ok:
         raise UserError(f"{where} is not a warmstart shard description ({FORMAT}); write shards with "
                         f"`warmstart prepare --shards`")
+    problem = _problem(doc)
+    if problem:
+        raise UserError(f"{where} is damaged or was edited ({problem}); write the shards again")
     return doc
+
+
+def read_index(url: str, split: str, rec: dict) -> str:
+    """LitData's index.json of one split, checked against what SplitWriter writes and what warmstart.json lists
+    (same chunk files, same sample counts) before LitData reads any of it; -> its text."""
+    text, where = read_text(f"{url}/{split}", "index.json"), f"{url}/{split}/index.json"
+    try:
+        index = json.loads(text)
+        config = dict(index["config"])
+        config["data_spec"] = json.loads(config["data_spec"])
+        chunks = [(c["filename"], c["chunk_size"]) for c in index["chunks"]]
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"{where} is not LitData's index of a shard split; write the shards again") from None
+    if {k: v for k, v in config.items() if k != "chunk_bytes"} != INDEX_CONFIG:
+        raise UserError(f"{where} is not what `warmstart prepare --shards` writes (samples of {', '.join(FIELDS)}, "
+                        f"uncompressed, unencrypted); refused: its format would choose how samples are decoded")
+    if chunks != [(c["file"], c["samples"]) for c in rec["chunks"]]:
+        raise UserError(f"{where} lists other chunks than {META}; the shards were changed after writing: write them "
+                        f"again")
+    return text
+
+
+def refusing_serializers() -> dict:
+    """LitData's deserializers with every one warmstart's samples do not use replaced by a refusal: whatever an
+    index.json says, a read never unpickles, loads tensors or writes files."""
+    serializers = litdata().streaming.serializers
+
+    class Refused(serializers.Serializer):
+        def serialize(self, data):
+            raise TypeError("not a warmstart shard field")
+
+        def deserialize(self, data):
+            raise UserError(f"a shard's index.json names a data format other than {', '.join(FIELDS)}; refused")
+
+        def can_serialize(self, data) -> bool:
+            return False
+
+    return {k: Refused() for k in serializers._SERIALIZERS if k not in FIELDS}
 
 
 class ShardReader:
@@ -199,17 +294,21 @@ class ShardReader:
 
     def _open(self, index: int):
         lit = litdata()
-        if is_remote(self.url) and os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
-            lit.streaming.downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"  # a loopback or in-cluster endpoint (MinIO)
-        kw = {}
+        where, kw = self.url, {}
         if is_remote(self.url):
-            import botocore.config  # LitData's default, 1000 adaptive retries, waits for ever on a dead endpoint
-
-            kw = {"cache_dir": str(self.cache_dir), "max_cache_size": self.cache_limit,
-                  "storage_options": {"config": botocore.config.Config(
-                      retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120)}}
-        # batch_decode=0: decode the one sample asked for (its default decodes whole windows: ~5x slower here)
-        self.ds = lit.StreamingDataset(self.url, batch_decode=0, **kw)
+            if os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):  # a loopback or in-cluster endpoint
+                lit.streaming.downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"
+            # our own cache folder, holding the index.json load_splits checked: LitData's default layout is a folder
+            # named by index.json's "updated_at", which the shards' author could point anywhere on this disk
+            where = lit.streaming.resolver.Dir(path=str(self.cache_dir), url=self.url)
+            kw = {"max_cache_size": self.cache_limit,  # LitData's default: 1000 retries, for ever on a dead endpoint
+                  "storage_options": {"config": s3_config(read_timeout=120)}}
+        try:
+            # batch_decode=0: decode the one sample asked for (its default decodes whole windows: ~5x slower here)
+            self.ds = lit.StreamingDataset(where, batch_decode=0, serializers=refusing_serializers(), **kw)
+        except Exception as e:  # noqa: BLE001  (LitData's and the store's errors, to one line)
+            raise UserError(f"cannot open the shards at {self.url} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from None
         # whole chunks into the cache, one request each, instead of LitData's default for indexing: one ranged
         # request per sample, which is the small-files problem again (set before the first read: LitData reads it
         # when it builds its cache)
@@ -245,7 +344,9 @@ def stored_sizes(url: str) -> dict[str, int]:
 
     bucket, prefix = _s3_parts(url)
     sizes = {}
-    for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    pages = boto3.client("s3", config=s3_config()).get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                                            Prefix=prefix)
+    for page in pages:
         for obj in page.get("Contents", []):
             sizes[obj["Key"][len(prefix):]] = obj["Size"]
     return sizes
@@ -264,13 +365,13 @@ def check_chunks(url: str, doc: dict) -> None:
                                 f"again")
 
 
-def cache_folder(url: str, cache_dir: Path | None) -> Path:
-    """Where chunks of an s3:// dataset are cached: --cache-dir, else one folder per URL under warmstart's cache."""
+def cache_folder(url: str, meta: str, cache_dir: Path | None) -> Path:
+    """Where chunks of an s3:// dataset are cached: a folder named after the URL and its warmstart.json (shards
+    written again at the same URL get a fresh folder, never stale chunks), under --cache-dir or warmstart's cache."""
     from warmstart.data.folder import cache_dir as base
 
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    return base() / "shards" / hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{url.rstrip('/')}\n{meta}".encode()).hexdigest()[:16]
+    return Path(cache_dir).expanduser() / key if cache_dir else base() / "shards" / key
 
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as LitData reads them
@@ -284,7 +385,7 @@ def parse_size(text: str, flag: str) -> int:
         value = float(number) * UNITS[t[len(number):]]
     except (ValueError, KeyError):
         value = 0
-    if value < 1:
+    if not 1 <= value < 1e18:  # NaN and infinity too
         raise UserError(f"{flag} {text}: expected a size such as 500MB or 20GB")
     return int(value)
 
@@ -295,14 +396,23 @@ def load_splits(data: str, *, cache_dir=None, cache_limit: str = DEFAULT_CACHE_L
     doc = read_meta(data)
     url = data.rstrip("/") if is_remote(data) else str(Path(data).resolve())
     check_chunks(url, doc)
-    cache = cache_folder(url, cache_dir) if is_remote(data) else None
-    readers = {s: ShardReader(f"{url}/{s}", doc["splits"][s], doc["classes"], cache_dir=cache and cache / s,
-                              cache_limit=cache_limit) for s in SPLITS if s in doc["splits"]}
+    cache = cache_folder(url, json.dumps(doc, sort_keys=True), cache_dir) if is_remote(data) else None
+    readers = {}
+    for s in (s for s in SPLITS if s in doc["splits"]):
+        index = read_index(url, s, doc["splits"][s])
+        if cache:  # LitData reads this checked copy, never the bucket's (which could change in between)
+            try:
+                fileio.write_text(cache / s / "index.json", index, durable=False)
+            except OSError as e:
+                raise UserError(f"cannot write to the shard cache {cache} ({e.strerror}); name another with "
+                                f"--cache-dir") from None
+        readers[s] = ShardReader(f"{url}/{s}", doc["splits"][s], doc["classes"], cache_dir=cache and cache / s,
+                                 cache_limit=cache_limit)
     reasons = "; ".join(doc.get("unverified_reasons") or ["not verified"])
     warnings = [] if doc.get("verified") else [f"warning: training on unverified shards ({reasons}); see {url}/{META}"]
     need = sum(c["bytes"] for rec in doc["splits"].values() for c in rec["chunks"])
     if is_remote(data) and need > limit:  # samples come in a random order: a chunk is wanted again within the epoch
-        warnings.append(f"warning: --cache-limit {cache_limit} is below the {need / 1e9:.1f} GB of these shards: "
+        warnings.append(f"warning: --cache-limit {cache_limit} is below the {size(need)} of these shards: "
                         f"chunks will be downloaded again and again; raise it (disk space allowing)")
     warning = "\n".join(warnings) or None
     return doc["classes"], doc.get("human"), readers, warning

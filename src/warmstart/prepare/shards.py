@@ -72,6 +72,8 @@ def bar(total: int, desc: str, unit: str = "B") -> tqdm:
 def start(out: Path) -> Path:
     if (out / shards.META).is_file():
         raise UserError(f"{out} already holds shards ({shards.META} exists); delete it to write them again")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--shards {out} is a file; name a new folder")
     if out.exists() and any(p.name != ".partial" for p in out.iterdir()):
         raise UserError(f"--shards {out} is not empty; name a new folder")
     tmp = out / ".partial"
