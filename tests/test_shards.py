@@ -533,3 +533,20 @@ def test_shards_onto_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("keep\n")
     assert "is a file" in error_line(capsys, ["prepare", "--from-folder", str(data), "--shards", str(tmp_path / "afile")])
     assert (tmp_path / "afile").read_text() == "keep\n"
+
+
+def test_a_mid_epoch_resume_on_other_images_is_refused(synth, tmp_path, capsys):
+    """Same classes, same count, other pixels: the chunks' SHA-256s tell (and a folder's file list does)."""
+    from test_hardening import mid_epoch
+
+    other = make_image_folder(tmp_path / "other", classes=4, train_per_class=24, val_per_class=16, seed=1)
+    prepare_shards(other, tmp_path / "other-shards", "--chunk-bytes", "20KB")
+    renamed = tmp_path / "renamed"
+    shutil.copytree(synth.data, renamed)
+    (renamed / "train" / "c00" / "train_0_0.jpg").rename(renamed / "train" / "c00" / "z.jpg")
+    for data in (tmp_path / "other-shards", renamed):
+        run = tmp_path / f"run-{data.name}"
+        ckpt = mid_epoch(synth.ckpt, run / "checkpoints" / "last.pt")
+        line = error_line(capsys, ["train", str(data), "--model", f"{synth.model}:Slow", "--out", str(run), *QUICK,
+                                   "--epochs", "2", "--seed", "7", "--resume", str(ckpt)])
+        assert "train-data" in line and "twice" in line, line

@@ -176,7 +176,8 @@ def _check_fields(ckpt: dict, path) -> None:
     if not isinstance(layout, dict) or not (count(layout.get("world_size")) and count(layout.get("accum_steps"))
                                             and (layout.get("batch_size") is None or count(layout["batch_size"]))
                                             and type(layout.get("seed", 0)) is int
-                                            and (layout.get("train_images") is None or count(layout["train_images"]))):
+                                            and (layout.get("train_images") is None or count(layout["train_images"]))
+                                            and isinstance(layout.get("train_data", ""), str)):
         raise bad("train_state.layout", "needs world_size, batch_size, accum_steps, seed and train_images")
     if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
             and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])):

@@ -1,6 +1,7 @@
 """A folder of labelled images, addressed by (index, seed, size) keys from the samplers."""
 
 import atexit
+import hashlib
 import multiprocessing
 import signal
 from pathlib import Path
@@ -36,6 +37,10 @@ class ImageDataset(Dataset):
 
     def __len__(self):
         return len(self.labels)
+
+    def fingerprint(self) -> str:
+        """The training set's identity for a mid-epoch resume: its files (paths under the root) and labels."""
+        return hashlib.sha256(self.paths.tobytes() + self.labels.tobytes()).hexdigest()[:16]
 
     def _transform(self, size: int):
         if size not in self._transforms:
@@ -76,6 +81,10 @@ class ShardDataset(ImageDataset):
 
     def __len__(self):
         return len(self.reader)
+
+    def fingerprint(self) -> str:
+        """The shards' identity: the SHA-256 of every chunk, as warmstart.json records them."""
+        return self.reader.fingerprint
 
     def read(self, index: int):
         data, label, _ = self.reader[index]

@@ -202,9 +202,10 @@ class Run:
 
     def layout(self) -> dict:
         """What decides which samples each batch holds: a mid-epoch resume must keep the global batch, the seed (it
-        draws the epoch's permutation) and the number of training images."""
+        draws the epoch's permutation) and the training set (its size, and its fingerprint: the same images)."""
         return {"world_size": self.dist.world_size, "batch_size": self.cfg.batch_size,
-                "accum_steps": self.cfg.accum_steps, "seed": self.cfg.seed, "train_images": len(self.train_set)}
+                "accum_steps": self.cfg.accum_steps, "seed": self.cfg.seed, "train_images": len(self.train_set),
+                "train_data": self.train_set.fingerprint()}
 
     def state_dict(self) -> dict:
         return {
@@ -236,7 +237,7 @@ class Run:
         n = len(self.train_set)
         # saved at the epoch's last update (a timed save or a signal before its evaluation): nothing left to train
         done = samples >= n // old_global * old_global
-        order = {"seed", "train_images"} & set(differ)
+        order = {"seed", "train_images", "train_data"} & set(differ)
         if samples and not done and (old_global != self.global_batch or order):
             raise UserError(f"{where} stopped inside epoch {pos.epoch + 1}; resuming it with "
                             f"{', '.join(changed)} would train some of its samples twice and skip others; resume "
