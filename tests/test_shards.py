@@ -492,12 +492,13 @@ def edit(doc: dict, change: str) -> None:
      "extra class": lambda: doc["classes"].append("zzz"),
      "duplicate class": lambda: doc.update(classes=["c00", "c00", "c01"]),
      "classes numbers": lambda: doc.update(classes=[0, 1]),
-     "other split": lambda: doc["splits"].update(test=train)}[change]()
+     "other split": lambda: doc["splits"].update(test=train),
+     "human short": lambda: doc.update(human=["one"])}[change]()
 
 
 @pytest.mark.parametrize("change", ["bytes as text", "no file", "file outside", "chunks a number", "split null",
                                     "samples as text", "samples negative", "images wrong", "extra class",
-                                    "duplicate class", "classes numbers", "other split"])
+                                    "duplicate class", "classes numbers", "other split", "human short"])
 def test_an_edited_warmstart_json_is_one_line(small, tmp_path, capsys, change):
     doc = json.loads((small / shards.META).read_text())
     edit(doc, change)

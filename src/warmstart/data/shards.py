@@ -148,7 +148,7 @@ def _s3_parts(url: str) -> tuple[str, str]:
     return bucket, f"{prefix}/" if prefix else ""
 
 
-def s3_config(read_timeout: int = 30):
+def s3_config(read_timeout: int = 15):
     """Bounded retries and timeouts: boto3's and LitData's defaults wait minutes on an endpoint that never answers."""
     import botocore.config
 
@@ -185,6 +185,10 @@ def _problem(doc: dict) -> str | None:
     classes, splits = doc["classes"], doc["splits"]
     if not all(isinstance(c, str) and c for c in classes) or classes != sorted(set(classes)):
         return "classes must be distinct names in sorted order"
+    human = doc.get("human")
+    if human is not None and not (isinstance(human, list) and len(human) == len(classes)
+                                  and all(isinstance(h, str) for h in human)):
+        return "human must be null or one name per class"
     if not splits or not set(splits) <= set(SPLITS):
         return f"splits must be {' and/or '.join(SPLITS)}"
     held = set()
