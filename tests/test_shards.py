@@ -532,7 +532,8 @@ def test_sizes_that_are_not_sizes_are_one_line(text):
 def test_shards_onto_a_file_is_one_line(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=1, size=32)
     (tmp_path / "afile").write_text("keep\n")
-    assert "is a file" in error_line(capsys, ["prepare", "--from-folder", str(data), "--shards", str(tmp_path / "afile")])
+    argv = ["prepare", "--from-folder", str(data), "--shards", str(tmp_path / "afile")]
+    assert "is a file" in error_line(capsys, argv)
     assert (tmp_path / "afile").read_text() == "keep\n"
 
 

@@ -275,7 +275,8 @@ class ShardReader:
         self.url, self.cache_dir, self.cache_limit = url, cache_dir, cache_limit
         self.label = {c: i for i, c in enumerate(classes)}  # class name -> label (evaluate: the checkpoint's order)
         self.files = [c["file"] for c in split["chunks"]]
-        self.fingerprint = hashlib.sha256(" ".join(str(c.get("sha256")) for c in split["chunks"]).encode()).hexdigest()[:16]
+        sums = " ".join(str(c.get("sha256")) for c in split["chunks"])
+        self.fingerprint = hashlib.sha256(sums.encode()).hexdigest()[:16]  # a mid-epoch resume needs the same images
         self.ends, n = [], 0
         for c in split["chunks"]:
             n += c["samples"]

@@ -167,7 +167,8 @@ class Run:
         probe, _, _ = collate([self.train_set[(i % len(self.train_set), i, size_for_epoch(cfg, 0))] for i in range(2)])
         probe = decoded(probe)
         if len(probe) == 0:
-            raise UserError(f"the first training images in {splits.train_root or cfg.data} cannot be decoded; check the dataset")
+            raise UserError(f"the first training images in {splits.train_root or cfg.data} cannot be decoded; check "
+                            f"the dataset")
         self.model = model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
