@@ -11,6 +11,7 @@ be: same samples, same order, same augmentation draws).
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def main() -> None:
         pack = work / "shards"
         subprocess.run([sys.executable, "-m", "warmstart", "prepare", "--from-folder", str(args.data), "--shards",
                         str(pack)], check=True, stdout=subprocess.DEVNULL)
-        runs = {"folder": train(str(args.data), work / "folder", args),
+        runs = {"folder": train(os.path.relpath(args.data), work / "folder", args),
                 "shards": train(str(pack), work / "shards-run", args)}
         with s3server.serve():
             s3server.upload(pack, "acc", "imagenette")
@@ -66,7 +67,7 @@ def main() -> None:
             runs[name]["top1_minus_folder"] = runs[name]["best_top1"] - runs["folder"]["best_top1"]
         print(json.dumps(runs, indent=1))
         if args.json:
-            args.json.write_text(json.dumps({"epochs": args.epochs, "data": str(args.data), **runs}, indent=1))
+            args.json.write_text(json.dumps({"epochs": args.epochs, "data": os.path.relpath(args.data), **runs}, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
