@@ -39,8 +39,11 @@ class ImageDataset(Dataset):
         return len(self.labels)
 
     def fingerprint(self) -> str:
-        """The training set's identity for a mid-epoch resume: its files (paths under the root) and labels."""
-        return hashlib.sha256(self.paths.tobytes() + self.labels.tobytes()).hexdigest()[:16]
+        """The training set's identity for a mid-epoch resume: its files (paths under the root) and labels (hashed
+        once: every checkpoint records it, and ImageNet's paths are ~50 MB)."""
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = hashlib.sha256(self.paths.tobytes() + self.labels.tobytes()).hexdigest()[:16]
+        return self._fingerprint
 
     def _transform(self, size: int):
         if size not in self._transforms:
