@@ -298,7 +298,8 @@ class ShardReader:
     def chunk(self, index: int) -> str:
         return f"{self.url.rstrip('/')}/{self.files[bisect_right(self.ends, index)]}"
 
-    def _open(self, index: int):
+    def _open(self, index: int) -> tuple:
+        """Open LitData's dataset in this process; -> sample `index`, whose read builds LitData's cache."""
         lit = litdata()
         where, kw = self.url, {}
         if is_remote(self.url):
@@ -319,19 +320,21 @@ class ShardReader:
         # request per sample, which is the small-files problem again (set before the first read: LitData reads it
         # when it builds its cache)
         self.ds._on_demand_bytes = False
-        self._read(index)  # LitData builds its cache on the first read
+        first = self._read(index)  # LitData builds its cache on the first read
         # the cache's length is the whole split's; the dataset's own len() is this rank's share under torchrun
         if len(self.ds.cache) != self.n:
             raise UserError(f"{self.url}/index.json lists {len(self.ds.cache)} samples, {META} {self.n}; the shards "
                             f"were changed after writing: write them again")
         if is_remote(self.url):  # downloaded chunks memory-mapped, not read whole for every sample
             self.ds.cache._reader.enable_mmap_for_chunks(set(range(len(self.files))))
+        return first
 
     def __getitem__(self, index: int) -> tuple[bytes, int, str]:
         if self.pid != os.getpid():  # first read in this process (a forked worker must not share its parent's)
-            self._open(index)
+            data, cls, name, crc = self._open(index)
             self.pid = os.getpid()
-        data, cls, name, crc = self._read(index)
+        else:
+            data, cls, name, crc = self._read(index)
         if zlib.crc32(data) != crc:
             raise UserError(f"shard chunk {self.chunk(index)} is damaged: sample {index} ({name}) fails its CRC-32; "
                             f"copy the chunk again or write the shards again")
