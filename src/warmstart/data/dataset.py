@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from warmstart.data import decode, transforms
 from warmstart.data.decode import DECODE_ERRORS
@@ -106,7 +106,8 @@ def collate(batch):
     good = [(x, y) for x, y in batch if x is not None]
     if not good:
         return torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long), len(batch)
-    images = torch.stack([x for x, _ in good]) if torch.is_tensor(good[0][0]) else [x for x, _ in good]
+    # default_collate stacks straight into shared memory in a data worker; torch.stack would need a second copy there
+    images = default_collate([x for x, _ in good]) if torch.is_tensor(good[0][0]) else [x for x, _ in good]
     labels = torch.tensor([y for _, y in good])
     return images, labels, len(batch) - len(good)
 

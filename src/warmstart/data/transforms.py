@@ -26,8 +26,15 @@ def load_image(path, min_short_side: int | None = None) -> Image.Image:
     return Image.fromarray(decode.Pil(path).decode((min_short_side,) * 2 if min_short_side else None))
 
 
-def train_transform(size: int, *, auto_augment: str | None = None) -> v2.Compose:
+def flip(img: torch.Tensor) -> torch.Tensor:
+    """v2.RandomHorizontalFlip's draw (flip when torch.rand(1) < 0.5), without its dispatch: ~0.1 ms an image less."""
+    return img.flip(-1) if torch.rand(1) < 0.5 else img
+
+
+def train_transform(size: int, *, auto_augment: str | None = None):
     """What follows decode.random_resized_crop for a training sample: flip, the optional auto-augment, on uint8."""
+    if not auto_augment:
+        return flip
     ops = [v2.RandomHorizontalFlip()]
     if auto_augment == "trivialaugment":
         ops.append(v2.TrivialAugmentWide())
