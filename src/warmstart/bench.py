@@ -183,7 +183,7 @@ def bench_data(args) -> int:
         root, base_root = Path(args.data), Path(args.baseline_data or args.data)
         files = list_images(root, args.images)
         base_files = files if base_root == root else list_images(base_root, args.images)
-    options.set_threads(args.workers)  # as train does: math threads + workers = this process's CPUs
+    options.set_threads(args.workers)  # the main process only collects batches: the CPUs go to the workers
     workers, size, batch = args.workers, args.img_size, args.batch_size
     skip = max(1, workers)
     print(f"bench data: {len(files)} images under {root or args.data}, {size} px, {workers} worker(s), batch {batch}, "
@@ -239,7 +239,7 @@ def bench_train(args) -> int:
     steps = args.steps or (30 if cuda else 4)
     warmup = 5 if cuda else 2  # cudnn autotuning and torch.compile happen in the first steps
     workers = 0 if args.synthetic else args.workers
-    threads = options.set_threads(workers)
+    threads = options.set_threads(workers, device=device.type)
     model, _ = build_model(args.model, 1000)
     baseline_model = copy.deepcopy(model)
 

@@ -54,8 +54,8 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
         if unknown:
             raise UserError(f"{split} has class folders the checkpoint does not know: {', '.join(unknown[:5])}; "
                             f"evaluate on data with the checkpoint's classes ({len(classes)})")
-    options.set_threads(workers, threads)
     dist = distributed.setup(device)  # under torchrun each rank evaluates its shard; sums are reduced
+    options.set_threads(workers, threads, dist.device.type)
     try:
         model.to(dist.device)
         loader = eval_loader(split, classes, spec, batch_size=batch_size, workers=workers, rank=dist.rank,

@@ -99,18 +99,21 @@ def ema_choice(weights: str) -> bool | None:
     return {"auto": None, "model": False, "ema": True}[weights]
 
 
-THREADS_HELP = ("torch's math (intra-op) threads per process (default: this process's CPUs minus its data workers, at "
-                "least 1; OMP_NUM_THREADS, when set, decides instead)")
+THREADS_HELP = ("torch's math (intra-op) threads per process (default on a GPU: this process's CPUs minus its data "
+                "workers, at least 1; on the CPU: all of this process's CPUs; OMP_NUM_THREADS, when set, decides "
+                "instead)")
 
 
-def thread_split(workers: int, threads: int | None = None) -> tuple[int | None, str]:
+def thread_split(workers: int, threads: int | None = None, device: str = "cuda") -> tuple[int | None, str]:
     """(torch intra-op threads to set, or None to leave them; the line that says the split).
 
-    The rule: math threads + loader workers = this process's share of the CPUs (affinity / processes on the node),
-    at least 1 math thread; --threads N, else OMP_NUM_THREADS, wins. Why: torch starts one math thread per CPU, and
-    the loader workers are more processes on those same CPUs; on a 2-core machine the two fought (measured ~30 vs
-    100+ img/s). On a GPU the math threads only launch kernels and do the odd CPU op, so the same rule costs nothing
-    there and keeps one rule for every device."""
+    On a GPU (device "cuda"): math threads + loader workers = this process's share of the CPUs (affinity / processes
+    on the node), at least 1 math thread. There the math threads only launch kernels, and torch's default (one per
+    CPU) made them fight the workers that feed the GPU (on 2 cores ~30 vs 100+ img/s).
+    On the CPU (device "cpu") the step is the work: the math threads get every CPU of the share and the workers come
+    on top; they sleep while the step runs. Measured on 2 cores (benchmarks/RESULTS.md), leaving the workers their
+    CPUs made TinyNet train 1.3-1.7x slower, even at 224 px with one worker (the step waited on data 1-2%).
+    --threads N, else OMP_NUM_THREADS, wins."""
     _, share = cpus_per_process()
     detail = f"{workers} loader worker{'s' if workers != 1 else ''} of {share} CPU{'s' if share != 1 else ''}"
     if threads is not None:
@@ -119,15 +122,17 @@ def thread_split(workers: int, threads: int | None = None) -> tuple[int | None, 
         return threads, f"cpu threads: {threads} math (--threads) + {detail}"
     if os.environ.get("OMP_NUM_THREADS"):  # torch read it at start-up: leave its choice alone
         return None, f"cpu threads: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} math + {detail}"
+    if device == "cpu":
+        return share, f"cpu threads: {share} math + {detail} (training on the CPU: the math gets every CPU)"
     n = max(1, share - workers)
     return n, f"cpu threads: {n} math + {detail}"
 
 
-def set_threads(workers: int, threads: int | None = None) -> str:
+def set_threads(workers: int, threads: int | None = None, device: str = "cuda") -> str:
     """Apply thread_split's rule to torch; returns its line for the start-up log."""
     import torch  # not at module level: `warmstart prepare` never imports torch
 
-    n, line = thread_split(workers, threads)
+    n, line = thread_split(workers, threads, device)
     if n is not None:
         torch.set_num_threads(n)
     return line

@@ -93,9 +93,9 @@ def run(cfg, fn, spawn: bool = True) -> int:
     status. With --multiprocessing-distributed, first spawn one process per local GPU (or --nproc-per-node)."""
     if spawn and cfg.multiprocessing_distributed:
         return _spawn(cfg, fn)
-    threads = options.set_threads(cfg.workers, cfg.threads)  # after _spawn divided the workers among its processes
     dist_ = setup(cfg.device, cfg.dist_timeout, cfg.dist_backend)
-    dist_.cpu_threads = threads
+    # after _spawn divided the workers among its processes; the split depends on the device
+    dist_.cpu_threads = options.set_threads(cfg.workers, cfg.threads, dist_.device.type)
     try:
         return fn(cfg, dist_) or 0
     except RuntimeError as e:  # includes torch.distributed.DistError
