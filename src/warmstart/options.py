@@ -123,7 +123,7 @@ def thread_split(workers: int, threads: int | None = None, device: str = "cuda")
     if os.environ.get("OMP_NUM_THREADS"):  # torch read it at start-up: leave its choice alone
         return None, f"cpu threads: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} math + {detail}"
     if device == "cpu":
-        return share, f"cpu threads: {share} math + {detail} (training on the CPU: the math gets every CPU)"
+        return share, f"cpu threads: {share} math + {detail} (on the CPU the math gets every CPU)"
     n = max(1, share - workers)
     return n, f"cpu threads: {n} math + {detail}"
 
