@@ -100,13 +100,48 @@ def test_the_flip_draws_and_flips_as_torchvisions():
     assert 30 < flipped < 70
 
 
-def test_a_worker_collates_into_shared_memory(tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_worker_collates_into_shared_memory(tmp_path, channels_last):
     # A batch built in a data worker goes to the main process through shared memory; stacked elsewhere, it would be
     # copied there once more (~4.8 MB a batch at 224 px). Would fail with a plain torch.stack in collate.
     items = [(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)] * 4
-    loader = torch.utils.data.DataLoader(items, batch_size=2, num_workers=1,
-                                         collate_fn=lambda b: dataset.collate(b)[0].is_shared())
+    loader = torch.utils.data.DataLoader(items, batch_size=2, num_workers=1, collate_fn=lambda b: dataset.collate(
+        b, channels_last=channels_last)[0].is_shared())
     assert all(loader)
+
+
+def test_collate_hands_the_layout_asked_for_with_the_same_pixels():
+    # Crops come in channels-last memory (the resize writes it); a channels-last batch stacks them with a plain copy,
+    # a contiguous one turns them. Either way the same pixels. Would fail if the permutes were swapped (pixels
+    # scrambled) or the layout ignored.
+    x = torch.randint(0, 256, (4, 3, 6, 5), dtype=torch.uint8)
+    items = [(x[i].permute(1, 2, 0).contiguous().permute(2, 0, 1) if i % 2 else x[i], i) for i in range(4)]
+    for channels_last in (False, True):
+        images, labels, bad = dataset.collate(items + [(None, 9)], channels_last=channels_last)
+        assert torch.equal(images, x) and labels.tolist() == [0, 1, 2, 3] and bad == 1
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert images.is_contiguous(memory_format=layout)
+
+
+def test_batches_are_channels_last_where_the_step_or_a_gpu_takes_them():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [dataset.batch_layout(cpu, False), dataset.batch_layout(cpu, True)] == [False, True]
+    assert [dataset.batch_layout(cuda, False), dataset.batch_layout(cuda, True)] == [True, True]
+
+
+def test_the_crop_is_torchvisions_random_resized_crop_pixel_for_pixel(tmp_path):
+    # A full decode cut and resized by decode.crop (a channels-last copy of the box, for torch's fast uint8 kernel)
+    # must give v2.RandomResizedCrop's pixels on the decoded image for the same seed. Would fail with another
+    # interpolation, no antialiasing (downscaled boxes), or a box off by a pixel.
+    path = photo(tmp_path / "photo.jpg", 300, 200)
+    full = torch.from_numpy(decode.PilFull(path).decode()).permute(2, 0, 1).contiguous()
+    for out in (48, 160):
+        rrc = v2.RandomResizedCrop(out, scale=(0.08, 1.0), antialias=True)
+        for seed in range(20):
+            torch.manual_seed(seed)
+            ours = decode.random_resized_crop("pil-full", path, out, (0.08, 1.0))
+            torch.manual_seed(seed)
+            assert torch.equal(ours, rrc(full)), (out, seed)
 
 # --- reduced decoding --------------------------------------------------------------------------------------------
 

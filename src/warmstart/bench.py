@@ -88,8 +88,9 @@ def list_images(root: Path, limit: int | None = None) -> list[str]:
 
 
 def warmstart_loader(root: Path, files, *, size: int, batch_size: int, workers: int, min_scale: float,
-                     decoder: str | None = None, seed: int = 0):
-    """The loader `warmstart train` builds (engine/run.py), over these files (or, root None, a shards.ShardReader)."""
+                     decoder: str | None = None, seed: int = 0, channels_last: bool = True):
+    """The loader `warmstart train` builds (engine/run.py), over these files (or, root None, a shards.ShardReader);
+    by default as it feeds a GPU (channels-last batches: dataset.batch_layout)."""
     from warmstart.data.dataset import ImageDataset, make_loader
     from warmstart.data.sampler import TrainSampler
 
@@ -106,7 +107,8 @@ def warmstart_loader(root: Path, files, *, size: int, batch_size: int, workers: 
         dataset = ImageDataset(root, [(f, 0) for f in files], train=True, min_scale=min_scale, **extra)
     sampler = TrainSampler(len(dataset), seed=seed, multiple_of=batch_size)
     sampler.set_epoch(0, size)
-    return make_loader(dataset, sampler, batch_size=batch_size, workers=workers, train=True)
+    return make_loader(dataset, sampler, batch_size=batch_size, workers=workers, train=True,
+                       channels_last=channels_last)
 
 
 class Classic(torch.utils.data.Dataset):
@@ -225,6 +227,7 @@ def bench_data(args) -> int:
 
 def bench_train(args) -> int:
     from warmstart.config import TrainConfig
+    from warmstart.data.dataset import batch_layout
     from warmstart.data.transforms import Normalize
     from warmstart.engine import distributed, recipe
     from warmstart.engine.loop import Position, train_one_epoch
@@ -251,14 +254,14 @@ def bench_train(args) -> int:
         root = Path(args.data) / "train" if (Path(args.data) / "train").is_dir() else Path(args.data)
         files = list_images(root)
         loader = warmstart_loader(root, files, size=size, batch_size=batch, workers=workers, min_scale=0.08,
-                                  decoder=args.decoder)
+                                  decoder=args.decoder, channels_last=batch_layout(device, args.channels_last))
         if len(loader) < max(1, workers) + 1:
             raise UserError(f"{len(files)} images under {root} are too few to time the loader at --batch-size {batch}")
         images = next(iter(loader))[0].cpu()  # (--decoder gpu decodes onto the device)
     labels = torch.randint(0, 1000, (batch,))
     # the classic example's loader hands over normalised float images (4x the bytes of warmstart's uint8)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    floats = (images.float() / 255 - mean) / std
+    floats = ((images.float() / 255 - mean) / std).contiguous()  # NCHW, as its loader stacks them
     if cuda:  # both loaders pin their batches on a GPU (the classic example: pin_memory=True)
         images, labels, floats = images.pin_memory(), labels.pin_memory(), floats.pin_memory()
 

@@ -7,7 +7,7 @@ import torch
 
 from warmstart import checkpoint, options
 from warmstart.data import shards
-from warmstart.data.dataset import eval_loader
+from warmstart.data.dataset import batch_layout, eval_loader
 from warmstart.data.folder import list_classes
 from warmstart.data.transforms import Normalize
 from warmstart.engine import distributed
@@ -60,7 +60,7 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
         model.to(dist.device)
         loader = eval_loader(split, classes, spec, batch_size=batch_size, workers=workers, rank=dist.rank,
                              world_size=dist.world_size, pin_memory=dist.device.type == "cuda", decoder=decoder,
-                             samples=samples)
+                             samples=samples, channels_last=batch_layout(dist.device, False))
         normalize = Normalize(spec["mean"], spec["std"]).to(dist.device)
         metrics = evaluate(model, loader, normalize, dist.device, amp, show_progress=dist.is_main,
                            num_classes=len(classes) if out else None)

@@ -149,20 +149,23 @@ def min_decode_size(size, box, out: int) -> tuple[int, int]:
 
 
 def random_resized_crop(decoder: str, src, out: int, scale) -> torch.Tensor:
-    """RandomResizedCrop(out, scale) of the file as a uint8 (3, out, out) tensor, decoding only as much as the box
-    needs. Draws from torch's RNG (the dataset seeds it per sample)."""
+    """RandomResizedCrop(out, scale) of the file as a uint8 (3, out, out) tensor in channels-last memory (see crop),
+    decoding only as much as the box needs. Draws from torch's RNG (the dataset seeds it per sample)."""
     f = DECODERS[decoder](src)
     return crop(f, sample_box(*f.size, scale), out)
 
 
 def crop(f, box, out: int) -> torch.Tensor:
     """The box (full-size pixels) of an opened file, decoded at the largest DCT scale that keeps it >= out x out, cut
-    and resized to out x out."""
+    and resized to out x out: uint8 (3, out, out) in the channels-last memory the resize writes (dataset.collate
+    stacks such images with a plain copy where the batch stays channels-last)."""
     img = torch.from_numpy(f.decode(min_decode_size(f.size, box, out))).permute(2, 0, 1)  # a channels_last view
     d = 2 ** round(math.log2(f.size[0] / img.shape[2]))  # decoded at 1/d: pixel x of the file is x / d
     left, top, right, bottom = (round(v / d) for v in box)
-    # antialiased bilinear as torchvision's RandomResizedCrop; torch's uint8 kernel runs ~3x faster than PIL's resize
-    return F.resize(img[:, top:bottom, left:right], [out, out], antialias=True)
+    # antialiased bilinear as torchvision's RandomResizedCrop; torch's uint8 kernel runs ~3x faster than PIL's resize,
+    # and ~1.3x faster again on a contiguous channels-last copy of the box than on the sliced view (same pixels)
+    box = img[:, top:bottom, left:right].unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    return F.resize(box, [out, out], antialias=True)[0]
 
 
 # --- the GPU path: whole batches on the device ---------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 
 from warmstart import checkpoint, config, options
 from warmstart.data import decode
-from warmstart.data.dataset import collate, dataset_for, decoded, eval_loader, make_loader
+from warmstart.data.dataset import batch_layout, collate, dataset_for, decoded, eval_loader, make_loader
 from warmstart.data.sampler import TrainSampler
 from warmstart.data.sources import Splits, load_splits
 from warmstart.data.transforms import Normalize
@@ -156,12 +156,12 @@ class Run:
             raise UserError(f"{len(self.train_set)} training images give no full update per epoch at --batch-size "
                             f"{cfg.batch_size} x --accum-steps {cfg.accum_steps} x {dist.world_size} process(es); "
                             f"lower --batch-size")
-        cuda = self.device.type == "cuda"
+        cuda, layout = self.device.type == "cuda", batch_layout(self.device, cfg.channels_last)
         self.train_loader = make_loader(self.train_set, self.sampler, batch_size=cfg.batch_size, workers=cfg.workers,
-                                        train=True, pin_memory=cuda)
+                                        train=True, pin_memory=cuda, channels_last=layout)
         self.val_loader = eval_loader(splits.val_root, splits.classes, eval_spec, batch_size=cfg.batch_size,
                                       workers=cfg.workers, rank=dist.rank, world_size=dist.world_size,
-                                      pin_memory=cuda, samples=splits.val, decoder=cfg.decoder)
+                                      pin_memory=cuda, samples=splits.val, decoder=cfg.decoder, channels_last=layout)
 
         # model: checked on a real batch before anything else is built around it
         probe, _, _ = collate([self.train_set[(i % len(self.train_set), i, size_for_epoch(cfg, 0))] for i in range(2)])
