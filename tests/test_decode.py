@@ -123,6 +123,18 @@ def test_collate_hands_the_layout_asked_for_with_the_same_pixels():
         assert images.is_contiguous(memory_format=layout)
 
 
+def test_normalize_hands_the_steps_layout_whatever_the_batchs():
+    # A channels-last batch (a GPU run's) into a contiguous step, and the other way round: the same values, in the
+    # step's layout. Would fail if the layout followed the input (the float conversion preserves it).
+    x = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
+    turned = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    for channels_last in (False, True):
+        normalize = transforms.Normalize(channels_last=channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        a, b = normalize(x), normalize(turned)
+        assert torch.equal(a, b) and a.is_contiguous(memory_format=layout) and b.is_contiguous(memory_format=layout)
+
+
 def test_batches_are_channels_last_where_the_step_or_a_gpu_takes_them():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [dataset.batch_layout(cpu, False), dataset.batch_layout(cpu, True)] == [False, True]

@@ -80,7 +80,28 @@ def test_train_and_evaluate_set_the_split(tmp_path, monkeypatch, capsys):
     assert torch.get_num_threads() == 1
 
     ckpt = str(run / "checkpoints" / "best.pt")
-    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(data), "-j", "0"]) == 0
-    assert torch.get_num_threads() == 2  # no workers: both CPUs compute
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(data), "-j", "1"]) == 0
+    assert torch.get_num_threads() == 2  # on the CPU the math gets both, the worker comes on top
+    assert line in capsys.readouterr().out
     assert main(["evaluate", "--checkpoint", ckpt, "--data", str(data), "-j", "0", "--threads", "1"]) == 0
     assert torch.get_num_threads() == 1
+
+
+def test_a_bad_thread_count_is_refused_before_the_process_group_forms(tmp_path, monkeypatch, capsys):
+    # Under torchrun a check after the rendezvous would wait for every rank (or the timeout) before saying so.
+    from warmstart.engine import distributed
+
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=4, val_per_class=2)
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--model", TINYNET, "--model-kwargs", '{"width": 8}', "--out", str(run),
+                 "--epochs", "1", "--img-size", "32", "-b", "4", "-j", "0"]) == 0
+
+    def no_group(*args, **kwargs):
+        raise AssertionError("setup() reached with --threads 0")
+    monkeypatch.setattr(distributed, "setup", no_group)
+    capsys.readouterr()
+    assert main(["train", str(data), "--model", TINYNET, "--out", str(tmp_path / "run2"), "--threads", "0"]) == 2
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--data", str(data),
+                 "--threads", "0"]) == 2
+    assert capsys.readouterr().err.count("--threads must be at least 1, got 0") == 2

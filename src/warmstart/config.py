@@ -295,6 +295,7 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
     for name in ("epochs", "batch_size", "accum_steps", "img_size", "eval_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    options.check_threads(cfg.threads)
     ranges = {"workers": (0, None), "crop_pct": (1e-3, 1), "min_scale": (1e-3, 1), "label_smoothing": (0, 0.999),
               "reprob": (0, 1), "mixup": (0, None), "cutmix": (0, None), "ema_decay": (0, 1), "lr_base": (0, None),
               "weight_decay": (0, None), "warmup_epochs": (0, None), "save_every_minutes": (0, None)}

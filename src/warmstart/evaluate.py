@@ -54,9 +54,12 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
         if unknown:
             raise UserError(f"{split} has class folders the checkpoint does not know: {', '.join(unknown[:5])}; "
                             f"evaluate on data with the checkpoint's classes ({len(classes)})")
+    options.check_threads(threads)
     dist = distributed.setup(device)  # under torchrun each rank evaluates its shard; sums are reduced
-    options.set_threads(workers, threads, dist.device.type)
     try:
+        threads_line = options.set_threads(workers, threads, dist.device.type)
+        if dist.is_main:
+            print(threads_line)
         model.to(dist.device)
         loader = eval_loader(split, classes, spec, batch_size=batch_size, workers=workers, rank=dist.rank,
                              world_size=dist.world_size, pin_memory=dist.device.type == "cuda", decoder=decoder,

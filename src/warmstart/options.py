@@ -116,9 +116,7 @@ def thread_split(workers: int, threads: int | None = None, device: str = "cuda")
     --threads N, else OMP_NUM_THREADS, wins."""
     _, share = cpus_per_process()
     detail = f"{workers} loader worker{'s' if workers != 1 else ''} of {share} CPU{'s' if share != 1 else ''}"
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1, got {threads}")
+    if check_threads(threads) is not None:
         return threads, f"cpu threads: {threads} math (--threads) + {detail}"
     if os.environ.get("OMP_NUM_THREADS"):  # torch read it at start-up: leave its choice alone
         return None, f"cpu threads: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} math + {detail}"
@@ -126,6 +124,13 @@ def thread_split(workers: int, threads: int | None = None, device: str = "cuda")
         return share, f"cpu threads: {share} math + {detail} (on the CPU the math gets every CPU)"
     n = max(1, share - workers)
     return n, f"cpu threads: {n} math + {detail}"
+
+
+def check_threads(threads: int | None) -> int | None:
+    """--threads as given, or one line; checked before a process group forms (the split is set after it)."""
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    return threads
 
 
 def set_threads(workers: int, threads: int | None = None, device: str = "cuda") -> str:

@@ -32,7 +32,8 @@ def flip(img: torch.Tensor) -> torch.Tensor:
 
 
 def train_transform(size: int, *, auto_augment: str | None = None):
-    """What follows decode.random_resized_crop for a training sample: flip, the optional auto-augment, on uint8."""
+    """What follows decode.random_resized_crop for a training sample (a uint8 CHW tensor): flip, the optional
+    auto-augment."""
     if not auto_augment:
         return flip
     ops = [v2.RandomHorizontalFlip()]
@@ -118,5 +119,6 @@ class Normalize(torch.nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.mean.device, non_blocking=True).float()
-        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        # the layout changes in the float conversion, which reads every pixel anyway (not in a copy after it)
+        x = x.to(self.mean.device, non_blocking=True).to(torch.float32, memory_format=self.memory_format)
+        return (x - self.mean) / self.std

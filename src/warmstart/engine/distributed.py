@@ -94,9 +94,10 @@ def run(cfg, fn, spawn: bool = True) -> int:
     if spawn and cfg.multiprocessing_distributed:
         return _spawn(cfg, fn)
     dist_ = setup(cfg.device, cfg.dist_timeout, cfg.dist_backend)
-    # after _spawn divided the workers among its processes; the split depends on the device
-    dist_.cpu_threads = options.set_threads(cfg.workers, cfg.threads, dist_.device.type)
     try:
+        # after _spawn divided the workers among its processes; the split depends on the device (--threads was
+        # checked with the config, before the group formed)
+        dist_.cpu_threads = options.set_threads(cfg.workers, cfg.threads, dist_.device.type)
         return fn(cfg, dist_) or 0
     except RuntimeError as e:  # includes torch.distributed.DistError
         if not dist_.enabled or not lost_peer(e):
