@@ -5,9 +5,9 @@ machines are shared and noisy, so the two contestants alternate in rounds (the o
 before each) and every round is reported; the summary takes each one's best round, as benchmarks/prepare.py does.
 
   bench data   img/s of warmstart's training input pipeline (ImageDataset(train=True) through make_loader, as
-               `train` builds it to feed a GPU: channels-last batches) against the classic PyTorch ImageNet example's (ImageFolder's PIL loader +
-               RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize in a DataLoader), same files,
-               same workers, same batch size
+               `train` builds it to feed a GPU: channels-last batches) against the classic PyTorch ImageNet
+               example's (ImageFolder's PIL loader + RandomResizedCrop + RandomHorizontalFlip + ToTensor +
+               Normalize in a DataLoader), same files, same workers, same batch size
   bench train  img/s of warmstart's training step (engine.loop.train_one_epoch with the --amp / --channels-last /
                --compile choice) against a plain fp32, NCHW, eager loop, plus the loader's rate on --data and
                which of the two bounds training
