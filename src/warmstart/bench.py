@@ -8,11 +8,12 @@ before each) and every round is reported; the summary takes each one's best roun
                `train` builds it to feed a GPU: channels-last batches) against the classic PyTorch ImageNet
                example's (ImageFolder's PIL loader + RandomResizedCrop + RandomHorizontalFlip + ToTensor +
                Normalize in a DataLoader), same files, same workers, same batch size
-  bench train  img/s of warmstart's training step (engine.loop.train_one_epoch with the --amp / --channels-last /
-               --compile choice) against a plain fp32, NCHW, eager loop, plus the loader's rate on --data and
-               which of the two bounds training
+  bench train  img/s of warmstart's training step (engine.loop.train_one_epoch with train's --amp auto /
+               --channels-last choice, or the flags given, and --compile) against a plain fp32, NCHW, eager
+               loop, plus the loader's rate on --data and which of the two bounds training
 """
 
+import argparse
 import copy
 import inspect
 import json
@@ -61,10 +62,11 @@ def add_arguments(parser):
     t.add_argument("--steps", type=int, default=None, metavar="N", help="timed steps per round (default: 30 GPU, 4 CPU)")
     t.add_argument("--rounds", type=int, default=2, help="alternated rounds (default: 2)")
     t.add_argument("--settle", type=float, default=1.0, metavar="S", help="seconds of pause before each timing")
-    t.add_argument("--channels-last", action="store_true", help="warmstart's step in NHWC (as train --channels-last)")
+    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="warmstart's step in NHWC or not (default: as train chooses, on with bf16 or on a GPU)")
     t.add_argument("--compile", action="store_true", help="torch.compile warmstart's model (as train --compile)")
     t.add_argument("-b", "--batch-size", type=int, default=None, help="default: 128 on a GPU, 16 on a CPU")
-    options.add(t, "device", "amp", "workers", "json")
+    options.add(t, "device", "amp", "workers", "json", amp="auto")
 
 
 def run(args) -> int:
@@ -230,7 +232,7 @@ def bench_train(args) -> int:
     from warmstart.data.dataset import batch_layout
     from warmstart.data.transforms import Normalize
     from warmstart.engine import distributed, recipe
-    from warmstart.engine.loop import Position, train_one_epoch
+    from warmstart.engine.loop import Position, choose_precision, train_one_epoch
     from warmstart.models import build_model
 
     if not args.synthetic and not args.data:
@@ -243,6 +245,7 @@ def bench_train(args) -> int:
     warmup = 5 if cuda else 2  # cudnn autotuning and torch.compile happen in the first steps
     workers = 0 if args.synthetic else args.workers
     threads = options.set_threads(workers, device=device.type)
+    amp, channels_last, _ = choose_precision(args.amp, args.channels_last, device)  # as train chooses
     model, _ = build_model(args.model, 1000)
     baseline_model = copy.deepcopy(model)
 
@@ -254,7 +257,7 @@ def bench_train(args) -> int:
         root = Path(args.data) / "train" if (Path(args.data) / "train").is_dir() else Path(args.data)
         files = list_images(root)
         loader = warmstart_loader(root, files, size=size, batch_size=batch, workers=workers, min_scale=0.08,
-                                  decoder=args.decoder, channels_last=batch_layout(device, args.channels_last))
+                                  decoder=args.decoder, channels_last=batch_layout(device, channels_last))
         if len(loader) < max(1, workers) + 1:
             raise UserError(f"{len(files)} images under {root} are too few to time the loader at --batch-size {batch}")
         images = next(iter(loader))[0].cpu()  # (--decoder gpu decodes onto the device)
@@ -266,7 +269,7 @@ def bench_train(args) -> int:
         images, labels, floats = images.pin_memory(), labels.pin_memory(), floats.pin_memory()
 
     # warmstart's step, built as engine/run.py builds it
-    cfg = TrainConfig(model=args.model, batch_size=batch, amp=args.amp, channels_last=args.channels_last,
+    cfg = TrainConfig(model=args.model, batch_size=batch, amp=amp, channels_last=channels_last,
                       compile=args.compile, epochs=1, warmup_epochs=0)
     model = model.to(device)
     if cfg.channels_last:
@@ -306,7 +309,7 @@ def bench_train(args) -> int:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         return n * batch / (time.perf_counter() - t0)
 
-    what = f"{args.amp or 'fp32'}{', channels_last' if cfg.channels_last else ''}{', compiled' if cfg.compile else ''}"
+    what = f"{amp or 'fp32'}{', channels_last' if channels_last else ''}{', compiled' if cfg.compile else ''}"
     print(f"bench train: {args.model} on {device}, {size} px, batch {batch}, {steps} steps x {args.rounds} round(s); "
           f"warmstart's step ({what}) vs fp32 eager; {threads}")
     warmstart_step(warmup, "warm-up warmstart")
@@ -328,7 +331,7 @@ def bench_train(args) -> int:
               f"{got['baseline']:.1f} img/s, ratio {got['ratio']:.2f}x"
               + (f"; loader {got['loader']:.0f} img/s" if "loader" in got else ""), flush=True)
     result = {**rounds_summary(rounds, "warmstart", "baseline"), "rounds": rounds, "model": args.model,
-              "device": str(device), "img_size": size, "batch_size": batch, "amp": args.amp,
+              "device": str(device), "img_size": size, "batch_size": batch, "amp": amp or "fp32",
               "channels_last": cfg.channels_last, "compile": cfg.compile, "loader_img_s": None}
     step = result["warmstart_img_s"]
     if loader is not None:

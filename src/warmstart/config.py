@@ -120,8 +120,10 @@ class TrainConfig:
     decoder: str | None = _opt(None, options.HELP["decoder"], metavar="NAME")
     reprob: float = _opt(0.0, "random-erasing probability")
     # precision and speed
-    amp: str | None = _opt(None, options.HELP["amp"], choices=["bf16", "fp16"])
-    channels_last: bool = _opt(False, "NHWC memory format (faster convolutions on tensor cores)")
+    amp: str | None = _opt("auto", options.HELP["amp"] + "; auto: bf16 where the device computes it natively (a "
+                           "GPU from Ampere on, a CPU with AMX), else fp32", choices=options.AMP)
+    channels_last: bool | None = _opt(None, "NHWC memory format, the layout fast convolutions want (default: on with "
+                                      "bf16 or on a GPU, off for fp32 on a CPU)")
     compile: bool = _opt(False, "torch.compile the model")
     # bookkeeping
     eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)")

@@ -11,7 +11,7 @@ from warmstart.data.dataset import batch_layout, eval_loader
 from warmstart.data.folder import list_classes
 from warmstart.data.transforms import Normalize
 from warmstart.engine import distributed
-from warmstart.engine.loop import evaluate
+from warmstart.engine.loop import choose_precision, evaluate
 from warmstart.errors import UserError
 
 HELP = "evaluate a checkpoint (loss, top-1, top-5) on DATA/val or any class-folder tree"
@@ -35,7 +35,7 @@ def add_arguments(parser):
     parser.add_argument("--threads", type=int, default=None, metavar="N", help=options.THREADS_HELP)
 
 
-def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, amp=None, weights="auto",
+def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, amp="fp32", weights="auto",
                         as_json=False, trust_code=False, out=None, threads=None,
                         decoder=None, cache_dir=None, cache_limit=options.DEFAULT_CACHE_LIMIT) -> dict:
     """Metrics as engine.loop.evaluate computes them during training; with `out`, the report files in that folder."""
@@ -58,8 +58,11 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
     dist = distributed.setup(device)  # under torchrun each rank evaluates its shard; sums are reduced
     try:
         threads_line = options.set_threads(workers, threads, dist.device.type)
+        asked, (amp, _, precision) = amp, choose_precision(amp, False, dist.device)
         if dist.is_main:
             print(threads_line)
+            if asked not in (None, "fp32"):
+                print(precision)
         model.to(dist.device)
         loader = eval_loader(split, classes, spec, batch_size=batch_size, workers=workers, rank=dist.rank,
                              world_size=dist.world_size, pin_memory=dist.device.type == "cuda", decoder=decoder,

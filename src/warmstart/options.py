@@ -29,10 +29,12 @@ def _default_workers() -> int:
 
 DEFAULT_WORKERS = _default_workers()
 DEFAULT_CACHE_LIMIT = "50GB"
+AMP = ["auto", "bf16", "fp16", "fp32"]  # engine/loop.py's choose_precision reads them
 
 HELP = {
     "device": "cpu, cuda or cuda:N (default: cuda if available, else cpu)",
-    "amp": "mixed precision (bf16 is fast on CPUs and GPUs; fp16 on a CPU runs far slower than bf16)",
+    "amp": "mixed precision (bf16 runs fast on GPUs from Ampere on and CPUs with AMX; fp16 on a CPU runs far "
+           "slower than bf16)",
     "batch_size": "images per batch per process",
     "workers": f"data-loading processes per process (0 = load in the main process; default: {DEFAULT_WORKERS}: this "
                f"process's CPUs / processes on the node, up to 8)",
@@ -65,15 +67,17 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def add(parser: argparse.ArgumentParser, *names: str, batch_size: int = 128) -> None:
-    """Add the named shared options (keys of HELP) to a command's parser."""
+def add(parser: argparse.ArgumentParser, *names: str, batch_size: int = 128, amp: str = "fp32") -> None:
+    """Add the named shared options (keys of HELP) to a command's parser. Scoring commands default to fp32 (exact
+    figures); timing ones pass amp="auto", training's default."""
     for name in names:
         if name == "checkpoint":
             parser.add_argument("--checkpoint", required=True, metavar="CKPT", help=HELP[name])
         elif name == "device":
             parser.add_argument("--device", default=None, help=HELP[name])
         elif name == "amp":
-            parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help=HELP[name])
+            parser.add_argument("--amp", choices=AMP, default=amp, help=HELP[name] + "; auto: bf16 where the "
+                                f"device computes it natively, else fp32 (default: {amp})")
         elif name == "batch_size":
             parser.add_argument("-b", "--batch-size", type=_positive, default=batch_size,
                                 help=f"{HELP[name]} (default: {batch_size})")

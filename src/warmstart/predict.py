@@ -13,7 +13,7 @@ from warmstart.data.decode import DECODE_ERRORS
 from warmstart.data.folder import IMAGE_EXTENSIONS
 from warmstart.data.transforms import Normalize
 from warmstart.engine import distributed
-from warmstart.engine.loop import autocast
+from warmstart.engine.loop import autocast, choose_precision
 from warmstart.errors import UserError
 
 HELP = "top-k classes of images or folders of images"
@@ -77,6 +77,7 @@ def run(args) -> int:
         raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {' '.join(args.images)}")
     loaded = checkpoint.load_model(args.checkpoint, ema=options.ema_choice(args.weights), trust_code=args.trust_code)
     device = distributed.setup(args.device).device  # checks --device, defaults to cuda when present
+    amp = choose_precision(args.amp, False, device)[0]
     model = loaded.model.to(device)
     normalize = Normalize(loaded.transform["mean"], loaded.transform["std"]).to(device)
     k = min(args.top_k, len(loaded.classes))
@@ -97,7 +98,7 @@ def run(args) -> int:
                     print(json.dumps({"path": str(paths[i]), "error": err}))
             if images is None:
                 continue
-            with autocast(device, args.amp):
+            with autocast(device, amp):
                 logits = model(normalize(images))
             probs, top = logits.float().softmax(1).topk(k, dim=1)
             for i, p_row, c_row in zip(indices, probs.tolist(), top.tolist()):

@@ -32,7 +32,7 @@ def run(args) -> int:
         if not cfg.resume or cfg.resume == "auto" or not cfg.data:
             raise UserError("-e/--evaluate needs --resume CHECKPOINT and DATA, e.g. `warmstart train -e --resume best.pt /data/imagenet`")
         evaluate_checkpoint(cfg.resume, cfg.data, batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
-                            amp=cfg.amp, trust_code=cfg.trust_code)
+                            amp=cfg.amp if "amp" in cfg.given else "fp32", trust_code=cfg.trust_code)
         return 0
     if not cfg.data:
         raise UserError("no dataset given: pass DATA or --data DIR (a folder with train/ and val/, e.g. from `warmstart prepare`)")

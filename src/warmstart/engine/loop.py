@@ -65,8 +65,43 @@ class LoaderWatch:
                      f"for the early epochs (--img-size-start), or --decoder gpu when training on a GPU")
 
 
+def native_bf16(device: torch.device) -> str | None:
+    """Why this device multiplies bf16 in hardware, or None: a CUDA GPU of compute capability 8.0 or later (its
+    tensor cores), a CPU with AMX tiles (Intel Sapphire Rapids and later; oneDNN runs bf16 convolutions on them). A
+    CPU without them emulates bf16, slower than fp32, and so does an older GPU."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"this GPU computes bf16 natively (compute capability {major}.{minor})" if major >= 8 else None
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so asked for gently
+    if device.type == "cpu" and amx is not None and amx():
+        return "this CPU has AMX bf16 units"
+    return None
+
+
+def choose_precision(amp: str | None, channels_last: bool | None, device: torch.device) -> tuple[str | None, bool, str]:
+    """(amp: bf16, fp16 or None for fp32; channels_last; the line that says them) for --amp auto|bf16|fp16|fp32
+    (None: fp32, as configs saved before auto existed say) and --channels-last on/off/unset (None).
+
+    auto takes bf16 autocast where native_bf16 says the hardware does it: the step then runs several times faster
+    (TinyNet on an AMX CPU: ~3x, benchmarks/RESULTS.md) and, unlike fp16, needs no loss scaling. Unset
+    channels_last follows: NHWC is the layout the fast bf16 kernels of oneDNN and cuDNN want, and a GPU's
+    fp32/TF32 convolutions too; a CPU in fp32 stays NCHW."""
+    auto = amp == "auto"
+    why = native_bf16(device) if auto else None
+    amp = ("bf16" if why else None) if auto else None if amp == "fp32" else amp
+    if channels_last is None:
+        channels_last = amp == "bf16" or device.type == "cuda"
+    line = f"precision: {amp + ' autocast' if amp else 'fp32'}, {'channels_last' if channels_last else 'NCHW'}"
+    if auto:
+        line += f" (--amp auto: {why or f'no native bf16 on this {device.type}'}; --amp fp32 or bf16 to choose)"
+    return amp, channels_last, line
+
+
 def autocast(device: torch.device, amp: str | None):
-    if not amp:
+    """amp: bf16, fp16, or None / fp32 (off); --amp auto is resolved by choose_precision before it comes here."""
+    if amp == "auto":
+        raise ValueError("--amp auto must be resolved by choose_precision first")
+    if not amp or amp == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 

@@ -28,7 +28,7 @@ from warmstart.data.sampler import TrainSampler
 from warmstart.data.sources import Splits, load_splits
 from warmstart.data.transforms import Normalize
 from warmstart.engine import distributed, recipe
-from warmstart.engine.loop import LoaderWatch, Position, evaluate, train_one_epoch
+from warmstart.engine.loop import LoaderWatch, Position, choose_precision, evaluate, train_one_epoch
 from warmstart.engine.runlog import RunLog
 from warmstart.errors import UserError
 from warmstart.models import dry_run, unwrap
@@ -145,6 +145,9 @@ class Run:
             torch.use_deterministic_algorithms(True)
         if cfg.global_batch:
             derive_batch(cfg, dist.world_size, log)
+        # --amp auto and an unset --channels-last become what this device runs fastest; config.yaml and the
+        # checkpoints record the choice, so a resumed run keeps it
+        cfg.amp, cfg.channels_last, self.precision = choose_precision(cfg.amp, cfg.channels_last, self.device)
 
         # data: one global permutation, sharded; batches the sampler marks with a seed and an image size
         self.train_set = dataset_for(splits.train_root, splits.train, train=True, min_scale=cfg.min_scale,
@@ -170,10 +173,10 @@ class Run:
             raise UserError(f"the first training images in {splits.train_root or cfg.data} cannot be decoded; check "
                             f"the dataset")
         self.model = model.to(self.device)
-        if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
         self.normalize = Normalize(eval_spec["mean"], eval_spec["std"], channels_last=cfg.channels_last).to(self.device)
         self.unused = dry_run(self.model, self.normalize(probe), len(splits.classes))  # on the device it trains on
+        if cfg.channels_last:  # after the dry run, which gives lazy modules (nn.LazyLinear, ...) their parameters
+            self.model.to(memory_format=torch.channels_last)
         if self.unused:
             log.print(f"warning: {len(self.unused)} parameter(s) got no gradient in a dry run (never trained): "
                       f"{', '.join(self.unused[:5])}{' …' if len(self.unused) > 5 else ''}")
@@ -309,6 +312,7 @@ class Run:
                            f"(whole global batches); the other {left}, a different {left} each epoch, wait for the next")
         if dist.cpu_threads:
             self.log.print(dist.cpu_threads)
+        self.log.print(self.precision)
 
     def start(self, what: str) -> int:
         """Resume when asked (--resume CKPT, or --resume auto and RUN/checkpoints/last.pt exists), say what will
