@@ -65,7 +65,7 @@ check data_cpu 45 "$PY" -m warmstart bench data --data "$JPEGS" --img-size 224 -
 check data_gpu 45 "$PY" -m warmstart bench data --data "$JPEGS" --img-size 224 --workers "$WORKERS" -b 64 \
     --decoder gpu --json
 check train_2_epochs 90 "$PY" -m warmstart train --data "$TRAIN" --model resnet50 --epochs 2 --img-size 160 -b 64 \
-    -j "$WORKERS" --amp bf16 --channels-last --out "$RES/run"
+    -j "$WORKERS" --out "$RES/run"  # the default --amp auto: bf16 + channels_last expected on the GPU
 check evaluate 30 "$PY" -m warmstart evaluate --checkpoint "$RES/run/checkpoints/best.pt" --data "$TRAIN" \
     -j "$WORKERS" --amp bf16 --json
 check nccl_smoke 45 "$PY" -m torch.distributed.run --nproc-per-node 1 -m warmstart train --data "$TRAIN" \
@@ -101,7 +101,7 @@ print(row("train_bf16", "bench train resnet50, bf16 + channels_last, eager", ste
 print(row("train_bf16_compiled", "bench train resnet50, bf16 + channels_last, compiled", step))
 print(row("data_cpu", "bench data, default CPU decoder, 224 px", data))
 print(row("data_gpu", "bench data, --decoder gpu, 224 px", data))
-print(row("train_2_epochs", "train resnet50 2 epochs, 160 px, bf16"))
+print(row("train_2_epochs", "train resnet50 2 epochs, 160 px, --amp auto"))
 print(row("evaluate", "evaluate its best.pt", evaluate))
 print(row("nccl_smoke", "torchrun --nproc-per-node 1, --dist-backend nccl, 1 epoch"))
 EOF

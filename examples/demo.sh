@@ -15,7 +15,8 @@ set -euo pipefail
 BIN=${1:-.venv/bin}
 OUT=demo
 WS="$BIN/warmstart"
-# No OMP_NUM_THREADS here: train, finetune and evaluate give torch the CPUs their data workers leave (at least 1).
+# No OMP_NUM_THREADS here: training or evaluating on the CPU gives torch's math every CPU (the workers sleep while
+# the step runs); --amp auto trains in bf16 where the CPU has AMX, fp32 elsewhere.
 PRETRAIN_SHAPES=10  # shapes 0-9: circle square triangle star cross ring hexagon arrow crescent diamond
 FINETUNE_SHAPES=pentagon,heart,l_shape,stripes,chevron
 rm -rf "$OUT"

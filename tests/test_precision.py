@@ -136,3 +136,29 @@ def test_a_model_with_lazy_modules_trains_channels_last(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8, val_per_class=4)
     assert main(["train", str(data), "--model", f"{tmp_path / 'lazy.py'}:Lazy", "--out", str(tmp_path / "run"),
                  "--epochs", "1", *QUICK, "-b", "8", "--channels-last"]) == 0
+
+
+def test_a_resume_from_a_checkpoint_path_says_when_the_precision_changes(amx, tmp_path, capsys):
+    # --resume CKPT reads no config.yaml, so --amp auto is decided anew on this machine: applied, and said.
+    amx(False)
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8, val_per_class=4)
+    run = tmp_path / "run"
+    assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "1", *QUICK, "-b", "8"]) == 0
+    amx(True)
+    capsys.readouterr()
+    assert main(["train", str(data), *TINY, "--out", str(tmp_path / "run2"), "--epochs", "2", *QUICK, "-b", "8",
+                 "--resume", str(run / "checkpoints" / "last.pt")]) == 0
+    assert "--amp fp32 -> bf16" in capsys.readouterr().out
+
+
+def test_a_recipe_or_run_folder_naming_an_unknown_precision_is_one_line(tmp_path, capsys):
+    # The YAML values skipped argparse's choices: `amp: fp8` (or any typo) trained in fp16 autocast, silently.
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=4, val_per_class=2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("amp: fp8\n")
+    assert main(["train", str(data), *TINY, "--config", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "bad value for amp: 'fp8' (choose from auto, bf16, fp16, fp32)" in err and len(err.strip().splitlines()) == 1
+    recipe.write_text("sched: cosin\n")
+    assert main(["train", str(data), *TINY, "--config", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()

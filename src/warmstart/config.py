@@ -215,9 +215,12 @@ def _coerce(name: str, value, source: str):
     try:
         if _parser_type(f) is _json_dict:
             return value if isinstance(value, dict) else _json_dict(value)
-        return _parser_type(f)(value)
+        value = _parser_type(f)(value)
     except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
         raise UserError(f"{source}: bad value for {name}: {value!r} ({e})") from None
+    if f.metadata["choices"] and value not in f.metadata["choices"]:  # as argparse checks the flag
+        raise UserError(f"{source}: bad value for {name}: {value!r} (choose from {', '.join(f.metadata['choices'])})")
+    return value
 
 
 # never read from YAML: trust is granted on the command line only (trust.py), a run folder or recipe is data

@@ -37,7 +37,8 @@ from warmstart.prepare.manifest import unverified_reason
 # settings that change what a resumed run means: listed in a warning when they differ from the checkpoint's
 # (all of them are applied: the optimiser's groups take this run's lr, momentum and weight decay, not the saved ones)
 MEANING = ("lr", "lr_base", "lr_scale", "sched", "epochs", "warmup_epochs", "weight_decay", "momentum", "head_lr_mult",
-           "layer_decay", "img_size", "img_size_start", "min_scale", "mixup", "cutmix", "label_smoothing", "seed")
+           "layer_decay", "img_size", "img_size_start", "min_scale", "mixup", "cutmix", "label_smoothing", "seed",
+           "amp")  # a resume from a checkpoint path (not --resume auto's config.yaml) takes this machine's --amp auto
 
 
 def size_for_epoch(cfg: config.TrainConfig, epoch: int) -> int:
@@ -253,7 +254,8 @@ class Run:
             raise UserError(f"{where}: its optimiser groups the parameters differently ({len(groups)} groups, this run "
                             f"{len(self.optimizer.param_groups)}): --head-lr-mult, --layer-decay, --freeze-until or "
                             f"--linear-probe changed; resume with the checkpoint's values or start a new run")
-        meaning = [f"{config.flag_name(k)} {saved_config[k]} -> {getattr(cfg, k)}" for k in MEANING
+        shown = lambda k, v: "fp32" if k == "amp" and v is None else v  # noqa: E731 (None meant fp32)
+        meaning = [f"{config.flag_name(k)} {shown(k, saved_config[k])} -> {shown(k, getattr(cfg, k))}" for k in MEANING
                    if k in saved_config and saved_config[k] != getattr(cfg, k)]
         # timm's schedulers keep the peak (before each group's lr_scale) as initial_lr
         old_peak = max(float(g.get("initial_lr", g.get("lr", 0))) for g in groups) if groups else None
