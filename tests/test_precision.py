@@ -162,3 +162,30 @@ def test_a_recipe_or_run_folder_naming_an_unknown_precision_is_one_line(tmp_path
     recipe.write_text("sched: cosin\n")
     assert main(["train", str(data), *TINY, "--config", str(recipe), "--out", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_auto_in_the_default_run_folder_keeps_the_precision(amx, tmp_path, monkeypatch, capsys):
+    # Without --out the run folder is runs/<model>: its config.yaml is read as --out's would be (a job requeued on
+    # another node with the same command line used to decide the precision anew, mid-epoch).
+    monkeypatch.chdir(tmp_path)
+    amx(False)
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8, val_per_class=4)
+    assert main(["train", str(data), *TINY, "--epochs", "1", *QUICK, "-b", "8"]) == 0
+    amx(True)
+    capsys.readouterr()
+    assert main(["train", str(data), *TINY, "--epochs", "2", *QUICK, "-b", "8", "--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "precision: fp32, NCHW" in out and "--amp fp32 -> bf16" not in out
+
+
+def test_predict_says_the_precision_it_was_asked_for(amx, tmp_path, capsys):
+    amx(True)
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8, val_per_class=4)
+    run = tmp_path / "run"
+    assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "1", *QUICK, "-b", "8"]) == 0
+    image = str(next((data / "val").rglob("*.jpg")))
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), image, "--amp", "auto"]) == 0
+    assert "precision: bf16 autocast" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), image]) == 0
+    assert "precision" not in capsys.readouterr().err

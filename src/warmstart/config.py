@@ -271,9 +271,11 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
     (train.py, finetune.py); only this command line's --model / --from / --model-kwargs are the user's own choice."""
     values = dict(COMMAND_DEFAULTS.get(command, {}))
     given, from_yaml = set(), {}
-    # `--out RUN --resume auto` alone continues RUN with the configuration it was started with
-    saved = Path(getattr(args, "out", "") or "") / "config.yaml"
-    if getattr(args, "resume", None) == "auto" and getattr(args, "out", None) and saved.is_file():
+    # `--out RUN --resume auto` alone continues RUN with the configuration it was started with; without --out, the
+    # run folder --model names (runs/<model>) does the same, so a requeued job keeps its precision, batch, ...
+    run = getattr(args, "out", None) or (TrainConfig(model=args.model).run_dir if getattr(args, "model", None) else None)
+    saved = Path(run or "") / "config.yaml"
+    if getattr(args, "resume", None) == "auto" and run and saved.is_file():
         loaded = {k: v for k, v in load_yaml(str(saved), saved=True).items() if k not in LAUNCH}
         given |= loaded.keys()
         from_yaml.update(dict.fromkeys(loaded, saved))

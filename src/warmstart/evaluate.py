@@ -38,7 +38,8 @@ def add_arguments(parser):
 def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, amp="fp32", weights="auto",
                         as_json=False, trust_code=False, out=None, threads=None,
                         decoder=None, cache_dir=None, cache_limit=options.DEFAULT_CACHE_LIMIT) -> dict:
-    """Metrics as engine.loop.evaluate computes them during training; with `out`, the report files in that folder."""
+    """Metrics as engine.loop.evaluate computes them during training (there in the run's precision: a bf16 run's
+    figures come back with amp="bf16"; the fp32 default scores exactly); with `out`, the report files in that folder."""
     root, samples = Path(data), None
     if not shards.is_shards(data) and not root.is_dir():
         raise UserError(f"data folder {root} does not exist")

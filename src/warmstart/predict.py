@@ -77,7 +77,9 @@ def run(args) -> int:
         raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {' '.join(args.images)}")
     loaded = checkpoint.load_model(args.checkpoint, ema=options.ema_choice(args.weights), trust_code=args.trust_code)
     device = distributed.setup(args.device).device  # checks --device, defaults to cuda when present
-    amp = choose_precision(args.amp, False, device)[0]
+    amp, _, precision = choose_precision(args.amp, False, device)
+    if args.amp != "fp32":  # stderr: stdout is the table (or JSON lines)
+        print(precision, file=sys.stderr)
     model = loaded.model.to(device)
     normalize = Normalize(loaded.transform["mean"], loaded.transform["std"]).to(device)
     k = min(args.top_k, len(loaded.classes))

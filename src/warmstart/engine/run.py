@@ -146,9 +146,10 @@ class Run:
             torch.use_deterministic_algorithms(True)
         if cfg.global_batch:
             derive_batch(cfg, dist.world_size, log)
-        # --amp auto and an unset --channels-last become what this device runs fastest; config.yaml and the
-        # checkpoints record the choice, so a resumed run keeps it
-        cfg.amp, cfg.channels_last, self.precision = choose_precision(cfg.amp, cfg.channels_last, self.device)
+        # --amp auto and an unset --channels-last become what this device runs fastest; config.yaml and the checkpoints
+        # record the choice, so a resumed run keeps it; every rank trains as rank 0 chose (nodes may differ)
+        choice = choose_precision(cfg.amp, cfg.channels_last, self.device)
+        cfg.amp, cfg.channels_last, self.precision = dist.gather(choice)[0]
 
         # data: one global permutation, sharded; batches the sampler marks with a seed and an image size
         self.train_set = dataset_for(splits.train_root, splits.train, train=True, min_scale=cfg.min_scale,
