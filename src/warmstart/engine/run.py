@@ -124,6 +124,10 @@ def derive_batch(cfg: config.TrainConfig, world_size: int, log: RunLog) -> None:
               f"{cfg.accum_steps} accumulation step(s)")
 
 
+def _shown(name: str, value):
+    return "fp32" if name == "amp" and value is None else value  # a resolved amp of None is fp32
+
+
 def _load(target, state: dict, where, what: str) -> None:
     try:
         target.load_state_dict(state)
@@ -255,8 +259,7 @@ class Run:
             raise UserError(f"{where}: its optimiser groups the parameters differently ({len(groups)} groups, this run "
                             f"{len(self.optimizer.param_groups)}): --head-lr-mult, --layer-decay, --freeze-until or "
                             f"--linear-probe changed; resume with the checkpoint's values or start a new run")
-        shown = lambda k, v: "fp32" if k == "amp" and v is None else v  # noqa: E731 (None meant fp32)
-        meaning = [f"{config.flag_name(k)} {shown(k, saved_config[k])} -> {shown(k, getattr(cfg, k))}" for k in MEANING
+        meaning = [f"{config.flag_name(k)} {_shown(k, saved_config[k])} -> {_shown(k, getattr(cfg, k))}" for k in MEANING
                    if k in saved_config and saved_config[k] != getattr(cfg, k)]
         # timm's schedulers keep the peak (before each group's lr_scale) as initial_lr
         old_peak = max(float(g.get("initial_lr", g.get("lr", 0))) for g in groups) if groups else None
