@@ -136,6 +136,8 @@ def test_a_model_with_lazy_modules_trains_channels_last(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8, val_per_class=4)
     assert main(["train", str(data), "--model", f"{tmp_path / 'lazy.py'}:Lazy", "--out", str(tmp_path / "run"),
                  "--epochs", "1", *QUICK, "-b", "8", "--channels-last"]) == 0
+    assert main(["bench", "train", "--synthetic", "--model", f"{tmp_path / 'lazy.py'}:Lazy", "--img-size", "32",
+                 "-b", "4", "--steps", "1", "--rounds", "1", "--settle", "0", "--channels-last"]) == 0
 
 
 def test_a_resume_from_a_checkpoint_path_says_when_the_precision_changes(amx, tmp_path, capsys):

@@ -233,7 +233,7 @@ def bench_train(args) -> int:
     from warmstart.data.transforms import Normalize
     from warmstart.engine import distributed, recipe
     from warmstart.engine.loop import Position, choose_precision, train_one_epoch
-    from warmstart.models import build_model
+    from warmstart.models import build_model, dry_run
 
     if not args.synthetic and not args.data:
         raise UserError("bench train needs --data DIR (times the loader too) or --synthetic (the step alone)")
@@ -272,9 +272,10 @@ def bench_train(args) -> int:
     cfg = TrainConfig(model=args.model, batch_size=batch, amp=amp, channels_last=channels_last,
                       compile=args.compile, epochs=1, warmup_epochs=0)
     model = model.to(device)
+    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD, channels_last=cfg.channels_last).to(device)
+    dry_run(model, normalize(images[:2]), 1000)  # as train: a wrong output is one line; lazy modules get parameters
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD, channels_last=cfg.channels_last).to(device)
     lr, _ = recipe.effective_lr(cfg, batch)
     optimizer = recipe.build_optimizer(cfg, model, lr)
     scheduler = recipe.build_scheduler(cfg, optimizer, updates_per_epoch=steps)
