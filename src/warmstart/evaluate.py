@@ -59,11 +59,12 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
     dist = distributed.setup(device)  # under torchrun each rank evaluates its shard; sums are reduced
     try:
         threads_line = options.set_threads(workers, threads, dist.device.type)
-        asked, (amp, _, precision) = amp, choose_precision(amp, False, dist.device)
         if dist.is_main:
             print(threads_line)
-            if asked not in (None, "fp32"):
-                print(precision)
+        asked = amp
+        amp, _, precision = choose_precision(asked, False, dist.device)
+        if dist.is_main and asked not in (None, "fp32"):
+            print(precision)
         model.to(dist.device)
         loader = eval_loader(split, classes, spec, batch_size=batch_size, workers=workers, rank=dist.rank,
                              world_size=dist.world_size, pin_memory=dist.device.type == "cuda", decoder=decoder,

@@ -86,9 +86,12 @@ def choose_precision(amp: str | None, channels_last: bool | None, device: torch.
     (TinyNet on an AMX CPU: ~3x, benchmarks/RESULTS.md) and, unlike fp16, needs no loss scaling. Unset
     channels_last follows: NHWC is the layout the fast bf16 kernels of oneDNN and cuDNN want, and a GPU's
     fp32/TF32 convolutions too; a CPU in fp32 stays NCHW."""
-    auto = amp == "auto"
-    why = native_bf16(device) if auto else None
-    amp = ("bf16" if why else None) if auto else None if amp == "fp32" else amp
+    auto, why = amp == "auto", None
+    if auto:
+        why = native_bf16(device)
+        amp = "bf16" if why else None
+    elif amp == "fp32":
+        amp = None
     if channels_last is None:
         channels_last = amp == "bf16" or device.type == "cuda"
     line = f"precision: {amp + ' autocast' if amp else 'fp32'}, {'channels_last' if channels_last else 'NCHW'}"
