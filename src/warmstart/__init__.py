@@ -3,7 +3,7 @@
 The Python API (warmstart.api): load_model, load_backbone, eval_transform.
 """
 
-__version__ = "0.1.0"
+from warmstart.version import __version__  # noqa: F401  (warmstart.__version__)
 
 
 def __getattr__(name):

@@ -8,7 +8,8 @@ import argparse
 import importlib
 import sys
 
-from warmstart import __version__, fileio, launch
+from warmstart import fileio, launch
+from warmstart.version import __version__
 from warmstart.errors import UserError
 
 # Only commands that work are listed here: name -> (module, one-line help shown by `warmstart --help`).

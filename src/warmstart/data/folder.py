@@ -16,6 +16,20 @@ from warmstart.fileio import atomic_write
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
 
+def is_image_name(name: str) -> bool:
+    """An image file by its name: a known extension, not hidden (macOS `._x.jpg`, editors' `.x.jpg.swp`)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every image file under root at any depth, sorted, skipping hidden files and everything in hidden folders."""
+    found = []
+    for parent, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(parent) / f for f in filenames if is_image_name(f) and os.path.isfile(os.path.join(parent, f))]
+    return sorted(found)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("WARMSTART_CACHE", Path.home() / ".cache" / "warmstart"))
 
@@ -33,7 +47,7 @@ def _scan(split_dir: Path, classes: list[str]) -> dict[str, list[str]]:
     files = {}
     for c in classes:
         names = [e.name for e in os.scandir(split_dir / c)
-                 if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+                 if e.is_file() and is_image_name(e.name)]
         files[c] = sorted(names)
     return files
 

@@ -23,7 +23,8 @@ import zlib
 from bisect import bisect_right
 from pathlib import Path
 
-from warmstart import __version__, fileio
+from warmstart import fileio
+from warmstart.version import __version__
 from warmstart.errors import UserError
 from warmstart.options import DEFAULT_CACHE_LIMIT
 from warmstart.prepare.manifest import size

@@ -6,7 +6,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from warmstart import __version__, fileio
+from warmstart import fileio
+from warmstart.version import __version__
 from warmstart.prepare import facts
 
 
