@@ -1,4 +1,5 @@
-"""data/decode.py: the crop-aware box sampler, reduced decoding, the one eval pipeline and --decoder."""
+"""data/decode.py, data/crop.py and data/gpu_decode.py: reduced decoding, the crop-aware box sampler, the GPU batch
+path, the one eval pipeline and --decoder."""
 
 import ast
 import os
@@ -16,7 +17,7 @@ from torchvision.transforms import v2
 from synth import make_image_folder
 from test_predict import command, run, trained  # noqa: F401  (fixtures shared with test_predict)
 from warmstart import api, checkpoint, export
-from warmstart.data import dataset, decode, transforms
+from warmstart.data import crop, dataset, decode, gpu_decode, transforms
 from warmstart.evaluate import evaluate_checkpoint
 from warmstart.prepare.fixtures import shared_data
 
@@ -58,7 +59,7 @@ def torchvision_boxes(w, h, scale, n, seed):
 
 def our_boxes(w, h, scale, n, seed):
     torch.manual_seed(seed)
-    return [decode.sample_box(w, h, scale) for _ in range(n)]
+    return [crop.sample_box(w, h, scale) for _ in range(n)]
 
 
 @pytest.mark.parametrize("w, h", [(500, 375), (375, 500), (224, 224), (120, 480)])
@@ -142,7 +143,7 @@ def test_batches_are_channels_last_where_the_step_or_a_gpu_takes_them():
 
 
 def test_the_crop_is_torchvisions_random_resized_crop_pixel_for_pixel(tmp_path):
-    # A full decode cut and resized by decode.crop (a channels-last copy of the box, for torch's fast uint8 kernel)
+    # A full decode cut and resized by crop.crop (a channels-last copy of the box, for torch's fast uint8 kernel)
     # must give v2.RandomResizedCrop's pixels on the decoded image for the same seed. Would fail with another
     # interpolation, no antialiasing (downscaled boxes), or a box off by a pixel.
     path = photo(tmp_path / "photo.jpg", 300, 200)
@@ -151,7 +152,7 @@ def test_the_crop_is_torchvisions_random_resized_crop_pixel_for_pixel(tmp_path):
         rrc = v2.RandomResizedCrop(out, scale=(0.08, 1.0), antialias=True)
         for seed in range(20):
             torch.manual_seed(seed)
-            ours = decode.random_resized_crop("pil-full", path, out, (0.08, 1.0))
+            ours = crop.random_resized_crop("pil-full", path, out, (0.08, 1.0))
             torch.manual_seed(seed)
             assert torch.equal(ours, rrc(full)), (out, seed)
 
@@ -195,7 +196,7 @@ def test_reduced_decode_fires_for_boxes_that_allow_it(tmp_path, monkeypatch, dec
     monkeypatch.setitem(decode.DECODERS, decoder, spy)
     torch.manual_seed(0)
     for _ in range(100):
-        x = decode.random_resized_crop(decoder, path, out, (0.25, 1.0))
+        x = crop.random_resized_crop(decoder, path, out, (0.25, 1.0))
         assert x.shape == (3, out, out) and x.dtype == torch.uint8
     factors = [round(w / dw) for (w, _), (_, dw) in spy.calls]
     assert (max(factors) > 1) == reduced
@@ -209,9 +210,9 @@ def test_reduced_decode_cuts_the_same_box_as_a_full_decode(tmp_path):
     diffs = []
     for seed in range(40):
         torch.manual_seed(seed)
-        fast = decode.random_resized_crop("simplejpeg", path, 64, (0.08, 1.0))
+        fast = crop.random_resized_crop("simplejpeg", path, 64, (0.08, 1.0))
         torch.manual_seed(seed)
-        full = decode.random_resized_crop("pil-full", path, 64, (0.08, 1.0))
+        full = crop.random_resized_crop("pil-full", path, 64, (0.08, 1.0))
         diffs.append((fast.float() - full.float()).abs().mean().item())
     assert max(diffs) < 4, diffs  # 0..255 levels; a misplaced box differs by tens
 
@@ -324,7 +325,7 @@ def test_gpu_decoder_dispatch_uses_the_same_box_and_crops_like_the_cpu(tmp_path,
     assert isinstance(dataset.make_loader(gpu, None, batch_size=2, workers=0, train=True), dataset.GpuLoader)
     for seed in range(6):
         items = [gpu[(i, seed, 64)][0] for i in range(2)]
-        on_device = decode.gpu_batch(items, device="cpu")
+        on_device = gpu_decode.gpu_batch(items, device="cpu")
         reference = torch.stack([cpu[(i, seed, 64)][0] for i in range(2)])
         assert on_device.shape == reference.shape == (2, 3, 64, 64)
         assert (on_device.float() - reference.float()).abs().mean() < 4

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_predict import WIDTH, command, run, trained  # fixtures and helper shared with test_predict
-from warmstart import checkpoint, export, models
+from warmstart import checkpoint, export, heads
 from warmstart.data.transforms import Normalize, eval_resize_size, eval_transform, load_image
 
 
@@ -26,7 +26,7 @@ def images(run, n: int) -> torch.Tensor:
 def pytorch(run, x, features=False) -> torch.Tensor:
     model = checkpoint.load_model(run.ckpt).model
     if features:
-        model, _ = models.backbone(model)
+        model, _ = heads.backbone(model)
     with torch.no_grad():
         return model(x)
 
@@ -87,7 +87,7 @@ def test_safetensors_round_trip_with_features(run, tmp_path):
         assert not any(k.startswith("head.") for k in f.keys())
     # what a user does with the pair: rebuild the architecture from the spec (the trusted loader), drop the head,
     # load the weights
-    model, dim = models.backbone(checkpoint.load_model(run.ckpt).model, sidecar["output"]["head_removed"])
+    model, dim = heads.backbone(checkpoint.load_model(run.ckpt).model, sidecar["output"]["head_removed"])
     with torch.no_grad():
         for t in model.state_dict().values():
             t.zero_()

@@ -1,4 +1,5 @@
-"""warmstart.models: --model strings, rebuilding from a checkpoint spec, dry run, zero-init."""
+"""warmstart.models (--model strings, rebuilding from a checkpoint spec, zero-init), warmstart.usercode (the user's
+code and traceback) and warmstart.dry_run."""
 
 import io
 import textwrap
@@ -8,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from warmstart.errors import UserError
-from warmstart.models import build_model, dry_run, model_from_spec, zero_init_last_norm
+from warmstart.dry_run import dry_run
+from warmstart.models import build_model, model_from_spec, zero_init_last_norm
 
 NET_PY = """
 import torch.nn as nn
@@ -287,6 +289,16 @@ def test_user_exception_shows_their_traceback(tmp_path):
     assert "ValueError: boom in user code" in lines[-1] and "broken.py:5" in lines[-1]
 
 
+def test_user_exception_without_message_names_its_type(tmp_path):
+    bare = BROKEN_PY.replace('raise ValueError("boom in user code")', "raise ValueError()")
+    f = write_model(tmp_path, bare, "bare.py")
+    last = error_of(build_model, f"{f}:Bad", 10).splitlines()[-1]
+    assert "failed: ValueError at bare.py:5; fix your code there" in last, last
+    msg = error_of(dry_run, nn.Sequential(nn.Linear(5, 4)), torch.randn(2, 3), 4)  # no frame of theirs: one line
+    assert_one_line(msg)
+    assert "forward failed" in msg and ": RuntimeError: mat1 and mat2 shapes cannot be multiplied" in msg
+
+
 def test_user_import_error_shows_their_traceback(tmp_path):
     f = write_model(tmp_path, "import torch.nn as nn\nimport not_installed_thing\n", "imports.py")
     msg = error_of(build_model, f"{f}:Net", 10)
@@ -340,6 +352,24 @@ def test_dry_run_reports_unused_and_leaves_no_trace():
     model.train()
     dry_run(model, torch.randn(2, 3, 8, 8), 4)
     assert model.training
+
+
+def test_dry_run_materialises_lazy_modules_and_keeps_their_initial_stats():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LazyBatchNorm2d(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.LazyLinear(10), nn.LazyBatchNorm1d())
+    images = torch.randn(4, 3, 16, 16) * 5 + 3
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    assert dry_run(model, images, 10) == []
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.rand(3), expected_next)  # RNG untouched
+    for norm in (model[1], model[5]):  # materialised, with the stats they started with, not the batch's
+        assert type(norm) in (nn.BatchNorm2d, nn.BatchNorm1d)
+        assert torch.equal(norm.running_mean, torch.zeros(norm.num_features))
+        assert torch.equal(norm.running_var, torch.ones(norm.num_features))
+        assert norm.num_batches_tracked == 0
+    assert model[4].weight.shape == (10, 8)
 
 
 def test_dry_run_all_used_on_real_model():

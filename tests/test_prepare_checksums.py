@@ -13,6 +13,7 @@ import pytest
 
 from warmstart.cli import main
 from warmstart.errors import UserError
+from warmstart.data import verified
 from warmstart.prepare import command, facts, fixtures, images, manifest
 
 CLASSES = fixtures.pick_classes(3)
@@ -77,7 +78,7 @@ def test_forged_md5sums_cannot_stand_in_for_the_official_md5(official, tmp_path,
     assert test["official_md5"] is None and test["md5sums_match"] is True and test["ok"] is True
     assert d["verified"] is False
     assert sorted(d["unverified_reasons"]) == sorted(f"{n} does not match its official MD5" for n in facts.MD5)
-    assert TRAIN in manifest.unverified_reason(out)
+    assert TRAIN in verified.folder_reason(out)
 
 
 def test_verified_run(official, tmp_path, monkeypatch):
@@ -87,7 +88,7 @@ def test_verified_run(official, tmp_path, monkeypatch):
     d = doc(out)
     assert d["verified"] is True and d["unverified_reasons"] == [] and all(c["ok"] for c in d["checksums"])
     assert all(c["official_match"] for c in d["checksums"] if c["file"] in facts.MD5)
-    assert manifest.unverified_reason(out) is None
+    assert verified.folder_reason(out) is None
 
 
 @pytest.mark.parametrize("line", ["not-a-checksum  ILSVRC2012_img_val.tar", "MD5 (ILSVRC2012_img_val.tar) = abc",
@@ -118,14 +119,14 @@ def test_train_mismatch_removes_its_classes(official, tmp_path, capsys):
     assert prepare(archive_dir, out, "--partial", "--resize-short", "32", "--workers", "2") == 0
     assert f"unverified: {TRAIN} does not match its official MD5" in capsys.readouterr().out
     assert doc(out)["verified"] is False
-    assert manifest.unverified_reason(out) == manifest.unverified_reason(out / "short32") == \
+    assert verified.folder_reason(out) == verified.folder_reason(out / "short32") == \
         f"{TRAIN} does not match its official MD5"
 
     # A resized copy of unverified data is unverified too.
     copy_out = tmp_path / "copy"
     assert main(["prepare", "--from-folder", str(out / "short32"), "--resize-short", "16", "--out", str(copy_out),
                  "--workers", "1"]) == 0
-    assert doc(copy_out)["verified"] is False and "which is unverified" in manifest.unverified_reason(copy_out)
+    assert doc(copy_out)["verified"] is False and "which is unverified" in verified.folder_reason(copy_out)
 
 
 def test_rerun_without_partial_does_not_inherit_an_accepted_mismatch(official, tmp_path, monkeypatch, capsys):
@@ -145,18 +146,18 @@ def test_rerun_without_partial_does_not_inherit_an_accepted_mismatch(official, t
 
 
 def test_unverified_reason_layouts(tmp_path):
-    assert manifest.unverified_reason(tmp_path) is None  # not made by prepare: nothing to say
+    assert verified.folder_reason(tmp_path) is None  # not made by prepare: nothing to say
     root = tmp_path / "imagenet"
     (root / "short160").mkdir(parents=True)
     (root / "prepared.json").write_text(json.dumps({"verified": False, "unverified_reasons": ["x does not match"]}))
-    assert manifest.unverified_reason(root) == manifest.unverified_reason(root / "short160") == "x does not match"
+    assert verified.folder_reason(root) == verified.folder_reason(root / "short160") == "x does not match"
     # A prepared.json from before "verified" existed is judged by its checksums.
     (root / "prepared.json").write_text(json.dumps({"checksums": [{"file": TRAIN, "md5": "0" * 32, "ok": True}]}))
-    assert manifest.unverified_reason(root) == f"{TRAIN} does not match its official MD5"
+    assert verified.folder_reason(root) == f"{TRAIN} does not match its official MD5"
     (root / "prepared.json").write_text(json.dumps({"checksums": [{"file": TRAIN, "md5": facts.MD5[TRAIN]}]}))
-    assert manifest.unverified_reason(root) is None
+    assert verified.folder_reason(root) is None
     (root / "prepared.json").write_text("{torn")
-    assert "unreadable" in manifest.unverified_reason(root)
+    assert "unreadable" in verified.folder_reason(root)
 
 
 class FullDisk:

@@ -149,9 +149,14 @@ def test_finetune_resumes_from_last_pt_alone(trained, data, tmp_path):
     assert main(["finetune", "--from", str(pretrained), "--data", str(data), "--out", str(run), "--epochs", "1",
                  *QUICK]) == 0
     pretrained.unlink()  # the --from file is gone: the run continues from its own last.pt
+    edit_config(run, from_=str(tmp_path / "another.pt"))  # and the record names another: it is not what is built
     assert main(["finetune", "--out", str(run), "--resume", "auto", "--epochs", "2"]) == 0
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["train_state"]["position"]["epoch"] == 2 and ckpt["model_spec"]["head"]["num_classes"] == 4
+    last = str(run / "checkpoints" / "last.pt")
+    assert f"warmstart finetune: resuming {last}" in (run / "log.txt").read_text()
+    assert "another.pt" not in (run / "log.txt").read_text()
+    assert yaml.safe_load((run / "config.yaml").read_text())["from_"] == last
 
 
 @pytest.mark.parametrize("name", ["log.txt", "metrics.jsonl", ".lock"])

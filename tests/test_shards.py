@@ -23,9 +23,12 @@ import test_train  # its SIGKILL test and its training command, run here on shar
 from synth import QUICK, TINY, make_image_folder
 from test_cluster import torchrun
 from warmstart.cli import main
-from warmstart.data import shards
+from warmstart.data import shard_reader, shard_store
 from warmstart.data.folder import index_folder
+from warmstart.data.shard_format import META
+from warmstart.data.shard_writer import file_digest
 from warmstart.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from warmstart.errors import UserError
 from warmstart.prepare import facts, fixtures
 
 SPLITS = ("train", "val")
@@ -45,8 +48,8 @@ def read_back(folder: Path, out: Path, ordered: bool = True) -> dict[str, bytes]
     """Every sample of the shards in OUT against the dataset folder they stand for: the same images with the same
     labels (and, ordered, in the folder's index order), counted alike per class by warmstart.json, LitData's index
     and a reading of every sample; -> {split/class/name: the bytes the shards hold}."""
-    doc = json.loads((out / shards.META).read_text())
-    classes, _, readers, _ = shards.load_splits(str(out))
+    doc = json.loads((out / META).read_text())
+    classes, _, readers, _ = shard_reader.open_shard_splits(str(out))
     assert list(readers) == list(SPLITS) and doc["splits"].keys() == set(SPLITS)
     held = {}
     for split in SPLITS:
@@ -96,7 +99,7 @@ def test_prepare_shards_from_the_mini_archives(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert main(["prepare", "--archives", str(archives), "--out", str(tmp_path / "folder"), "--partial"]) == 0
     held = read_back(tmp_path / "folder", tmp_path / "shards", ordered=False)  # in the archives' order
-    doc = json.loads((tmp_path / "shards" / shards.META).read_text())
+    doc = json.loads((tmp_path / "shards" / META).read_text())
     assert doc["splits"]["train"]["classes"] == dict.fromkeys(classes, 3) and doc["splits"]["val"]["images"] == 8
     assert len(doc["splits"]["train"]["chunks"]) > 1
     assert doc["verified"] is False  # mini archives: not the official MD5s
@@ -215,7 +218,7 @@ def damage(chunk: Path, sample: int | None = None) -> Path:
 def test_a_damaged_chunk_is_one_line_naming_it(synth, tmp_path, which, sample):
     data = tmp_path / "damaged"
     shutil.copytree(synth.shards, data)
-    files = [c["file"] for c in json.loads((data / shards.META).read_text())["splits"]["train"]["chunks"]]
+    files = [c["file"] for c in json.loads((data / META).read_text())["splits"]["train"]["chunks"]]
     bad = damage(data / "train" / files[which], sample)
     r = subprocess.run([sys.executable, "-m", "warmstart", "train", str(data), *TINY, *QUICK, "-j", "2", "--epochs",
                         "1", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
@@ -245,7 +248,7 @@ def test_training_from_s3_equals_training_from_local_shards(synth, tmp_path, cap
     assert_same_weights(synth.run, run)
     assert remote == local and remote["count"] == 64
     # whole chunks, a request or two each, not a request per image
-    chunks = json.loads((synth.shards / shards.META).read_text())["splits"]
+    chunks = json.loads((synth.shards / META).read_text())["splits"]
     assert len(chunks["val"]["chunks"]) <= 8 and evaluated < 64 / 4, evaluated
     assert trained < 96, trained  # 2 epochs of 96 train and 64 val images, read by 2 processes (main, a worker)
     # every train chunk in one folder of the cache, named after the URL and its warmstart.json
@@ -263,7 +266,7 @@ def test_shards_at_the_root_of_a_bucket(synth):
         for path in sorted(synth.shards.rglob("*")):
             if path.is_file():
                 s3.upload_file(str(path), "whole", path.relative_to(synth.shards).as_posix())
-        classes, _, readers, _ = shards.load_splits("s3://whole")
+        classes, _, readers, _ = shard_reader.open_shard_splits("s3://whole")
         assert classes == ["c00", "c01", "c02", "c03"] and len(readers["val"]) == 64
 
 
@@ -387,7 +390,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     train = ["train", "--out", str(tmp_path / "run"), *TINY, *QUICK, "--epochs", "1"]
     mine = tmp_path / "mine"
     shutil.copytree(data, mine)
-    (mine / shards.META).write_text('{"name": "my experiment", "splits": 2}\n')  # not ours: a user's own file
+    (mine / META).write_text('{"name": "my experiment", "splits": 2}\n')  # not ours: a user's own file
     assert "is not a warmstart shard description" in error_line(capsys, [*train, str(mine)])
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -395,7 +398,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "is not empty" in error_line(capsys, ["prepare", "--from-folder", str(data), "--shards", str(busy)])
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
     assert "already holds shards" in error_line(capsys, ["prepare", "--from-folder", str(data), "--shards", str(mine)])
-    assert sorted(p.name for p in mine.iterdir()) == sorted(["train", "val", shards.META])  # nothing removed
+    assert sorted(p.name for p in mine.iterdir()) == sorted(["train", "val", META])  # nothing removed
 
 
 def test_an_s3_url_that_is_not_there_is_one_line(synth, capsys):
@@ -441,12 +444,12 @@ def pickled_train_split(shards_dir: Path, marker: Path) -> None:
     writer.done()
     writer._merge_no_wait()
     assert json.loads((train / "index.json").read_text())["config"]["data_format"][0] == "pickle"
-    doc = json.loads((shards_dir / shards.META).read_text())
+    doc = json.loads((shards_dir / META).read_text())
     chunk = json.loads((train / "index.json").read_text())["chunks"][0]
     path = train / chunk["filename"]
     doc["splits"]["train"]["chunks"] = [{"file": chunk["filename"], "samples": 12, "bytes": path.stat().st_size,
-                                         "sha256": shards.sha256(path)}]
-    (shards_dir / shards.META).write_text(json.dumps(doc))
+                                         "sha256": file_digest(path)}]
+    (shards_dir / META).write_text(json.dumps(doc))
 
 
 def test_an_index_that_would_unpickle_is_refused_and_never_read(small, tmp_path, capsys):
@@ -456,10 +459,10 @@ def test_an_index_that_would_unpickle_is_refused_and_never_read(small, tmp_path,
                                "--epochs", "1"])
     assert "index.json is not what `warmstart prepare --shards` writes" in line and not marker.exists()
     # and were index.json swapped after that check: LitData's readers get no pickle to call
-    doc = json.loads((small / shards.META).read_text())
-    reader = shards.ShardReader(str(small / "train"), doc["splits"]["train"], doc["classes"], cache_dir=None,
+    doc = json.loads((small / META).read_text())
+    reader = shard_reader.ShardReader(str(small / "train"), doc["splits"]["train"], doc["classes"], cache_dir=None,
                                 cache_limit="1GB")
-    with pytest.raises(shards.UserError, match="names a data format"):
+    with pytest.raises(UserError, match="names a data format"):
         reader[0]
     assert not marker.exists()
 
@@ -472,7 +475,7 @@ def test_an_s3_index_cannot_move_the_cache(small, tmp_path):
     with s3server.serve():
         s3server.upload(small, "moved", "x")
         cache = tmp_path / "cache"
-        _, _, readers, _ = shards.load_splits("s3://moved/x", cache_dir=cache)
+        _, _, readers, _ = shard_reader.open_shard_splits("s3://moved/x", cache_dir=cache)
         assert readers["train"][0][2] == "train_0_0.jpg"
     assert not escaped.exists()  # LitData would have put the chunk cache there
     assert {p.name for p in cache.glob("*/train/*.bin")} == {"chunk-0-0.bin"}
@@ -500,11 +503,11 @@ def edit(doc: dict, change: str) -> None:
                                     "samples as text", "samples negative", "images wrong", "extra class",
                                     "duplicate class", "classes numbers", "other split", "human short"])
 def test_an_edited_warmstart_json_is_one_line(small, tmp_path, capsys, change):
-    doc = json.loads((small / shards.META).read_text())
+    doc = json.loads((small / META).read_text())
     edit(doc, change)
-    (small / shards.META).write_text(json.dumps(doc))
+    (small / META).write_text(json.dumps(doc))
     line = error_line(capsys, ["train", str(small), "--out", str(tmp_path / "run"), *TINY, *QUICK, "--epochs", "1"])
-    assert f"{small / shards.META} is damaged or was edited" in line, line
+    assert f"{small / META} is damaged or was edited" in line, line
 
 
 @pytest.mark.parametrize("index,says", [(None, "cannot read"), ({}, "is not LitData's index"),
@@ -525,8 +528,8 @@ def test_a_missing_or_edited_index_is_one_line(small, tmp_path, capsys, index, s
 
 @pytest.mark.parametrize("text", ["nan", "inf", "1e400", "-5GB", "0.5B"])
 def test_sizes_that_are_not_sizes_are_one_line(text):
-    with pytest.raises(shards.UserError, match="expected a size such as"):
-        shards.parse_size(text, "--cache-limit")
+    with pytest.raises(UserError, match="expected a size such as"):
+        shard_store.parse_size(text, "--cache-limit")
 
 
 def test_shards_onto_a_file_is_one_line(tmp_path, capsys):

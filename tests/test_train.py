@@ -1,5 +1,6 @@
 """warmstart train / evaluate end to end on generated data (and on Imagenette when ../shared/data is present)."""
 
+import contextlib
 import json
 import os
 import pickle
@@ -73,14 +74,16 @@ def _train_cmd(data, model_file, run, *extra):
             "--epochs", "2", "--seed", "7", "--mixup", "0.2", "--save-every-minutes", "0", *QUICK, "-j", "1", *extra]
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(data, tmp_path):
+def test_sigkill_mid_epoch_then_resume_at_once_is_bitwise_identical(data, tmp_path):
+    """The main process alone is killed (its two data workers live on for seconds) and the same command with
+    --resume auto runs at once, as a requeue or a retry wrapper would: the workers must not hold the run's lock."""
     model_file = tmp_path / "slow.py"
     model_file.write_text(SLOW_MODEL)
     env = {**os.environ, "WARMSTART_CACHE": str(tmp_path / "cache")}
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_train_cmd(data, model_file, full), check=True, env=env, capture_output=True)
+    subprocess.run(_train_cmd(data, model_file, full, "-j", "2"), check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(_train_cmd(data, model_file, killed), env=env, start_new_session=True,
+    proc = subprocess.Popen(_train_cmd(data, model_file, killed, "-j", "2"), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last, deadline, position = killed / "checkpoints" / "last.pt", time.time() + 120, None
     while time.time() < deadline:
@@ -89,10 +92,16 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(data, tmp_path):
             if position["epoch"] == 1 and position["batch_in_epoch"] >= 2:
                 break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert position and position["epoch"] == 1 and 0 < position["batch_in_epoch"] < 6, position
-    subprocess.run(_train_cmd(data, model_file, killed, "--resume", "auto"), check=True, env=env, capture_output=True)
+    try:
+        r = subprocess.run(_train_cmd(data, model_file, killed, "-j", "2", "--resume", "auto"), env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the first run's orphaned workers, if any are left
 
     a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
@@ -100,6 +109,11 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(data, tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["metrics"]["val_top1"] == b["metrics"]["val_top1"]
+    # the resumed epoch's train loss averages all of its batches, those before the kill included
+    rows = [{r["epoch"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}[2]
+            for run in (full, killed)]
+    assert rows[1]["train_images"] == rows[0]["train_images"]
+    assert rows[1]["train_loss"] == pytest.approx(rows[0]["train_loss"], rel=1e-5)
 
 
 def test_pickled_code_in_checkpoint_is_refused(data, tmp_path, capsys):

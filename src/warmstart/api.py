@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 
 from warmstart import checkpoint
 from warmstart.data import transforms
-from warmstart.models import backbone, replace_head
+from warmstart.heads import backbone, replace_head
 
 
 def load_model(ckpt, num_classes: int | None = None, *, ema: bool | None = None,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from warmstart import options
-from warmstart.data.folder import IMAGE_EXTENSIONS
+from warmstart.data.folder import IMAGE_EXTENSIONS, image_files
 from warmstart.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from warmstart.errors import UserError
 from warmstart.progress import bar, iterate
@@ -82,8 +82,7 @@ def list_images(root: Path, limit: int | None = None) -> list[str]:
     """Image files under root (a flat folder or class folders, any depth), relative, sorted; labels don't matter."""
     if not root.is_dir():
         raise UserError(f"--data {root} is not a folder")
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                   and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(str(p.relative_to(root)) for p in image_files(root))
     if not files:
         raise UserError(f"--data {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files[:limit]
@@ -228,12 +227,9 @@ def bench_data(args) -> int:
 # ---------------------------------------------------------------- the two training steps
 
 def bench_train(args) -> int:
-    from warmstart.config import TrainConfig
-    from warmstart.data.dataset import batch_layout
-    from warmstart.data.transforms import Normalize
-    from warmstart.engine import distributed, recipe
-    from warmstart.engine.loop import Position, choose_precision, train_one_epoch
-    from warmstart.models import build_model, dry_run
+    from warmstart.engine import distributed
+    from warmstart.engine.loop import choose_precision
+    from warmstart.models import build_model
 
     if not args.synthetic and not args.data:
         raise UserError("bench train needs --data DIR (times the loader too) or --synthetic (the step alone)")
@@ -242,79 +238,103 @@ def bench_train(args) -> int:
     size = args.img_size or (224 if cuda else 96)
     batch = args.batch_size or (128 if cuda else 16)
     steps = args.steps or (30 if cuda else 4)
-    warmup = 5 if cuda else 2  # cudnn autotuning and torch.compile happen in the first steps
     workers = 0 if args.synthetic else args.workers
     threads = options.set_threads(workers, device=device.type)
     amp, channels_last, _ = choose_precision(args.amp, args.channels_last, device)  # as train chooses
     model, _ = build_model(args.model, 1000)
     baseline_model = copy.deepcopy(model)
-
-    # one batch, used by every step: the step is timed, not the data
-    loader = None
-    if args.synthetic:
-        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-    else:
-        root = Path(args.data) / "train" if (Path(args.data) / "train").is_dir() else Path(args.data)
-        files = list_images(root)
-        loader = warmstart_loader(root, files, size=size, batch_size=batch, workers=workers, min_scale=0.08,
-                                  decoder=args.decoder, channels_last=batch_layout(device, channels_last))
-        if len(loader) < max(1, workers) + 1:
-            raise UserError(f"{len(files)} images under {root} are too few to time the loader at --batch-size {batch}")
-        images = next(iter(loader))[0].cpu()  # (--decoder gpu decodes onto the device)
+    images, loader = _timed_batch(args, size, batch, workers, device, channels_last)
     labels = torch.randint(0, 1000, (batch,))
-    # the classic example's loader hands over normalised float images (4x the bytes of warmstart's uint8)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    floats = ((images.float() / 255 - mean) / std).contiguous()  # NCHW, as its loader stacks them
     if cuda:  # both loaders pin their batches on a GPU (the classic example: pin_memory=True)
-        images, labels, floats = images.pin_memory(), labels.pin_memory(), floats.pin_memory()
+        images, labels = images.pin_memory(), labels.pin_memory()
+    contestants = {"warmstart": _warmstart_step(args, model, images, labels, amp, channels_last, device, steps),
+                   "baseline": _baseline_step(baseline_model, images, labels, device)}
+    what = f"{amp or 'fp32'}{', channels_last' if channels_last else ''}{', compiled' if args.compile else ''}"
+    print(f"bench train: {args.model} on {device}, {size} px, batch {batch}, {steps} steps x {args.rounds} round(s); "
+          f"warmstart's step ({what}) vs fp32 eager; {threads}")
+    rounds = _train_rounds(args, contestants, loader, workers, steps, warmup=5 if cuda else 2)
+    result = {**rounds_summary(rounds, "warmstart", "baseline"), "rounds": rounds, "model": args.model,
+              "device": str(device), "img_size": size, "batch_size": batch, "amp": amp or "fp32",
+              "channels_last": channels_last, "compile": args.compile, "loader_img_s": None}
+    bound = _what_bounds(result, rounds, loader is not None, workers, cuda)
+    print(f"warmstart step {result['warmstart_img_s']:.1f} img/s vs fp32 eager {result['baseline_img_s']:.1f} img/s "
+          f"(best of {len(rounds)} round(s) each): {result['ratio']:.2f}x; {bound}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
 
-    # warmstart's step, built as engine/run.py builds it
-    cfg = TrainConfig(model=args.model, batch_size=batch, amp=amp, channels_last=channels_last,
+
+def _timed_batch(args, size: int, batch: int, workers: int, device, channels_last: bool):
+    """(the one uint8 batch every step trains on: the step is timed, not the data; the loader to time, or None)."""
+    from warmstart.data.dataset import batch_layout
+
+    if args.synthetic:
+        return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8), None
+    root = Path(args.data) / "train" if (Path(args.data) / "train").is_dir() else Path(args.data)
+    files = list_images(root)
+    loader = warmstart_loader(root, files, size=size, batch_size=batch, workers=workers, min_scale=0.08,
+                              decoder=args.decoder, channels_last=batch_layout(device, channels_last))
+    if len(loader) < max(1, workers) + 1:
+        raise UserError(f"{len(files)} images under {root} are too few to time the loader at --batch-size {batch}")
+    return next(iter(loader))[0].cpu(), loader  # (--decoder gpu decodes onto the device)
+
+
+def _warmstart_step(args, model, images, labels, amp, channels_last: bool, device, steps: int):
+    """warmstart's step, built by engine/step.py as train builds it (one epoch, no warmup, no mixup or EMA)."""
+    from warmstart.config import TrainConfig
+    from warmstart.engine.loop import Position, train_one_epoch
+    from warmstart.engine.step import build_step
+
+    cfg = TrainConfig(model=args.model, batch_size=len(images), amp=amp, channels_last=channels_last,
                       compile=args.compile, epochs=1, warmup_epochs=0)
-    model = model.to(device)
-    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD, channels_last=cfg.channels_last).to(device)
-    dry_run(model, normalize(images[:2]), 1000)  # as train: a wrong output is one line; lazy modules get parameters
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    lr, _ = recipe.effective_lr(cfg, batch)
-    optimizer = recipe.build_optimizer(cfg, model, lr)
-    scheduler = recipe.build_scheduler(cfg, optimizer, updates_per_epoch=steps)
-    loss_fn = recipe.build_loss(cfg, None)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    stepped = torch.compile(model) if cfg.compile else model
+    step = build_step(cfg, model, images[:2], 1000, device, IMAGENET_MEAN, IMAGENET_STD, global_batch=len(images),
+                      updates_per_epoch=steps)
+    stepped = torch.compile(step.model) if cfg.compile else step.model
 
-    def warmstart_step(n: int, desc: str) -> float:
-        stats = train_one_epoch(model=stepped, loader=[(images, labels, 0)] * n, normalize=normalize,
-                                loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, pos=Position(),
-                                device=device, amp=cfg.amp, scaler=scaler, desc=desc)
+    def run_steps(n: int, desc: str) -> float:
+        stats = train_one_epoch(model=stepped, loader=[(images, labels, 0)] * n, normalize=step.normalize,
+                                loss_fn=step.loss_fn, optimizer=step.optimizer, scheduler=step.scheduler,
+                                pos=Position(), device=device, amp=cfg.amp, scaler=step.scaler, desc=desc)
         return stats["img_per_s"]
 
-    # the classic example's step: fp32, NCHW, eager, SGD with momentum (without its per-step loss.item() sync)
-    baseline_model = baseline_model.to(device)
-    criterion = torch.nn.CrossEntropyLoss()
-    base_opt = torch.optim.SGD(baseline_model.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
+    return run_steps
 
-    def baseline_step(n: int, desc: str) -> float:
+
+def _baseline_step(model, images, labels, device):
+    """The classic example's step: fp32, NCHW, eager, SGD with momentum (without its per-step loss.item() sync)."""
+    # its loader hands over normalised float images (4x the bytes of warmstart's uint8), stacked NCHW
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    floats = ((images.float() / 255 - mean) / std).contiguous()
+    if device.type == "cuda":
+        floats = floats.pin_memory()
+    model = model.to(device)
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
+
+    def run_steps(n: int, desc: str) -> float:
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default, which the classic example keeps
-        baseline_model.train()
+        model.train()
         t0 = time.perf_counter()
         for _ in iterate(range(n), desc=desc):
             x, y = floats.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss = criterion(baseline_model(x), y)
-            base_opt.zero_grad()
+            loss = criterion(model(x), y)
+            optimizer.zero_grad()
             loss.backward()
-            base_opt.step()
-        if cuda:
+            optimizer.step()
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        return n * batch / (time.perf_counter() - t0)
+        return n * len(images) / (time.perf_counter() - t0)
 
-    what = f"{amp or 'fp32'}{', channels_last' if channels_last else ''}{', compiled' if cfg.compile else ''}"
-    print(f"bench train: {args.model} on {device}, {size} px, batch {batch}, {steps} steps x {args.rounds} round(s); "
-          f"warmstart's step ({what}) vs fp32 eager; {threads}")
-    warmstart_step(warmup, "warm-up warmstart")
-    baseline_step(warmup, "warm-up baseline")
+    return run_steps
+
+
+def _train_rounds(args, contestants: dict, loader, workers: int, steps: int, warmup: int) -> list[dict]:
+    """Warm both up (cudnn autotuning and torch.compile happen in the first steps), then alternate them in rounds,
+    each after a pause; the loader, when there is one, is timed in every round too."""
+    for who, run_steps in contestants.items():
+        run_steps(warmup, f"warm-up {who}")
     rounds = []
     for r in range(args.rounds):
         got = {}
@@ -322,32 +342,25 @@ def bench_train(args) -> int:
         for who in (["loader"] if loader is not None else []) + order:
             time.sleep(args.settle)
             desc = f"round {r + 1}/{args.rounds} {who}"
-            if who == "loader":
-                got[who] = loader_rate(loader, desc, max(1, workers))
-            else:
-                got[who] = (warmstart_step if who == "warmstart" else baseline_step)(steps, desc)
+            got[who] = loader_rate(loader, desc, max(1, workers)) if who == "loader" else contestants[who](steps, desc)
         got["ratio"] = got["warmstart"] / got["baseline"]
         rounds.append(got)
         print(f"round {r + 1}/{args.rounds}: warmstart step {got['warmstart']:.1f} img/s, fp32 eager "
               f"{got['baseline']:.1f} img/s, ratio {got['ratio']:.2f}x"
               + (f"; loader {got['loader']:.0f} img/s" if "loader" in got else ""), flush=True)
-    result = {**rounds_summary(rounds, "warmstart", "baseline"), "rounds": rounds, "model": args.model,
-              "device": str(device), "img_size": size, "batch_size": batch, "amp": amp or "fp32",
-              "channels_last": cfg.channels_last, "compile": cfg.compile, "loader_img_s": None}
+    return rounds
+
+
+def _what_bounds(result: dict, rounds: list[dict], timed_loader: bool, workers: int, cuda: bool) -> str:
+    """Fills result's loader_img_s and bound; the words that say which of the loader and the step bounds training."""
     step = result["warmstart_img_s"]
-    if loader is not None:
-        result["loader_img_s"] = max(r["loader"] for r in rounds)
-        result["bound"] = "loader" if result["loader_img_s"] < step else "step"
-        bound = (f"the loader bounds training ({result['loader_img_s']:.0f} < {step:.0f} img/s with {workers} "
-                 f"worker(s)" if result["bound"] == "loader" else
-                 f"the step bounds training (loader {result['loader_img_s']:.0f} >= {step:.0f} img/s with {workers} "
-                 f"worker(s)") + ("; on a CPU the two share the cores, so training is slower than either)"
-                                  if not cuda else ")")
-    else:
+    if not timed_loader:
         result["bound"] = "step"
-        bound = "the step bounds training here (--synthetic: no loader; give --data DIR to time it)"
-    print(f"warmstart step {step:.1f} img/s vs fp32 eager {result['baseline_img_s']:.1f} img/s (best of "
-          f"{len(rounds)} round(s) each): {result['ratio']:.2f}x; {bound}")
-    if args.json:
-        print(json.dumps(result))
-    return 0
+        return "the step bounds training here (--synthetic: no loader; give --data DIR to time it)"
+    result["loader_img_s"] = max(r["loader"] for r in rounds)
+    result["bound"] = "loader" if result["loader_img_s"] < step else "step"
+    rates = f"{result['loader_img_s']:.0f} {'<' if result['bound'] == 'loader' else '>='} {step:.0f} img/s"
+    where = "; on a CPU the two share the cores, so training is slower than either)" if not cuda else ")"
+    if result["bound"] == "loader":
+        return f"the loader bounds training ({rates} with {workers} worker(s){where}"
+    return f"the step bounds training (loader {rates} with {workers} worker(s){where}"

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from warmstart import fileio, trust
-from warmstart.errors import UserError
-from warmstart.models import find_head, model_from_spec
+from warmstart.errors import UserError, first_line
+from warmstart.fields import whole_number
+from warmstart.heads import find_head
+from warmstart.models import model_from_spec
 
 FORMAT = "warmstart/2"  # /1 had one RNG state (not one per rank) in early files and a layout without seed/images
 
@@ -67,9 +69,9 @@ def load(path) -> dict:
     except pickle.UnpicklingError as e:
         text = str(e)
         if "weights_only" not in text.lower().replace(" ", "_"):
-            raise _not_a_checkpoint(path, f"unreadable: {(text.strip().splitlines() or ['?'])[0][:120]}") from None
+            raise _not_a_checkpoint(path, f"unreadable: {first_line(text, 120, empty='?')}") from None
         first = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                     text.strip().splitlines()[0] if text.strip() else type(e).__name__)
+                     first_line(e))
         raise UserError(f"refusing to load {path}: it holds pickled Python objects, which could run code "
                         f"({first[:160]}); only load checkpoints you trust, re-saved as plain tensors") from None
     except Exception as e:  # truncated zip, torn write
@@ -117,71 +119,99 @@ def upgrade(ckpt: dict, path="checkpoint") -> dict:
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
+def _malformed(path, field: str, why: str) -> UserError:
+    return UserError(f"{path}: malformed checkpoint field {field} ({why}); it was edited or not written by "
+                     f"warmstart: use the file the run wrote")
+
+
 def _check_fields(ckpt: dict, path) -> None:
     """The fields commands rely on, checked once: a malformed one is one line here, not a traceback in a command."""
-    def bad(field: str, why: str) -> UserError:
-        return UserError(f"{path}: malformed checkpoint field {field} ({why}); it was edited or not written by "
-                         f"warmstart: use the file the run wrote")
-
-    def count(v, least: int = 1) -> bool:
-        return type(v) is int and v >= least
-
     for key in ("classes", "transform", "metrics", "config"):
         if not isinstance(ckpt[key], dict):
-            raise bad(key, f"a {type(ckpt[key]).__name__}, not a mapping")
-    spec = ckpt["model_spec"]
+            raise _malformed(path, key, f"a {type(ckpt[key]).__name__}, not a mapping")
+    _check_model_spec(ckpt["model_spec"], path)
+    _check_classes(ckpt["classes"], path)
+    _check_transform(ckpt["transform"], path)
+    if not isinstance(ckpt["rng"], list) or not all(isinstance(r, dict) for r in ckpt["rng"]):
+        raise _malformed(path, "rng", "not one RNG state per rank")
+    _check_train_state(ckpt["train_state"], path)
+
+
+def _check_model_spec(spec, path) -> None:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
-        raise bad("model_spec.name", "not a model name")
+        raise _malformed(path, "model_spec.name", "not a model name")
     if not isinstance(spec.get("kwargs") or {}, dict):
-        raise bad("model_spec.kwargs", "not a mapping")
-    if not count(spec.get("num_classes")):
-        raise bad("model_spec.num_classes", f"{spec.get('num_classes')!r} is not a positive integer")
+        raise _malformed(path, "model_spec.kwargs", "not a mapping")
+    if not whole_number(spec.get("num_classes"), 1):
+        raise _malformed(path, "model_spec.num_classes", f"{spec.get('num_classes')!r} is not a positive integer")
     if not isinstance(spec.get("source") or "", str):
-        raise bad("model_spec.source", "not text")
+        raise _malformed(path, "model_spec.source", "not text")
     head = spec.get("head")
     if head is not None and not (isinstance(head, dict) and isinstance(head.get("module"), str) and head["module"]
-                                 and count(head.get("num_classes"))):
-        raise bad("model_spec.head", "needs a module name and a positive num_classes")
-    names, human = ckpt["classes"].get("names"), ckpt["classes"].get("human")
+                                 and whole_number(head.get("num_classes"), 1)):
+        raise _malformed(path, "model_spec.head", "needs a module name and a positive num_classes")
+
+
+def _check_classes(classes: dict, path) -> None:
+    names, human = classes.get("names"), classes.get("human")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise bad("classes.names", "not a list of class names")
+        raise _malformed(path, "classes.names", "not a list of class names")
     if human is not None and (not isinstance(human, list) or len(human) != len(names)):
-        raise bad("classes.human", "not one name per class")
-    t = ckpt["transform"]
-    if t:
-        if not count(t.get("size")):
-            raise bad("transform.size", f"{t.get('size')!r} is not a positive integer")
-        crop = t.get("crop_pct")
-        if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1:
-            raise bad("transform.crop_pct", f"{crop!r} is not in (0, 1]")
-        for key in ("mean", "std"):
-            v = t.get(key)
-            if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)) or (
-                    key == "std" and min(v) <= 0):
-                raise bad(f"transform.{key}", f"{v!r} is not 3 numbers{' above 0' if key == 'std' else ''}")
-        if t.get("interpolation", "bilinear") not in INTERPOLATIONS:
-            raise bad("transform.interpolation", f"{t.get('interpolation')!r} is not one of {', '.join(INTERPOLATIONS)}")
-    if not isinstance(ckpt["rng"], list) or not all(isinstance(r, dict) for r in ckpt["rng"]):
-        raise bad("rng", "not one RNG state per rank")
-    train = ckpt["train_state"]
-    if train is None:
+        raise _malformed(path, "classes.human", "not one name per class")
+
+
+def _check_transform(t: dict, path) -> None:
+    if not t:
+        return
+    if not whole_number(t.get("size"), 1):
+        raise _malformed(path, "transform.size", f"{t.get('size')!r} is not a positive integer")
+    crop = t.get("crop_pct")
+    if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1:
+        raise _malformed(path, "transform.crop_pct", f"{crop!r} is not in (0, 1]")
+    for key in ("mean", "std"):
+        v = t.get(key)
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)) or (
+                key == "std" and min(v) <= 0):
+            raise _malformed(path, f"transform.{key}", f"{v!r} is not 3 numbers{' above 0' if key == 'std' else ''}")
+    if t.get("interpolation", "bilinear") not in INTERPOLATIONS:
+        raise _malformed(path, "transform.interpolation",
+                         f"{t.get('interpolation')!r} is not one of {', '.join(INTERPOLATIONS)}")
+
+
+def _check_train_state(train, path) -> None:
+    if train is None:  # a weights-only file
         return
     if not isinstance(train, dict):
-        raise bad("train_state", "not a mapping")
-    pos, layout, opt = train.get("position"), train.get("layout"), train.get("optimizer")
-    if not isinstance(pos, dict) or set(pos) - {"epoch", "batch_in_epoch", "step", "best_top1"} or not all(
-            count(pos.get(k, 0), 0) for k in ("epoch", "batch_in_epoch", "step")) or type(
-            pos.get("best_top1", -1.0)) not in (int, float):
-        raise bad("train_state.position", "needs whole epoch, batch_in_epoch and step counts and a best_top1")
-    if not isinstance(layout, dict) or not (count(layout.get("world_size")) and count(layout.get("accum_steps"))
-                                            and (layout.get("batch_size") is None or count(layout["batch_size"]))
-                                            and type(layout.get("seed", 0)) is int
-                                            and (layout.get("train_images") is None or count(layout["train_images"]))
-                                            and isinstance(layout.get("train_data", ""), str)):
-        raise bad("train_state.layout", "needs world_size, batch_size, accum_steps, seed and train_images")
-    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])):
-        raise bad("train_state.optimizer", "not an optimizer state_dict")
+        raise _malformed(path, "train_state", "not a mapping")
+    if not _is_position(train.get("position")):
+        raise _malformed(path, "train_state.position",
+                         "needs whole epoch, batch_in_epoch and step counts and a best_top1")
+    if not _is_layout(train.get("layout")):
+        raise _malformed(path, "train_state.layout", "needs world_size, batch_size, accum_steps, seed and train_images")
+    if not _is_optimizer_state(train.get("optimizer")):
+        raise _malformed(path, "train_state.optimizer", "not an optimizer state_dict")
+
+
+def _is_position(pos) -> bool:
+    return (isinstance(pos, dict) and not set(pos) - {"epoch", "batch_in_epoch", "step", "best_top1", "loss_sum",
+                                                      "loss_images"}
+            and all(whole_number(pos.get(k, 0)) for k in ("epoch", "batch_in_epoch", "step", "loss_images"))
+            and all(type(pos.get(k, 0.0)) in (int, float) for k in ("best_top1", "loss_sum")))
+
+
+def _is_layout(layout) -> bool:
+    def absent_or_positive(v) -> bool:
+        return v is None or whole_number(v, 1)
+
+    return (isinstance(layout, dict) and whole_number(layout.get("world_size"), 1)
+            and whole_number(layout.get("accum_steps"), 1) and absent_or_positive(layout.get("batch_size"))
+            and type(layout.get("seed", 0)) is int and absent_or_positive(layout.get("train_images"))
+            and isinstance(layout.get("train_data", ""), str))
+
+
+def _is_optimizer_state(opt) -> bool:
+    return (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"]))
 
 
 @dataclass
@@ -223,7 +253,7 @@ def load_model(path, *, ema: bool | None = None, trust_code: bool = False) -> Lo
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise UserError(f"{path}: its weights do not fit the model its spec builds "
-                        f"({str(e).splitlines()[0][:160]})") from None
+                        f"({first_line(e)})") from None
     model.eval()
     return Loaded(model=model, model_spec=spec, classes=list(ckpt["classes"]["names"]), human=ckpt["classes"]["human"],
                   transform=ckpt["transform"], metrics=ckpt["metrics"], config=ckpt["config"], path=Path(path),
@@ -285,8 +315,7 @@ def set_rng_state(state: dict, where="checkpoint") -> None:
     try:
         _set_rng_state(state)
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise UserError(f"{where}: malformed checkpoint field rng ({type(e).__name__}: {str(e)[:120]}); it was edited "
-                        f"or not written by warmstart: use the file the run wrote") from None
+        raise _malformed(where, "rng", f"{type(e).__name__}: {str(e)[:120]}") from None
 
 
 def _set_rng_state(state: dict) -> None:

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from warmstart import checkpoint, fileio, models, options
+from warmstart import checkpoint, fileio, heads, options
 from warmstart.data import transforms
 from warmstart.data.decode import DECODE_ERRORS
 from warmstart.data.transforms import Normalize, eval_resize_size
-from warmstart.errors import UserError
+from warmstart.errors import UserError, first_line
 
 CHECK_IMAGES = 4
 
@@ -85,19 +85,21 @@ def quiet():
         yield
 
 
-def first_line(e: Exception) -> str:
+def exporter_failure(e: Exception) -> str:
+    """Why an exporter failed, in one line: torch.export's report puts the cause after pages of advice, and
+    some messages start with the exception's class."""
     text = str(e)
-    if "## Exception summary" in text:  # torch.export's report: the cause is after the advice
+    if "## Exception summary" in text:
         text = text.split("## Exception summary", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return re.sub(r"^<class '[\w.]+'>: ", "", lines[0] if lines else type(e).__name__)[:200]
+    text = re.sub(r"^<class '[\w.]+'>: ", "", text.strip())
+    return first_line(text, 200, empty=type(e).__name__)
 
 
 def export_onnx(model, sample, target: Path, embedded: dict, opset) -> str:
     import onnx
 
     output = embedded["output"]["name"]
-    names = dict(input_names=["image"], output_names=[output], opset_version=opset)
+    common_args = dict(input_names=["image"], output_names=[output], opset_version=opset)  # both exporters take
     # one self-contained file unless the weights pass protobuf's 2 GB limit
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
     try:
@@ -105,17 +107,18 @@ def export_onnx(model, sample, target: Path, embedded: dict, opset) -> str:
             raise ValueError(f"it writes opset 18 or newer, not {opset}")
         with quiet():
             torch.onnx.export(model, (sample,), str(target), dynamo=True, external_data=big, verbose=False,
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), **common_args)
         exporter = "torch.export"
     except Exception as e:  # anything torch.export cannot capture (or an old opset): try the tracer
-        reason = first_line(e)
+        reason = exporter_failure(e)
         try:
             with quiet():
                 torch.onnx.export(model, (sample,), str(target), dynamo=False,
-                                  dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}}, **names)
+                                  dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}}, **common_args)
         except Exception as e2:  # both failed: say why, in one line
             raise UserError(f"cannot export this model to ONNX: torch.export failed ({reason}) and so did the "
-                            f"TorchScript exporter ({first_line(e2)}); try --format torchscript or safetensors") from None
+                            f"TorchScript exporter ({exporter_failure(e2)}); try --format torchscript or "
+                            f"safetensors") from None
         print(f"warmstart export: note: the torch.export exporter could not export the model ({reason}); used the "
               f"TorchScript exporter, which records only the branches the check images took", file=sys.stderr)
         exporter = "torchscript tracer"
@@ -130,7 +133,7 @@ def export_onnx(model, sample, target: Path, embedded: dict, opset) -> str:
     return f"ONNX opset {opset_used} via {exporter}"
 
 
-def run_onnx(model, target: Path):
+def load_onnx(model, target: Path):
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
@@ -144,7 +147,7 @@ def export_torchscript(model, sample, target: Path, embedded: dict, opset) -> st
     return "TorchScript (traced)"
 
 
-def run_torchscript(model, target: Path):
+def load_torchscript(model, target: Path):
     with quiet():
         return torch.jit.load(str(target), map_location="cpu")
 
@@ -157,7 +160,7 @@ def export_safetensors(model, sample, target: Path, embedded: dict, opset) -> st
     return "safetensors weights"
 
 
-def run_safetensors(model, target: Path):
+def load_safetensors(model, target: Path):
     """The same architecture with every tensor zeroed, then loaded from the file: the file alone must restore it."""
     import copy
 
@@ -193,18 +196,20 @@ class Exporter:
 
 # a new format is one entry here
 EXPORTERS = {
-    "onnx": Exporter(".onnx", "ONNX", "dynamic batch axis", export_onnx, run_onnx, opset=True),
-    "torchscript": Exporter(".torchscript", "TorchScript", "traced", export_torchscript, run_torchscript),
-    "safetensors": Exporter(".safetensors", "safetensors", "weights only", export_safetensors, run_safetensors),
+    "onnx": Exporter(".onnx", "ONNX", "dynamic batch axis", export_onnx, load_onnx, opset=True),
+    "torchscript": Exporter(".torchscript", "TorchScript", "traced", export_torchscript, load_torchscript),
+    "safetensors": Exporter(".safetensors", "safetensors", "weights only", export_safetensors, load_safetensors),
 }
 
 
-def _either(names) -> str:
+def _joined_with_or(names) -> str:
+    """The alternatives as a sentence lists them: 'a', 'a or b', 'a, b or c'."""
     names = list(names)
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
-HELP = f"export a checkpoint's model to {_either(e.title for e in EXPORTERS.values())} (checked against PyTorch)"
+HELP = (f"export a checkpoint's model to {_joined_with_or(e.title for e in EXPORTERS.values())} "
+        f"(checked against PyTorch)")
 DESCRIPTION = """Export a checkpoint's model (or with --features its backbone, output (N, feature_dim)) and check the
 exported file against PyTorch on a few images through the checkpoint's own preprocessing: --check-images DIR, else
 the training data's val/ images when that folder is still there, else random images. The input is a normalised
@@ -218,7 +223,7 @@ examples:
 def add_arguments(parser):
     options.add(parser, "checkpoint")
     parser.add_argument("--format", required=True, choices=list(EXPORTERS),
-                        help=_either(f"{name} ({e.note})" for name, e in EXPORTERS.items()))
+                        help=_joined_with_or(f"{name} ({e.note})" for name, e in EXPORTERS.items()))
     parser.add_argument("--out", metavar="FILE", default=None,
                         help="output file (default: beside the checkpoint, e.g. best.onnx; best-features.onnx with "
                              "--features); FILE.json is written beside it")
@@ -238,8 +243,8 @@ def add_arguments(parser):
 def run(args) -> int:
     exporter = EXPORTERS[args.format]
     if args.opset is not None and not exporter.opset:
-        raise UserError(f"--opset applies to --format {_either(n for n, e in EXPORTERS.items() if e.opset)} only, "
-                        f"not {args.format}")
+        with_opset = _joined_with_or(n for n, e in EXPORTERS.items() if e.opset)
+        raise UserError(f"--opset applies to --format {with_opset} only, not {args.format}")
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.format, args.features)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; pass a file name, e.g. {out / ('model' + exporter.extension)}")
@@ -247,7 +252,7 @@ def run(args) -> int:
     model, head = loaded.model, None
     if args.features:
         head = loaded.head
-        model, _ = models.backbone(model, head)
+        model, _ = heads.backbone(model, head)
     model.eval()
     x, source = check_batch(loaded, args.check_images)
     with torch.inference_mode():

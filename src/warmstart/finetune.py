@@ -9,8 +9,9 @@ from warmstart import checkpoint, config, fileio, trust
 from warmstart.data.transforms import transform_spec, zoo_transform_spec
 from warmstart.engine import distributed
 from warmstart.engine.run import Run, resume_path, session
-from warmstart.errors import UserError
-from warmstart.models import build_model, find_head, replace_head, spec_for
+from warmstart.errors import UserError, first_line
+from warmstart.heads import find_head, replace_head
+from warmstart.models import build_model, spec_for
 
 HELP = "fine-tune a pretrained checkpoint on your dataset (new head, frozen or layer-wise LRs)"
 DESCRIPTION = """Fine-tune a pretrained model on your dataset: the model is rebuilt from the checkpoint alone (its
@@ -86,7 +87,7 @@ def pretrained(cfg: config.TrainConfig) -> checkpoint.Loaded:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"--weights {cfg.weights} do not fit {source} ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"--weights {cfg.weights} do not fit {source} ({first_line(e)})") from None
     # the preprocessing these weights were trained and evaluated with, less what the user set
     transform = zoo_transform_spec(source, model, cfg.eval_img_size, cfg.crop_pct if "crop_pct" in cfg.given else None)
     img_size = cfg.img_size if "img_size" in cfg.given else transform["size"]
@@ -129,9 +130,13 @@ def run(args) -> int:
 
 def finetune(cfg: config.TrainConfig, dist: distributed.Dist) -> int:
     with session(cfg, dist, val_split=cfg.val_split, seed=cfg.seed) as (log, splits):
-        # a resumed run rebuilds its model from last.pt alone (same trust check): the --from file may be gone
+        # a resumed run rebuilds its model from last.pt alone (same trust check): the --from file may be gone, or
+        # config.yaml may name another; the start line and config.yaml say what the model was built from
         path = resume_path(cfg, cfg.run_dir)
-        base = checkpoint.load_model(path, trust_code=cfg.trust_code) if path else pretrained(cfg)
+        if path:
+            base, cfg.from_ = checkpoint.load_model(path, trust_code=cfg.trust_code), str(path)
+        else:
+            base = pretrained(cfg)
         # the checkpoint's preprocessing, unless overridden: its training resolution, eval size, crop, mean/std
         if "img_size" not in cfg.given and base.config.get("img_size"):
             cfg.img_size = base.config["img_size"]
@@ -161,4 +166,4 @@ def finetune(cfg: config.TrainConfig, dist: distributed.Dist) -> int:
         mode = "linear probe" if cfg.linear_probe else f"frozen up to {cfg.freeze_until}" if cfg.freeze_until else "full"
         log.print(f"{splits.note}; pretrained {base.model_spec['name']} from {base.path}, head {head!r} -> "
                   f"{len(splits.classes)} classes, {mode} fine-tuning")
-        return run.start(f"warmstart finetune: {Path(str(cfg.from_)).name}")
+        return run.start(f"warmstart finetune: {f'resuming {path}' if path else Path(str(cfg.from_)).name}")

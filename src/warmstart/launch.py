@@ -191,3 +191,13 @@ def rendezvous_env(launch: Launch) -> dict[str, str]:
                         f"(rank 0's host) and MASTER_PORT (a free port) for every process, e.g. mpirun -x "
                         f"MASTER_ADDR=$(hostname) -x MASTER_PORT=29500 ...")
     return {"MASTER_ADDR": launch.master_addr, "MASTER_PORT": str(launch.master_port)}
+
+
+def requeue_slurm_job() -> str | None:
+    """Put this SLURM job back in the queue (`sbatch --signal=USR1@120 --requeue`: it resumes from last.pt); the
+    line that says how it went, or None outside a SLURM job (or without scontrol)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or not shutil.which("scontrol"):
+        return None
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    return f"scontrol requeue {job}: {'done' if done.returncode == 0 else done.stderr.strip()}"

@@ -28,7 +28,7 @@ def _default_workers() -> int:
 
 
 DEFAULT_WORKERS = _default_workers()
-DEFAULT_CACHE_LIMIT = "50GB"
+from warmstart.data.shard_store import DEFAULT_CACHE_LIMIT  # noqa: E402  (defined with the chunk cache)
 AMP = ["auto", "bf16", "fp16", "fp32"]  # engine/loop.py's choose_precision reads them
 
 HELP = {

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from warmstart import checkpoint, options
 from warmstart.data import transforms
 from warmstart.data.decode import DECODE_ERRORS
-from warmstart.data.folder import IMAGE_EXTENSIONS
+from warmstart.data.folder import IMAGE_EXTENSIONS, image_files
 from warmstart.data.transforms import Normalize
 from warmstart.engine import distributed
 from warmstart.engine.loop import autocast, choose_precision
@@ -37,13 +37,13 @@ def add_arguments(parser):
 
 
 def find_images(args: list[str]) -> list[Path]:
-    """Named files as given (whatever their extension: the user chose them), folders walked for image files."""
+    """Named files as given (whatever their extension: the user chose them); folders walked for image files
+    (data.folder.image_files: sorted, at any depth, hidden files and folders skipped)."""
     found = []
     for arg in args:
         p = Path(arg)
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            found += image_files(p)
         else:
             found.append(p)  # a missing file is reported like an unreadable one
     return found

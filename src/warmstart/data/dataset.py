@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from warmstart.data import decode, transforms
+from warmstart.data import crop, decode, gpu_decode, transforms
 from warmstart.data.decode import DECODE_ERRORS
 from warmstart.data.folder import index_folder
 from warmstart.data.sampler import EvalSampler
@@ -19,7 +19,7 @@ from warmstart.errors import UserError
 
 
 class ImageDataset(Dataset):
-    """train=True: random crops at the size the sampler asks for, seeded per sample (decode.random_resized_crop).
+    """train=True: random crops at the size the sampler asks for, seeded per sample (crop.random_resized_crop).
     train=False: the checkpoint's preprocessing described by `spec` (transforms.eval_pipeline)."""
 
     def __init__(self, root: Path, samples: list[tuple[str, int]], *, train: bool, spec: dict | None = None,
@@ -69,15 +69,15 @@ class ImageDataset(Dataset):
             scale = (self.min_scale, 1.0)
             try:
                 if self.decoder == "gpu":  # box and flip drawn here, from the same seed; gpu_batch cuts on the device
-                    return decode.gpu_item(path, size, scale), label
-                img = decode.random_resized_crop(self.decoder, path, size, scale)
+                    return gpu_decode.gpu_item(path, size, scale), label
+                img = crop.random_resized_crop(self.decoder, path, size, scale)
             except DECODE_ERRORS:
                 return None, label
             return self._transform(size)(img), label
 
 
 class ShardDataset(ImageDataset):
-    """The same samples from shards (data/shards.py): a file's bytes and label come from its chunk."""
+    """The same samples from shards (data/shard_reader.py): a file's bytes and label come from its chunk."""
 
     def __init__(self, reader, **kw):
         super().__init__(Path("."), [], **kw)
@@ -97,7 +97,7 @@ class ShardDataset(ImageDataset):
 
 def dataset_for(root: Path | None, samples, **kw) -> ImageDataset:
     """One split of sources.Splits as a dataset: a folder's root and (path, label) samples, or (root None) the
-    shards.ShardReader of a shard split."""
+    shard_reader.ShardReader of a shard split."""
     return ShardDataset(samples, **kw) if root is None else ImageDataset(root, samples, **kw)
 
 
@@ -191,7 +191,7 @@ class GpuLoader(Loader):
 
 def decoded(images):
     """A collated batch's images as a tensor: --decoder gpu's encoded files are decoded on the device here."""
-    return decode.gpu_batch(images) if isinstance(images, list) else images
+    return gpu_decode.gpu_batch(images) if isinstance(images, list) else images
 
 
 def make_loader(dataset, sampler, *, batch_size: int, workers: int, train: bool, pin_memory: bool = False,
@@ -219,7 +219,7 @@ def eval_loader(split_dir: Path, classes: list[str], spec: dict, *, batch_size: 
                 rank: int = 0, world_size: int = 1, pin_memory: bool = False, samples=None,
                 decoder: str | None = None, channels_last: bool = False):
     """A loader over every image of split_dir once (sharded across ranks), labelled in `classes` order; or over
-    `samples` ((path under split_dir, label) pairs, or a shards.ShardReader with split_dir None) when the caller
+    `samples` ((path under split_dir, label) pairs, or a shard_reader.ShardReader with split_dir None) when the caller
     already has them."""
     if samples is None:
         _, samples = index_folder(split_dir, classes)

@@ -6,10 +6,17 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmstart.data import shards
+from warmstart.data import verified
 from warmstart.data.dataset import read_human_names
 from warmstart.data.folder import find_split, index_folder
+from warmstart.data.shard_format import SPLITS, is_shards
+from warmstart.data.shard_reader import ShardReader, open_shard_splits
+from warmstart.data.shard_store import DEFAULT_CACHE_LIMIT
 from warmstart.errors import UserError
+
+# A split's samples: files as (path relative to its root, or absolute; class index) pairs, or (root None) shards,
+# a ShardReader that returns (bytes, class index, file name) by global index. Both have len() and [i].
+Samples = list[tuple[str, int]] | ShardReader
 
 
 @dataclass
@@ -17,11 +24,12 @@ class Splits:
     classes: list[str]
     human: list[str] | None
     train_root: Path | None         # None: shards
-    train: list[tuple[str, int]]    # (path relative to train_root, or absolute; class index), or a ShardReader
+    train: Samples
     val_root: Path | None
-    val: list[tuple[str, int]]
+    val: Samples
     note: str = ""                  # how the validation set was obtained, for the start-of-run line
-    warning: str | None = None      # shards: why they are unverified (folders: prepared.json, read by engine/run.py)
+    warning: str | None = None      # one line per warning to show at the start of a run: unverified data (folders:
+                                    # prepared.json, shards: warmstart.json), a --cache-limit below the shards' size
 
 
 def stratified_split(samples: list[tuple[str, int]], fraction: float, seed: int):
@@ -68,8 +76,8 @@ def _from_csv(path: Path, val_split: float, seed: int) -> Splits:
 
 
 def _from_shards(data: str, cache_dir, cache_limit) -> Splits:
-    classes, human, readers, warning = shards.load_splits(data, cache_dir=cache_dir, cache_limit=cache_limit)
-    missing = [s for s in shards.SPLITS if s not in readers]
+    classes, human, readers, warning = open_shard_splits(data, cache_dir=cache_dir, cache_limit=cache_limit)
+    missing = [s for s in SPLITS if s not in readers]
     if missing:
         raise UserError(f"--data {data} has no {missing[0]} shards; write them with `warmstart prepare --shards` "
                         f"from a folder with train/ and val/")
@@ -77,11 +85,11 @@ def _from_shards(data: str, cache_dir, cache_limit) -> Splits:
 
 
 def load_splits(data, *, val_split: float | None = None, seed: int = 0, cache_dir=None,
-                cache_limit: str = shards.DEFAULT_CACHE_LIMIT) -> Splits:
+                cache_limit: str = DEFAULT_CACHE_LIMIT) -> Splits:
     """The training and validation images of DATA. val_split=None requires a val/ folder (pretraining);
     a fraction allows holding one out when there is none (fine-tuning). Shards (a folder with warmstart.json, or
-    s3://) come with both splits; their train/val are shards.ShardReaders and their roots None."""
-    if shards.is_shards(data):
+    s3://) come with both splits; their train/val are ShardReaders and their roots None."""
+    if is_shards(data):
         return _from_shards(str(data), cache_dir, cache_limit)
     root = Path(data)
     if root.is_file() and root.suffix.lower() == ".csv":
@@ -92,7 +100,7 @@ def load_splits(data, *, val_split: float | None = None, seed: int = 0, cache_di
         classes, train = index_folder(train_dir)
         _, val = index_folder(val_dir, classes)
         return Splits(classes, read_human_names(root, classes), train_dir, train, val_dir, val,
-                      f"val = {val_dir}")
+                      f"val = {val_dir}", verified.folder_warning(root))
     pool = find_split(root, "train") if has_train else root
     if not pool.is_dir():
         raise UserError(f"data {root} does not exist; pass a folder of class folders, DIR with train/ [val/], "
@@ -102,4 +110,5 @@ def load_splits(data, *, val_split: float | None = None, seed: int = 0, cache_di
     if not val:
         raise UserError(f"{pool} has no val/ folder and --val-split {val_split} holds out nothing; raise --val-split")
     return Splits(classes, read_human_names(root, classes), pool, train, pool, val,
-                  f"val = a stratified {val_split:.0%} of {pool} (seed {seed}, {len(val)} images; no val/ folder)")
+                  f"val = a stratified {val_split:.0%} of {pool} (seed {seed}, {len(val)} images; no val/ folder)",
+                  verified.folder_warning(root))

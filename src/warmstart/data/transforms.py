@@ -1,5 +1,5 @@
 """Augmentation, the one eval pipeline (a checkpoint's transform spec -> preprocessing) and on-device normalisation.
-Decoding, and the random-resized crop that decides how much to decode, live in data/decode.py.
+Decoding lives in data/decode.py, the random-resized crop that decides how much to decode in data/crop.py.
 
 The loader hands the step uint8 tensors: 4x less to copy than float, and the float conversion and
 normalisation run on the accelerator, fused with the copy.
@@ -22,7 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def load_image(path, min_short_side: int | None = None) -> Image.Image:
     """RGB PIL image of a file through decode.Pil, reduced (JPEG DCT scaling) while the shorter side stays >=
     min_short_side. A convenience for scripts and tests: the commands decode through eval_pipeline and
-    decode.random_resized_crop."""
+    crop.random_resized_crop."""
     return Image.fromarray(decode.Pil(path).decode((min_short_side,) * 2 if min_short_side else None))
 
 
@@ -32,7 +32,7 @@ def flip(img: torch.Tensor) -> torch.Tensor:
 
 
 def train_transform(size: int, *, auto_augment: str | None = None):
-    """What follows decode.random_resized_crop for a training sample (a uint8 CHW tensor): flip, the optional
+    """What follows crop.random_resized_crop for a training sample (a uint8 CHW tensor): flip, the optional
     auto-augment."""
     if not auto_augment:
         return flip

@@ -21,6 +21,28 @@ class Position:
     batch_in_epoch: int = 0   # batches of the current epoch already trained
     step: int = 0             # optimiser updates so far
     best_top1: float = -1.0
+    loss_sum: float = 0.0     # the current epoch's training loss summed over its samples so far (all ranks) ...
+    loss_images: int = 0      # ... and their count: an epoch resumed mid-way averages over all of its batches
+
+
+class EpochLoss:
+    """The training loss summed over an epoch's samples, on the device (no sync per step), plus what a checkpoint
+    carried of the same epoch (on rank 0 only: the totals are summed over ranks)."""
+
+    def __init__(self, device: torch.device, carried_sum: float = 0.0, carried_images: int = 0):
+        self.sum, self.images = torch.zeros((), device=device), 0
+        self.carried = (carried_sum, carried_images)
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        self.sum += loss.detach() * n
+        self.images += n
+
+    def totals(self) -> tuple[float, int]:
+        """(loss sum, images) over every rank, the carried part included: a collective, every rank calls it."""
+        local = [self.sum.item() + self.carried[0], self.images + self.carried[1]]
+        # on the device: NCCL reduces CUDA tensors only
+        total = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=self.sum.device)).tolist()
+        return total[0], int(total[1])
 
 
 class LoaderWatch:
@@ -112,21 +134,19 @@ def autocast(device: torch.device, amp: str | None):
 def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, pos: Position, device, accum_steps=1,
                     amp=None, scaler=None, mixup=None, erasing=None, ema=None, clip_grad=None, on_update=None,
                     show_progress=True, frozen_norms=(), agree=lambda *flags: list(flags), poll=lambda: (False, False),
-                    desc="train", watch: LoaderWatch | None = None) -> dict:
+                    desc="train", watch: LoaderWatch | None = None, epoch_loss: EpochLoss | None = None) -> dict:
     """Train from pos.batch_in_epoch to the end of the epoch. `frozen_norms` stay in eval mode (a frozen backbone
     keeps its pretrained BatchNorm statistics). Each step the ranks agree, in one collective (`agree`, Dist.any: an
     OR over ranks), on three flags: a batch that could not be read anywhere (all stop, none waits), and the caller's
     `poll()` = (save due, stop asked). `on_update(save, stop)` runs after every optimiser update with those agreed
     since the last one (the caller saves there, where the position is exact). `watch` times every batch's wait for
-    data against the whole batch (LoaderWatch: a warning when the loader bounds the run)."""
+    data against the whole batch (LoaderWatch: a warning when the loader bounds the run). `epoch_loss` sums the
+    loss (the caller's, to save it mid-epoch; the returned train_loss is its average over the whole epoch)."""
     model.train()
     for m in frozen_norms:
         m.eval()
-    total = pos.batch_in_epoch + len(loader)
-    bar = progress_bar(total=total, initial=pos.batch_in_epoch, desc=desc, enabled=show_progress)
-    loss_sum = torch.zeros((), device=device)
-    loss_host = torch.zeros(1, pin_memory=device.type == "cuda")  # progress reads the loss from here, one report late
-    loss_seen = 0
+    epoch_loss = epoch_loss or EpochLoss(device)
+    progress = _Progress(pos.batch_in_epoch + len(loader), pos.batch_in_epoch, desc, show_progress, device)
     seen, skipped, data_wait, pending = 0, 0, 0.0, [False, False]
     t_start = t_last = time.perf_counter()
     for images, labels, n_bad in loader:
@@ -140,12 +160,7 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
             raise UserError(f"a whole batch of {n_bad} training images was unreadable; the dataset looks broken "
                             f"(check it with `warmstart prepare --from-folder` or rebuild it)" if len(x) == 0 else
                             "another process met a batch of unreadable images (see its error); stopping with it")
-        if erasing is not None:  # erase, then mix (timm's order)
-            x = erasing(x)
-        if mixup is not None and len(x) % 2:
-            x, y = x[:-1], y[:-1]  # timm's batch mixup pairs samples: needs an even batch
-        if mixup is not None:
-            x, y = mixup(x, y)
+        x, y = _augment(x, y, erasing, mixup)
         update = (pos.batch_in_epoch + 1) % accum_steps == 0
         # DDP: only all-reduce gradients on the micro-batch that completes an update
         sync = nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
@@ -154,48 +169,80 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
                 loss = loss_fn(model(x), y)
             (scaler.scale(loss / accum_steps) if scaler else loss / accum_steps).backward()
         pos.batch_in_epoch += 1
+        epoch_loss.add(loss, len(x))  # before on_update: a save there counts this batch as trained
         if update:
-            if clip_grad:
-                if scaler:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            pos.step += 1
-            scheduler.step_update(pos.step)
-            if ema is not None:
-                ema.update(unwrap(model), step=pos.step)
+            _update(model, optimizer, scheduler, pos, scaler, ema, clip_grad)
             if on_update is not None:
                 on_update(*pending)
             pending = [False, False]
-        loss_sum += loss.detach() * len(x)
         seen += len(x)
-        bar.update(1)
-        if show_progress and (bar.n % 10 == 0 or bar.n == total):
-            # the loss shown is the one copied at the previous report: reading it now never waits for the device
-            elapsed = time.perf_counter() - t_start
-            shown, shown_seen = float(loss_host[0]), loss_seen
-            loss_host.copy_(loss_sum.reshape(1), non_blocking=True)
-            loss_seen = seen
-            bar.set_postfix_str(f"{seen / elapsed:.0f} img/s, data {100 * data_wait / elapsed:.0f}%, "
-                                f"loss {shown / max(shown_seen, 1):.3f}, lr {optimizer.param_groups[0]['lr']:.3g}")
+        progress.batch(epoch_loss, seen, data_wait, time.perf_counter() - t_start, optimizer.param_groups[0]["lr"])
         now = time.perf_counter()
         if watch is not None:
             watch.batch(wait, now - t_last)
         t_last = now
-    bar.close()
+    progress.close()
     if watch is not None:
         watch.judge()  # an epoch shorter than the window: judge on what was measured (once per run)
-    loss_total = loss_sum.item()  # waits for the device's last step: the rate below counts all of it
+    loss_total, images_total = epoch_loss.totals()  # waits for the device's last step: the rate below counts all of it
     elapsed = time.perf_counter() - t_start
     # on the device: NCCL reduces CUDA tensors only
-    stats = all_reduce_sum(torch.tensor([loss_total, seen, skipped], dtype=torch.float64, device=device)).tolist()
-    return {"train_loss": stats[0] / max(stats[1], 1), "train_images": int(stats[1]), "skipped": int(stats[2]),
-            "img_per_s": stats[1] / elapsed, "data_wait": data_wait / max(elapsed, 1e-9)}
+    seen_all, skipped_all = all_reduce_sum(torch.tensor([seen, skipped], dtype=torch.float64, device=device)).tolist()
+    return {"train_loss": loss_total / max(images_total, 1), "train_images": images_total, "skipped": int(skipped_all),
+            "img_per_s": seen_all / elapsed, "data_wait": data_wait / max(elapsed, 1e-9)}
+
+
+def _augment(x, y, erasing, mixup):
+    """Random erasing, then mixup/cutmix (timm's order), on the normalised batch."""
+    if erasing is not None:
+        x = erasing(x)
+    if mixup is not None:
+        if len(x) % 2:
+            x, y = x[:-1], y[:-1]  # timm's batch mixup pairs samples: needs an even batch
+        x, y = mixup(x, y)
+    return x, y
+
+
+def _update(model, optimizer, scheduler, pos: Position, scaler, ema, clip_grad) -> None:
+    """One optimiser update from the accumulated gradients; the schedule and the EMA follow it."""
+    if clip_grad:
+        if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    pos.step += 1
+    scheduler.step_update(pos.step)
+    if ema is not None:
+        ema.update(unwrap(model), step=pos.step)
+
+
+class _Progress:
+    """The epoch's progress bar: rate, data wait, loss and LR every 10 batches. The loss shown is the one copied
+    at the previous report, so reading it never waits for the device."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool, device: torch.device):
+        self.bar, self.total, self.enabled = progress_bar(total=total, initial=initial, desc=desc,
+                                                          enabled=enabled), total, enabled
+        self.loss_host = torch.zeros(1, pin_memory=device.type == "cuda")
+        self.loss_seen = 0
+
+    def batch(self, epoch_loss: EpochLoss, seen: int, data_wait: float, elapsed: float, lr: float) -> None:
+        self.bar.update(1)
+        if not self.enabled or (self.bar.n % 10 and self.bar.n != self.total):
+            return
+        shown, shown_seen = float(self.loss_host[0]), self.loss_seen
+        self.loss_host.copy_(epoch_loss.sum.reshape(1), non_blocking=True)
+        self.loss_seen = epoch_loss.images
+        self.bar.set_postfix_str(f"{seen / elapsed:.0f} img/s, data {100 * data_wait / elapsed:.0f}%, "
+                                 f"loss {shown / max(shown_seen, 1):.3f}, lr {lr:.3g}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @torch.no_grad()

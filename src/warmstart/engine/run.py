@@ -9,9 +9,7 @@ it out in the file); fit() trains to the last epoch, evaluating and saving as it
 import contextlib
 import os
 import random
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import asdict
@@ -21,22 +19,21 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from warmstart import checkpoint, config, options
+from warmstart import checkpoint, config, launch, options
 from warmstart.data import decode
 from warmstart.data.dataset import batch_layout, collate, dataset_for, decoded, eval_loader, make_loader
 from warmstart.data.sampler import TrainSampler
 from warmstart.data.sources import Splits, load_splits
-from warmstart.data.transforms import Normalize
-from warmstart.engine import distributed, recipe
-from warmstart.engine.loop import LoaderWatch, Position, choose_precision, evaluate, train_one_epoch
+from warmstart.engine import distributed
+from warmstart.engine.loop import EpochLoss, LoaderWatch, Position, choose_precision, evaluate, train_one_epoch
 from warmstart.engine.runlog import RunLog
-from warmstart.errors import UserError
-from warmstart.models import dry_run, unwrap
-from warmstart.prepare.manifest import unverified_reason
+from warmstart.engine.step import build_step
+from warmstart.errors import UserError, first_line
+from warmstart.models import unwrap
 
 # settings that change what a resumed run means: listed in a warning when they differ from the checkpoint's
 # (all of them are applied: the optimiser's groups take this run's lr, momentum and weight decay, not the saved ones)
-MEANING = ("lr", "lr_base", "lr_scale", "sched", "epochs", "warmup_epochs", "weight_decay", "momentum", "head_lr_mult",
+SETTINGS_SAID_ON_RESUME = ("lr", "lr_base", "lr_scale", "sched", "epochs", "warmup_epochs", "weight_decay", "momentum", "head_lr_mult",
            "layer_decay", "img_size", "img_size_start", "min_scale", "mixup", "cutmix", "label_smoothing", "seed",
            "amp")  # a resume from a checkpoint path (not --resume auto's config.yaml) takes this machine's --amp auto
 
@@ -59,12 +56,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def unverified_warning(root: Path) -> str | None:
-    """One line when `warmstart prepare` marked the dataset unverified (checksum mismatch accepted by --partial)."""
-    reason = unverified_reason(root)
-    return f"warning: training on unverified data ({reason}); see {root}/prepared.json" if reason else None
-
-
 @contextlib.contextmanager
 def session(cfg: config.TrainConfig, dist: distributed.Dist, **split_options) -> Iterator[tuple[RunLog, Splits]]:
     """The start-up train and finetune share: the run folder locked and logged (rank 0), seeds, the data splits.
@@ -76,8 +67,8 @@ def session(cfg: config.TrainConfig, dist: distributed.Dist, **split_options) ->
     with RunLog(cfg.run_dir, enabled=dist.is_main) as log:
         seed_everything(cfg.seed)
         splits = load_splits(cfg.data, cache_dir=cfg.cache_dir, cache_limit=cfg.cache_limit, **split_options)
-        if warning := splits.warning if splits.train_root is None else unverified_warning(Path(cfg.data)):
-            log.print(warning)
+        if splits.warning:  # unverified data, a shard cache too small for the shards
+            log.print(splits.warning)
         yield log, splits
 
 
@@ -124,15 +115,16 @@ def derive_batch(cfg: config.TrainConfig, world_size: int, log: RunLog) -> None:
               f"{cfg.accum_steps} accumulation step(s)")
 
 
-def _shown(name: str, value):
+def _as_flag_value(name: str, value):
     return "fp32" if name == "amp" and value is None else value  # a resolved amp of None is fp32
 
 
-def _load(target, state: dict, where, what: str) -> None:
+def _restore(target, state: dict, where, what: str) -> None:
+    """target.load_state_dict(state), or one line naming the checkpoint and what did not fit."""
     try:
         target.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{where}: its {what} do not fit this run ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"{where}: its {what} do not fit this run ({first_line(e)})") from None
 
 
 class Run:
@@ -144,18 +136,44 @@ class Run:
         self.class_info = {"names": splits.classes, "human": splits.human}
         self.run_dir = cfg.run_dir
         checkpoint.remove_stale_temps(self.run_dir)  # temp files of a save that was killed
+        self._settle_settings()
+        self._build_data(splits)
+        self.global_batch = cfg.batch_size * dist.world_size * cfg.accum_steps
+        self.updates_per_epoch = self.batches_per_epoch // cfg.accum_steps
+        # model: checked on a real batch before anything else is built around it (as bench train builds it)
+        self.step = build_step(cfg, model, self._probe_batch(splits), len(splits.classes), self.device,
+                               eval_spec["mean"], eval_spec["std"], global_batch=self.global_batch,
+                               updates_per_epoch=self.updates_per_epoch, finetune=finetune, head=head)
+        self.model = self.step.model  # wrapped by DDP and torch.compile in _fit
+        if unused := self.step.unused:
+            log.print(f"warning: {len(unused)} parameter(s) got no gradient in a dry run (never trained): "
+                      f"{', '.join(unused[:5])}{' …' if len(unused) > 5 else ''}")
+        if cfg.amp == "fp16" and self.device.type == "cpu":
+            log.print("warning: fp16 autocast on a CPU runs far slower than bf16 (measured ~25x on TinyNet); "
+                      "use --amp bf16 on CPUs")
+        self.pos, self.metrics, self.prefer_ema, self._rng = Position(), {}, False, None
+        self.epoch_loss = EpochLoss(self.device)
+
+    def _settle_settings(self) -> None:
+        """Determinism, the batch arithmetic and the precision: what the config leaves to the machine, decided
+        before anything is built (config.yaml and the checkpoints record the decisions)."""
+        cfg, dist = self.cfg, self.dist
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
             torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True)
         if cfg.global_batch:
-            derive_batch(cfg, dist.world_size, log)
-        # --amp auto and an unset --channels-last become what this device runs fastest; config.yaml and the checkpoints
-        # record the choice, so a resumed run keeps it; every rank trains as rank 0 chose (nodes may differ)
+            derive_batch(cfg, dist.world_size, self.log)
+        # --amp auto and an unset --channels-last become what this device runs fastest; a resumed run keeps the
+        # choice; every rank trains as rank 0 chose (nodes may differ)
         choice = choose_precision(cfg.amp, cfg.channels_last, self.device)
         cfg.amp, cfg.channels_last, self.precision = dist.gather(choice)[0]
+        if self.device.type == "cpu":  # recorded: a bitwise continuation on a CPU needs the same count (the sums'
+            cfg.threads = torch.get_num_threads()  # order), which a resume on another machine may not give
 
-        # data: one global permutation, sharded; batches the sampler marks with a seed and an image size
+    def _build_data(self, splits: Splits) -> None:
+        """The loaders: one global permutation, sharded; batches the sampler marks with a seed and an image size."""
+        cfg, dist = self.cfg, self.dist
         self.train_set = dataset_for(splits.train_root, splits.train, train=True, min_scale=cfg.min_scale,
                                      auto_augment=cfg.auto_augment, decoder=cfg.decoder)
         self.sampler = TrainSampler(len(self.train_set), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
@@ -168,45 +186,18 @@ class Run:
         cuda, layout = self.device.type == "cuda", batch_layout(self.device, cfg.channels_last)
         self.train_loader = make_loader(self.train_set, self.sampler, batch_size=cfg.batch_size, workers=cfg.workers,
                                         train=True, pin_memory=cuda, channels_last=layout)
-        self.val_loader = eval_loader(splits.val_root, splits.classes, eval_spec, batch_size=cfg.batch_size,
+        self.val_loader = eval_loader(splits.val_root, splits.classes, self.eval_spec, batch_size=cfg.batch_size,
                                       workers=cfg.workers, rank=dist.rank, world_size=dist.world_size,
                                       pin_memory=cuda, samples=splits.val, decoder=cfg.decoder, channels_last=layout)
 
-        # model: checked on a real batch before anything else is built around it
-        probe, _, _ = collate([self.train_set[(i % len(self.train_set), i, size_for_epoch(cfg, 0))] for i in range(2)])
-        probe = decoded(probe)
+    def _probe_batch(self, splits: Splits) -> torch.Tensor:
+        """Two training images at the first epoch's size, for the model's dry run."""
+        n, size = len(self.train_set), size_for_epoch(self.cfg, 0)
+        probe = decoded(collate([self.train_set[(i % n, i, size)] for i in range(2)])[0])
         if len(probe) == 0:
-            raise UserError(f"the first training images in {splits.train_root or cfg.data} cannot be decoded; check "
-                            f"the dataset")
-        self.model = model.to(self.device)
-        self.normalize = Normalize(eval_spec["mean"], eval_spec["std"], channels_last=cfg.channels_last).to(self.device)
-        self.unused = dry_run(self.model, self.normalize(probe), len(splits.classes))  # on the device it trains on
-        if cfg.channels_last:  # after the dry run, which gives lazy modules (nn.LazyLinear, ...) their parameters
-            self.model.to(memory_format=torch.channels_last)
-        if self.unused:
-            log.print(f"warning: {len(self.unused)} parameter(s) got no gradient in a dry run (never trained): "
-                      f"{', '.join(self.unused[:5])}{' …' if len(self.unused) > 5 else ''}")
-        if cfg.amp == "fp16" and self.device.type == "cpu":
-            log.print("warning: fp16 autocast on a CPU runs far slower than bf16 (measured ~25x on TinyNet); "
-                      "use --amp bf16 on CPUs")
-
-        # recipe
-        self.global_batch = cfg.batch_size * dist.world_size * cfg.accum_steps
-        self.lr, self.lr_how = recipe.effective_lr(cfg, self.global_batch, finetune)
-        self.optimizer = recipe.build_optimizer(cfg, self.model, self.lr, head)
-        self.updates_per_epoch = self.batches_per_epoch // cfg.accum_steps
-        self.scheduler = recipe.build_scheduler(cfg, self.optimizer, self.updates_per_epoch)
-        self.mixup = recipe.build_mixup(cfg, len(splits.classes))
-        self.loss_fn = recipe.build_loss(cfg, self.mixup)
-        self.ema = recipe.build_ema(cfg, self.model)
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
-        self.erasing = None
-        if cfg.reprob > 0:
-            from timm.data.random_erasing import RandomErasing
-
-            self.erasing = RandomErasing(probability=cfg.reprob, mode="pixel", device=self.device)
-
-        self.pos, self.metrics, self.prefer_ema, self._rng = Position(), {}, False, None
+            raise UserError(f"the first training images in {splits.train_root or self.cfg.data} cannot be decoded; "
+                            f"check the dataset")
+        return probe
 
     # ------------------------------------------------------------------ state
 
@@ -218,14 +209,17 @@ class Run:
                 "train_data": self.train_set.fingerprint()}
 
     def state_dict(self) -> dict:
+        step = self.step
+        loss_sum, loss_images = self.epoch_loss.totals()  # every rank's: save() runs on every rank
         return {
             "model": unwrap(self.model).state_dict(),
-            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "ema": step.ema.module.state_dict() if step.ema is not None else None,
             "prefer_ema": self.prefer_ema,
             "metrics": self.metrics,
-            "train_state": {"optimizer": self.optimizer.state_dict(),
-                            "scaler": self.scaler.state_dict() if self.scaler else None,
-                            "position": asdict(self.pos), "layout": self.layout()},
+            "train_state": {"optimizer": step.optimizer.state_dict(),
+                            "scaler": step.scaler.state_dict() if step.scaler else None,
+                            "position": {**asdict(self.pos), "loss_sum": loss_sum, "loss_images": loss_images},
+                            "layout": self.layout()},
             "rng": self.dist.gather(checkpoint.rng_state()),
         }
 
@@ -236,17 +230,35 @@ class Run:
         batch, the seed and the training set are the same (--global-batch keeps the batch); a mid-epoch resume that
         changes any of them is refused. Optimiser settings (lr, momentum, weight decay, per-group LR scales) are this
         run's, not the checkpoint's: only the optimiser's running state (momenta, moments) is restored."""
-        train, cfg = state["train_state"], self.cfg
+        train = state["train_state"]
         pos = Position(**train["position"])
-        saved_config = saved_config or {}
-        old, new = train["layout"], self.layout()
+        samples, done, changed, old_global = self._resume_point(pos, train["layout"], where)
+        self._check_groups(train["optimizer"]["param_groups"], where)
+        if said := self._changed_settings(train["optimizer"]["param_groups"], saved_config or {}, samples, done):
+            self.log.print(f"resuming with settings that differ from the checkpoint's, applied from here on: "
+                           f"{'; '.join(said)}")
+        self._restore_weights(state, train, where)
+        pos.batch_in_epoch = self.batches_per_epoch if done else samples // (self.dist.world_size * self.cfg.batch_size)
+        if old_global != self.global_batch:  # at an epoch boundary: same epochs, new update count per epoch
+            pos.step = (pos.epoch + done) * self.updates_per_epoch
+            self.log.print(f"resuming {'after' if done else 'at the start of'} epoch {pos.epoch + 1} with "
+                           f"{', '.join(changed)}: the schedule continues at update {pos.step}")
+        self.pos, self.metrics, self.prefer_ema = pos, state.get("metrics") or {}, bool(state.get("prefer_ema"))
+        self.epoch_loss = EpochLoss(self.device, *((pos.loss_sum, pos.loss_images) if self.dist.is_main else (0, 0)))
+        self._restore_rng(state.get("rng") or [], where)
+        into = "its training done, evaluation next" if done else f"{samples} samples into it"
+        self.log.print(f"resuming from {where}: epoch {pos.epoch + 1}, {into}, update {pos.step}")
+
+    def _resume_point(self, pos: Position, old: dict, where) -> tuple[int, bool, list[str], int]:
+        """(samples of the epoch already trained, whether its training is done, the layout changes as words, the
+        saved global batch); a mid-epoch resume whose changes would reorder the epoch is refused."""
+        cfg, new = self.cfg, self.layout()
         differ = [k for k, v in new.items() if old.get(k) not in (None, v)]
         changed = [f"{k.replace('_', '-')} {old[k]} -> {new[k]}" for k in differ]
         old_global = old["world_size"] * (old["batch_size"] or cfg.batch_size) * old["accum_steps"]
         samples = pos.batch_in_epoch * old["world_size"] * (old["batch_size"] or cfg.batch_size)
-        n = len(self.train_set)
         # saved at the epoch's last update (a timed save or a signal before its evaluation): nothing left to train
-        done = samples >= n // old_global * old_global
+        done = samples >= len(self.train_set) // old_global * old_global
         order = {"seed", "train_images", "train_data"} & set(differ)
         if samples and not done and (old_global != self.global_batch or order):
             raise UserError(f"{where} stopped inside epoch {pos.epoch + 1}; resuming it with "
@@ -254,44 +266,51 @@ class Run:
                             f"with the same {'seed and data' if order else 'global batch'}"
                             f"{'' if order else f' (--global-batch {old_global} derives it for any process count)'}"
                             f" or from an end-of-epoch checkpoint")
-        groups = train["optimizer"]["param_groups"]
-        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+        return samples, done, changed, old_global
+
+    def _check_groups(self, groups: list, where) -> None:
+        mine = self.step.optimizer.param_groups
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in mine]:
             raise UserError(f"{where}: its optimiser groups the parameters differently ({len(groups)} groups, this run "
-                            f"{len(self.optimizer.param_groups)}): --head-lr-mult, --layer-decay, --freeze-until or "
-                            f"--linear-probe changed; resume with the checkpoint's values or start a new run")
-        meaning = [f"{config.flag_name(k)} {_shown(k, saved_config[k])} -> {_shown(k, getattr(cfg, k))}" for k in MEANING
-                   if k in saved_config and saved_config[k] != getattr(cfg, k)]
+                            f"{len(mine)}): --head-lr-mult, --layer-decay, --freeze-until or --linear-probe changed; "
+                            f"resume with the checkpoint's values or start a new run")
+
+    def _changed_settings(self, groups: list, saved_config: dict, samples: int, done: bool) -> list[str]:
+        """The settings that differ from the checkpoint's, as words: all applied from here on."""
+        cfg = self.cfg
+        said = [f"{config.flag_name(k)} {_as_flag_value(k, saved_config[k])} -> {_as_flag_value(k, getattr(cfg, k))}"
+                for k in SETTINGS_SAID_ON_RESUME if k in saved_config and saved_config[k] != getattr(cfg, k)]
         # timm's schedulers keep the peak (before each group's lr_scale) as initial_lr
         old_peak = max(float(g.get("initial_lr", g.get("lr", 0))) for g in groups) if groups else None
-        if old_peak is not None and abs(old_peak - self.lr) > 1e-12 * max(1.0, self.lr):
-            meaning.insert(0, f"peak lr {old_peak:.4g} -> {self.lr:.4g}")
-        if meaning:
-            self.log.print(f"resuming with settings that differ from the checkpoint's, applied from here on: "
-                           f"{'; '.join(meaning)}")
-        _load(unwrap(self.model), state["model"], where, "model weights")
-        if self.ema is not None:
-            _load(self.ema.module, state["ema"] if state.get("ema") is not None else state["model"], where, "EMA weights")
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        _load(self.optimizer, train["optimizer"], where, "optimizer state")
-        for group, mine in zip(self.optimizer.param_groups, settings):
+        if old_peak is not None and abs(old_peak - self.step.lr) > 1e-12 * max(1.0, self.step.lr):
+            said.insert(0, f"peak lr {old_peak:.4g} -> {self.step.lr:.4g}")
+        threads = saved_config.get("threads")
+        if self.device.type == "cpu" and samples and not done and threads not in (None, cfg.threads):
+            said.append(f"--threads {threads} -> {cfg.threads} (sums on the CPU add up in another order: the rest of "
+                        f"this epoch is not bitwise what the run would have given; --threads {threads} keeps it)")
+        return said
+
+    def _restore_weights(self, state: dict, train: dict, where) -> None:
+        """Model, EMA, optimiser running state and grad scaler; the optimiser keeps this run's settings."""
+        step = self.step
+        _restore(unwrap(self.model), state["model"], where, "model weights")
+        if step.ema is not None:
+            ema = state["ema"] if state.get("ema") is not None else state["model"]
+            _restore(step.ema.module, ema, where, "EMA weights")
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in step.optimizer.param_groups]
+        _restore(step.optimizer, train["optimizer"], where, "optimizer state")
+        for group, mine in zip(step.optimizer.param_groups, settings):
             group.update(mine)  # load_state_dict restored the saved lr, momentum, weight decay and lr_scale
-        if self.scaler is not None and train.get("scaler"):
-            self.scaler.load_state_dict(train["scaler"])
-        pos.batch_in_epoch = self.batches_per_epoch if done else samples // (self.dist.world_size * cfg.batch_size)
-        if old_global != self.global_batch:  # at an epoch boundary: same epochs, new update count per epoch
-            pos.step = (pos.epoch + done) * self.updates_per_epoch
-            self.log.print(f"resuming {'after' if done else 'at the start of'} epoch {pos.epoch + 1} with "
-                           f"{', '.join(changed)}: the schedule continues at update {pos.step}")
-        self.pos, self.metrics, self.prefer_ema = pos, state.get("metrics") or {}, bool(state.get("prefer_ema"))
-        rngs = state.get("rng") or []
+        if step.scaler is not None and train.get("scaler"):
+            step.scaler.load_state_dict(train["scaler"])
+
+    def _restore_rng(self, rngs: list, where) -> None:
         self._rng = rngs[self.dist.rank] if len(rngs) == self.dist.world_size else None
         if self._rng is not None:
             checkpoint.set_rng_state(self._rng, where)  # a malformed state is one line now; fit() sets it again
         if rngs and self._rng is None:
             self.log.print(f"{where} holds the random streams of {len(rngs)} process(es), this run has "
-                           f"{self.dist.world_size}: they restart from --seed {cfg.seed} (+ rank)")
-        into = "its training done, evaluation next" if done else f"{samples} samples into it"
-        self.log.print(f"resuming from {where}: epoch {pos.epoch + 1}, {into}, update {pos.step}")
+                           f"{self.dist.world_size}: they restart from --seed {self.cfg.seed} (+ rank)")
 
     def save(self, name: str) -> None:
         """Every rank takes part (their RNG states are gathered); rank 0 writes."""
@@ -311,8 +330,8 @@ class Run:
                        f"{len(self.class_info['names'])} classes, {len(self.train_set)} train / "
                        f"{len(self.val_loader.dataset)} val images")
         self.log.print(f"global batch {self.global_batch} ({cfg.batch_size} x {dist.world_size} process(es) x "
-                       f"{cfg.accum_steps} accum), {cfg.opt} lr {self.lr:.4g} ({self.lr_how}), {cfg.sched} schedule, "
-                       f"{cfg.epochs} epochs x {self.updates_per_epoch} updates -> {self.run_dir}")
+                       f"{cfg.accum_steps} accum), {cfg.opt} lr {self.step.lr:.4g} ({self.step.lr_how}), {cfg.sched} "
+                       f"schedule, {cfg.epochs} epochs x {self.updates_per_epoch} updates -> {self.run_dir}")
         if left := len(self.train_set) - self.sampler.epoch_len:  # never padded with repeats: exactly once, or not
             self.log.print(f"each epoch trains {self.sampler.epoch_len} of the {len(self.train_set)} training images "
                            f"(whole global batches); the other {left}, a different {left} each epoch, wait for the next")
@@ -353,27 +372,28 @@ class Run:
         self.log.print(f"stopped by {name} in epoch {pos.epoch + 1} after update {pos.step}: "
                        f"{self.run_dir / 'checkpoints' / 'last.pt'} holds this step; run the same command with "
                        f"--resume auto to continue")
-        job = os.environ.get("SLURM_JOB_ID")
-        if signum == signal.SIGUSR1 and job and self.dist.is_main and shutil.which("scontrol"):
-            # sbatch --signal=USR1@120 --requeue: put the job back in the queue; it resumes from last.pt
-            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            self.log.print(f"scontrol requeue {job}: {'done' if done.returncode == 0 else done.stderr.strip()}")
+        if signum == signal.SIGUSR1 and self.dist.is_main and (requeued := launch.requeue_slurm_job()):
+            self.log.print(requeued)  # sbatch --signal=USR1@120 --requeue: back in the queue, resumes from last.pt
         return 128 + signum
 
-    def _fit(self, caught: list) -> None:
-        cfg, dist, log = self.cfg, self.dist, self.log
-        if dist.is_main:
-            config.save_yaml(cfg, self.run_dir / "config.yaml")
+    def _wrap_model(self) -> torch.nn.Module:
+        """The model as the step runs it: under DDP across processes, compiled when asked."""
         model = self.model
-        self.scheduler.step_update(self.pos.step)
-        if dist.enabled:
+        if self.dist.enabled:
             # find_unused_parameters: without it DDP hangs on a model with parameters the loss never reaches
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=bool(self.unused))
-        if cfg.compile:
+                find_unused_parameters=bool(self.step.unused))
+        if self.cfg.compile:
             model = torch.compile(model)  # after DDP, so gradient all-reduce overlaps the backward pass
-        self.model = model
+        return model
+
+    def _fit(self, caught: list) -> None:
+        cfg, dist, log, step = self.cfg, self.dist, self.log, self.step
+        if dist.is_main:
+            config.save_yaml(cfg, self.run_dir / "config.yaml")
+        step.scheduler.step_update(self.pos.step)
+        self.model = self._wrap_model()
         last_save = time.monotonic()
 
         def poll() -> tuple[bool, bool]:  # this rank's view; the loop makes every rank agree on it
@@ -389,7 +409,6 @@ class Run:
                 raise Preempted(caught[0] if caught else signal.SIGTERM)
 
         watch = LoaderWatch(log.print, self.train_loader, cpus=options.cpus_per_process()[1])  # says it once a run
-
         if self._rng is not None:
             checkpoint.set_rng_state(self._rng)
         else:  # each rank its own dropout, mixup and erasing draws (the data order is one global permutation)
@@ -401,53 +420,60 @@ class Run:
             self.sampler.set_epoch(pos.epoch, size, start=pos.batch_in_epoch * cfg.batch_size * dist.world_size)
             trained = pos.batch_in_epoch >= self.batches_per_epoch  # resumed from a save at the epoch's last update
             stats = {} if trained else train_one_epoch(
-                model=model, loader=self.train_loader, normalize=self.normalize, loss_fn=self.loss_fn,
-                optimizer=self.optimizer, scheduler=self.scheduler, pos=pos, device=self.device,
-                accum_steps=cfg.accum_steps, amp=cfg.amp, scaler=self.scaler, mixup=self.mixup, erasing=self.erasing,
-                ema=self.ema, clip_grad=cfg.clip_grad, on_update=on_update, show_progress=dist.is_main,
-                frozen_norms=self.frozen_norms, agree=dist.any, poll=poll,
+                model=self.model, loader=self.train_loader, normalize=step.normalize, loss_fn=step.loss_fn,
+                optimizer=step.optimizer, scheduler=step.scheduler, pos=pos, device=self.device,
+                accum_steps=cfg.accum_steps, amp=cfg.amp, scaler=step.scaler, mixup=step.mixup, erasing=step.erasing,
+                ema=step.ema, clip_grad=cfg.clip_grad, on_update=on_update, show_progress=dist.is_main,
+                frozen_norms=self.frozen_norms, agree=dist.any, poll=poll, epoch_loss=self.epoch_loss,
                 desc=f"epoch {pos.epoch + 1}/{cfg.epochs} @{size}px", watch=watch)
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-            row = {"epoch": pos.epoch, "lr": max(g["lr"] for g in self.optimizer.param_groups), "img_size": size,
-                   **stats}
-            if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
-                row.update(self.evaluate())
-                self.metrics = dict(row)
-                top1 = max(row["val_top1"], row.get("ema_val_top1", -1))
-                if top1 > pos.best_top1:
-                    pos.best_top1 = top1
-                    self.save("best.pt")
-            row["epoch_time_s"] = time.perf_counter() - t0
-            log.epoch(row)
-            ema_txt = f", ema top-1 {row['ema_val_top1']:.2f}%" if "ema_val_top1" in row else ""
-            val_txt = (f" | val loss {row['val_loss']:.3f}, top-1 {row['val_top1']:.2f}%, top-5 {row['val_top5']:.2f}%"
-                       f"{ema_txt}" if "val_top1" in row else "")
-            train_txt = ("trained before the resume" if trained else
-                         f"train loss {stats['train_loss']:.3f}, {stats['img_per_s']:.0f} img/s, data wait "
-                         f"{100 * stats['data_wait']:.0f}%")
-            log.print(f"epoch {pos.epoch}/{cfg.epochs} @{size}px: {train_txt}{val_txt} | {row['epoch_time_s']:.0f} s"
-                      + (f", skipped {stats['skipped']} unreadable images" if stats.get("skipped") else ""))
-            self.save("last.pt")
+            self.epoch_loss = EpochLoss(self.device)
+            self._end_epoch(size, stats, t0)
             last_save = time.monotonic()
             if dist.any(bool(caught))[0]:
                 raise Preempted(caught[0] if caught else signal.SIGTERM)
         log.print(f"done: best val top-1 {pos.best_top1:.2f}% -> {self.run_dir / 'checkpoints' / 'best.pt'}; "
                   f"curves in {self.run_dir / 'curves.png'}")
 
+    def _end_epoch(self, size: int, stats: dict, t0: float) -> None:
+        """After an epoch's training: evaluate when due, save best.pt and last.pt, record and say the epoch."""
+        cfg, pos = self.cfg, self.pos
+        row = {"epoch": pos.epoch, "lr": max(g["lr"] for g in self.step.optimizer.param_groups), "img_size": size,
+               **stats}
+        if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
+            row.update(self.evaluate())
+            self.metrics = dict(row)
+            top1 = max(row["val_top1"], row.get("ema_val_top1", -1))
+            if top1 > pos.best_top1:
+                pos.best_top1 = top1
+                self.save("best.pt")
+        row["epoch_time_s"] = time.perf_counter() - t0
+        self.log.epoch(row)
+        ema_txt = f", ema top-1 {row['ema_val_top1']:.2f}%" if "ema_val_top1" in row else ""
+        val_txt = (f" | val loss {row['val_loss']:.3f}, top-1 {row['val_top1']:.2f}%, top-5 {row['val_top5']:.2f}%"
+                   f"{ema_txt}" if "val_top1" in row else "")
+        train_txt = ("trained before the resume" if not stats else
+                     f"train loss {stats['train_loss']:.3f}, {stats['img_per_s']:.0f} img/s, data wait "
+                     f"{100 * stats['data_wait']:.0f}%")
+        self.log.print(f"epoch {pos.epoch}/{cfg.epochs} @{size}px: {train_txt}{val_txt} | {row['epoch_time_s']:.0f} s"
+                       + (f", skipped {stats['skipped']} unreadable images" if stats.get("skipped") else ""))
+        self.save("last.pt")
+
     def evaluate(self) -> dict:
         """Validation metrics of the model (and its EMA); sets prefer_ema to whichever scored higher."""
+        ema = self.step.ema
         distributed.broadcast_buffers(self.model)
-        if self.ema is not None:
-            distributed.broadcast_buffers(self.ema.module)
+        if ema is not None:
+            distributed.broadcast_buffers(ema.module)
         model = unwrap(self.model) if self.dist.enabled else self.model
-        m = evaluate(model, self.val_loader, self.normalize, self.device, self.cfg.amp,
+        m = evaluate(model, self.val_loader, self.step.normalize, self.device, self.cfg.amp,
                      show_progress=self.dist.is_main)
         if m["count"] == 0:
             raise UserError(f"none of the {m['skipped']} validation images could be read")
         row = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_count": m["count"]}
         self.prefer_ema = False
-        if self.ema is not None:
-            e = evaluate(self.ema.module, self.val_loader, self.normalize, self.device, self.cfg.amp,
+        if ema is not None:
+            e = evaluate(ema.module, self.val_loader, self.step.normalize, self.device, self.cfg.amp,
                          show_progress=self.dist.is_main, desc="eval ema")
             row.update({"ema_val_loss": e["loss"], "ema_val_top1": e["top1"], "ema_val_top5": e["top5"]})
             self.prefer_ema = e["top1"] > m["top1"]

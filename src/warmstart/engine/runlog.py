@@ -3,8 +3,11 @@ TensorBoard events and curves.png."""
 
 import contextlib
 import csv
+import fcntl
 import io
 import json
+import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -38,28 +41,83 @@ _default_excepthook = threading.excepthook
 threading.excepthook = _quiet_tensorboard_thread
 
 
-def _lock(run_dir: Path):
+_held_locks = []  # the lock files this process holds open
+
+
+def _close_inherited_locks() -> None:
+    # a forked child (a data worker) gets a copy of the lock's descriptor, and an flock lasts while any copy is
+    # open: a worker that outlives a SIGKILLed parent by seconds would keep `--resume auto` out for those seconds
+    for f in _held_locks:
+        f.close()
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether a lock's record ("pid N on HOST") names a process of this host that has ended."""
+    words = holder.split()
+    if len(words) != 4 or words[0] != "pid" or not words[1].isdigit() or words[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    try:  # a zombie (killed, not yet reaped by its parent) has closed all its files
+        stat = Path(f"/proc/{words[1]}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].startswith("Z")
+
+
+def _try_lock(path: Path):
+    """(the locked file, None), or (None, the holder's record) when another process holds it."""
+    while True:
+        f = fileio.open_own(path, "r+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read(200).strip() or "another process"
+            f.close()
+            return None, holder
+        if path.exists() and os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+            return f, None
+        f.close()  # the file was replaced by a take-over after it was opened: lock the one the path names now
+
+
+def _lock(run_dir: Path) -> tuple[object, str | None]:
     """An exclusive lock on RUN/.lock for as long as this process writes the run folder: two processes that each
     think they are alone (e.g. tasks started with SLURM variables but no srun step) must not both write last.pt.
-    flock is released by the OS when the process dies, so a killed run never leaves a stale lock."""
-    import fcntl
-    import os
-    import socket
-
-    f = fileio.open_own(run_dir / ".lock", "r+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
+    flock is released by the OS when the process dies (forked children close their copy at once), so a killed run
+    never leaves a stale lock; a lock still held in the name of a dead process of this host (a child that kept it,
+    e.g. one forked outside Python) is taken over: the file is replaced, under a lock on the folder itself so two
+    processes cannot both take it."""
+    path, note = run_dir / ".lock", None
+    f, holder = _try_lock(path)
+    if f is None and _dead_here(holder):
+        folder = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            f, holder = _try_lock(path)  # another process may have taken it over in the meantime
+            if f is None and _dead_here(holder):
+                path.unlink()
+                note = f"{path} was held in the name of {holder.split(' on ')[0]}, which has ended; taken over"
+                f, holder = _try_lock(path)
+        finally:
+            os.close(folder)
+    if f is None:
         raise UserError(f"{run_dir} is being written by {holder}; wait for that run to end, or give this one "
-                        f"another --out") from None
+                        f"another --out")
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
-    return f
+    _held_locks.append(f)
+    return f, note
 
 
 def _repair_torn_tail(path: Path) -> None:
@@ -80,9 +138,11 @@ class RunLog:
         self._tb = self._lock = None
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._lock = _lock(self.run_dir)
+            self._lock, note = _lock(self.run_dir)
             _repair_torn_tail(self.run_dir / "metrics.jsonl")
             self._log = fileio.open_own(self.run_dir / "log.txt")
+            if note:
+                self.print(note)
 
     def __enter__(self):
         return self
@@ -135,6 +195,7 @@ class RunLog:
                 self._tb.close()
                 self._tb = None
             self._log.close()
+            _held_locks.remove(self._lock)
             self._lock.close()  # releases the flock
             self._lock = None
 

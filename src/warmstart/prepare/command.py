@@ -11,9 +11,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from warmstart import fileio
-from warmstart.data.folder import IMAGE_EXTENSIONS
+from warmstart.data import verified
+from warmstart.data.folder import image_files
+from warmstart.data.shard_store import parse_size
+from warmstart.data.shard_writer import DEFAULT_CHUNK_BYTES
 from warmstart.errors import UserError
-from warmstart.data import shards
 from warmstart.prepare import archives, facts, images, manifest, verify
 from warmstart.prepare import shards as pack
 from warmstart.prepare.extract import Output
@@ -69,8 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     dest.add_argument("--out", type=Path, metavar="DIR", help="output folder (created; nothing is written outside it)")
     dest.add_argument("--shards", type=Path, metavar="DIR", help="write train and val shards (LitData's format, for "
                       "shared file systems and s3://) to DIR instead of class folders")
-    p.add_argument("--chunk-bytes", default=shards.DEFAULT_CHUNK_BYTES, metavar="SIZE",
-                   help=f"with --shards: the size of each chunk file (default: {shards.DEFAULT_CHUNK_BYTES})")
+    p.add_argument("--chunk-bytes", default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
+                   help=f"with --shards: the size of each chunk file (default: {DEFAULT_CHUNK_BYTES})")
     p.add_argument("--partial", action="store_true", help="accept a subset (partial download, mini archives) and report what is missing; also accept "
                    "archives that differ from the official MD5s, marking the data unverified in prepared.json")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="threads for checks/repairs/writes and processes for resizing (default: all cores)")
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         if args.resized_only:
             raise UserError("--resized-only is for class folders; with --shards, --resize-short N alone writes "
                             "resized shards")
-        shards.parse_size(args.chunk_bytes, "--chunk-bytes")
+        parse_size(args.chunk_bytes, "--chunk-bytes")
         out = args.shards.expanduser().resolve()
         return (pack.from_folder if args.from_folder else pack.from_archives)(args, out)
     out = args.out.expanduser().resolve()
@@ -130,78 +132,101 @@ def from_archives(args: argparse.Namespace, out: Path) -> int:
         todo = sum(src.size(s) for s in splits if s not in output.done)
         factor = min(1.0, (n / 350) ** 2) if n else 0.0  # resized/full size; ImageNet's shorter side averages ~350
         check_space(out, todo * ((0 if args.resized_only else 1) + factor) - done_bytes)
-
-        sums = verify.md5sums(src.root)
         notes: list[str] = []
         checksums = [r["checksum"] for r in output.done.values() if r.get("checksum")]
-        devkit = None
-        if src.devkit and "devkit" not in output.done:  # checked on a thread while val streams; before val commits
-            devkit = ThreadPoolExecutor(1).submit(verify.devkit_labels, src.devkit)
-        elif src.layout == "kaggle" and (text := src.text("LOC_val_solution.csv")):
-            labels = verify.kaggle_labels(text)
-            verify.cross_check("LOC_val_solution.csv", labels, labels)
-
-        seconds = {}
-        for split in splits:
-            if split in output.done:
-                continue
-            t0, bar = time.perf_counter(), progress(split, src.size(split))
-            futures, count = stream(src, split, output, bar)
-            output.settle(block=True)
-            md5, path = src.md5(split), src.archive(split)
-            record = verify.checksum_record(path.name, src.size(split), None, None, None)  # Kaggle: none published
-            if md5 is not None:
-                try:
-                    record = verify.check_md5(path, md5, sums, args.partial, notes)
-                except UserError as e:
-                    output.discard(split)
-                    if split == "train":  # its classes were moved into place as they finished, before the MD5 was known
-                        raise UserError(f"{e}; the class folders already extracted from it were removed") from None
-                    raise
-            if devkit:
-                md5, labels = devkit.result()
-                devkit_record = verify.check_md5(src.devkit, md5, sums, args.partial, notes)
-                verify.cross_check(src.devkit.name, labels, facts.val_labels())
-                output.commit("devkit", [], [], checksum=devkit_record)
-                checksums.append(devkit_record)
-                devkit = None
-            output.commit(split, [split] if split != "train" else [], futures, checksum=record)
-            output.settle(block=True)
-            bar.close()
-            checksums.append(record)
-            seconds[split] = time.perf_counter() - t0
-
-        unverified = manifest.unverified_reasons(checksums)
-        if unverified and not args.partial:  # accepted by an earlier run with --partial, whose units this run kept
-            raise UserError(f"an earlier run with --partial accepted {'; '.join(unverified)}; give --partial again "
-                            f"to finish with the data marked unverified, or delete {out} and start over")
-        records = list(output.done.values())
-        splits_tally = manifest.tally(records)
-        unreadable = [f for r in records for f in r["unreadable"]]
-        missing, wrong = verify.count_problems({s: v["classes"] for s, v in splits_tally.items()}, unreadable)
-        if wrong or (missing and not args.partial):
-            for line in wrong + missing:
-                print(f"  {line}", file=sys.stderr)
-            raise UserError("the archives do not hold ILSVRC2012 as published (see above); "
-                            + ("download the damaged archive again" if wrong else "give all archives, or --partial to accept a subset"))
-        classes = sorted(set(splits_tally.get("train", {}).get("classes", {})) | set(splits_tally.get("val", {}).get("classes", {})))
-        doc = manifest.manifest({**options, "partial": args.partial, "archives": str(src.root)}, splits_tally,
-                                checksums, missing, notes)
-        for root in ([out / resized] if resized else []) + [out]:  # the top-level prepared.json last of all
-            manifest.write_synsets(root, classes)
-            manifest.write_json(root / "prepared.json", doc)
+        seconds = extract(args, src, splits, output, notes, checksums)
+        doc, tally = write_manifest(args, out, src, options, resized, output, checksums, notes)
         output.finish()
     finally:
         output.close()
-    print(manifest.table(splits_tally, seconds, resized))
+    print(manifest.table(tally, seconds, resized))
     for line in [f"repaired {r['file']} (was {r['was']})" for r in doc["repairs"]] + notes:
         print(line)
-    if missing:
-        print("partial: " + "; ".join(missing))
+    if doc["missing"]:
+        print("partial: " + "; ".join(doc["missing"]))
     if not doc["verified"]:
         print("unverified: " + "; ".join(doc["unverified_reasons"]))
     print(f"prepared {out}" + (f" (resized copy: {out / resized})" if resized else ""))
     return 0
+
+
+def extract(args: argparse.Namespace, src, splits: list[str], output: Output, notes: list[str],
+            checksums: list[dict]) -> dict[str, float]:
+    """Each split not done yet streamed to the writers and committed once its archive's MD5 is checked (the
+    devkit's too, before the first split commits); appends to notes and checksums; -> seconds per split."""
+    sums = verify.md5sums(src.root)
+    devkit = None
+    if src.devkit and "devkit" not in output.done:  # checked on a thread while val streams; before val commits
+        devkit = ThreadPoolExecutor(1).submit(verify.devkit_labels, src.devkit)
+    elif src.layout == "kaggle" and (text := src.text("LOC_val_solution.csv")):
+        labels = verify.kaggle_labels(text)
+        verify.cross_check("LOC_val_solution.csv", labels, labels)
+    seconds = {}
+    for split in splits:
+        if split in output.done:
+            continue
+        t0, bar = time.perf_counter(), progress(split, src.size(split))
+        futures, _ = stream(src, split, output, bar)
+        output.settle(block=True)
+        record = archive_record(args, src, split, sums, output, notes)
+        if devkit:
+            checksums.append(devkit_record(args, src, devkit.result(), sums, output, notes))
+            devkit = None
+        output.commit(split, [split] if split != "train" else [], futures, checksum=record)
+        output.settle(block=True)
+        bar.close()
+        checksums.append(record)
+        seconds[split] = time.perf_counter() - t0
+    return seconds
+
+
+def archive_record(args: argparse.Namespace, src, split: str, sums: dict, output: Output, notes: list[str]) -> dict:
+    """The checksum record of a split's archive; a mismatch (without --partial) discards what it wrote."""
+    md5, path = src.md5(split), src.archive(split)
+    if md5 is None:  # Kaggle: none published
+        return verify.checksum_record(path.name, src.size(split), None, None, None)
+    try:
+        return verify.check_md5(path, md5, sums, args.partial, notes)
+    except UserError as e:
+        output.discard(split)
+        if split == "train":  # its classes were moved into place as they finished, before the MD5 was known
+            raise UserError(f"{e}; the class folders already extracted from it were removed") from None
+        raise
+
+
+def devkit_record(args: argparse.Namespace, src, result: tuple, sums: dict, output: Output, notes: list[str]) -> dict:
+    """The devkit's checksum record, its val labels cross-checked with the shipped ones, committed."""
+    md5, labels = result
+    record = verify.check_md5(src.devkit, md5, sums, args.partial, notes)
+    verify.cross_check(src.devkit.name, labels, facts.val_labels())
+    output.commit("devkit", [], [], checksum=record)
+    return record
+
+
+def write_manifest(args: argparse.Namespace, out: Path, src, options: dict, resized: str | None, output: Output,
+                   checksums: list[dict], notes: list[str]) -> tuple[dict, dict]:
+    """Check the counts, then write synsets.txt and prepared.json (the top-level one last of all); -> (the manifest,
+    the per-split tally)."""
+    unverified = verified.unverified_reasons(checksums)
+    if unverified and not args.partial:  # accepted by an earlier run with --partial, whose units this run kept
+        raise UserError(f"an earlier run with --partial accepted {'; '.join(unverified)}; give --partial again "
+                        f"to finish with the data marked unverified, or delete {out} and start over")
+    records = list(output.done.values())
+    tally = manifest.tally(records)
+    unreadable = [f for r in records for f in r["unreadable"]]
+    missing, wrong = verify.count_problems({s: v["classes"] for s, v in tally.items()}, unreadable)
+    if wrong or (missing and not args.partial):
+        for line in wrong + missing:
+            print(f"  {line}", file=sys.stderr)
+        raise UserError("the archives do not hold ILSVRC2012 as published (see above); "
+                        + ("download the damaged archive again" if wrong else "give all archives, or --partial to accept a subset"))
+    classes = sorted(set(tally.get("train", {}).get("classes", {})) | set(tally.get("val", {}).get("classes", {})))
+    doc = manifest.manifest({**options, "partial": args.partial, "archives": str(src.root)}, tally, checksums,
+                            missing, notes)
+    for root in ([out / resized] if resized else []) + [out]:
+        manifest.write_synsets(root, classes)
+        manifest.write_json(root / "prepared.json", doc)
+    return doc, tally
 
 
 def stream(src, split: str, output: Output, bar: tqdm) -> tuple[list, int]:
@@ -251,6 +276,19 @@ def output_names(files: list[str]) -> list[str]:
     return names
 
 
+def folder_units(src: Path) -> dict[str, list[tuple[str, str]]]:
+    """{folder under src ("." for src itself): [(output path under OUT, input path)]}: every image file that training
+    would read (hidden ones skipped), named by output_names folder by folder."""
+    by_folder: dict[str, list[Path]] = {}
+    for p in image_files(src):
+        by_folder.setdefault(p.parent.relative_to(src).as_posix(), []).append(p)
+    units = {}
+    for rel, paths in by_folder.items():
+        names = output_names([p.name for p in paths])
+        units[rel] = [(name if rel == "." else f"{rel}/{name}", str(p)) for p, name in zip(paths, names)]
+    return units
+
+
 def from_folder(args: argparse.Namespace, out: Path) -> int:
     src = args.from_folder.expanduser().resolve()
     if not args.resize_short:
@@ -259,13 +297,7 @@ def from_folder(args: argparse.Namespace, out: Path) -> int:
         raise UserError(f"--from-folder {src} is not a folder")
     if out == src or src in out.parents or out in src.parents:
         raise UserError(f"--out {out} must be outside --from-folder {src} (and not contain it)")
-    units: dict[str, list[tuple[str, str]]] = {}
-    for dirpath, dirnames, filenames in os.walk(src):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = os.path.relpath(dirpath, src).replace(os.sep, "/")
-        found = [f for f in sorted(filenames) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-        for f, name in zip(found, output_names(found)):
-            units.setdefault(rel, []).append((name if rel == "." else f"{rel}/{name}", os.path.join(dirpath, f)))
+    units = folder_units(src)
     if not units:
         raise UserError(f"--from-folder {src} holds no images")
     options = {"from_folder": str(src), "resize_short": args.resize_short, "quality": args.quality}
@@ -292,7 +324,7 @@ def from_folder(args: argparse.Namespace, out: Path) -> int:
         if (src / "synsets.txt").is_file():
             fileio.atomic_write(out / "synsets.txt", lambda tmp: shutil.copyfile(src / "synsets.txt", tmp))
         unreadable = [f for r in records for f in r["unreadable"]]
-        reason = manifest.unverified_reason(src)  # a copy of unverified data is unverified too
+        reason = verified.folder_reason(src)  # a copy of unverified data is unverified too
         doc = manifest.manifest({**options, "from_folder": str(src)}, splits, [], [], [f"not decodable, skipped: {f}" for f in unreadable],
                                 [f"resized from {src}, which is unverified: {reason}"] if reason else [])
         manifest.write_json(out / "prepared.json", doc)

@@ -14,7 +14,6 @@ square, triangle, ...), so a network has something to learn and does not score 1
 """
 
 import argparse
-import hashlib
 import io
 import os
 import random
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, JpegImagePlugin
 
 from warmstart import synthetic
+from warmstart.data.shard_writer import file_digest
 from warmstart.prepare import facts
 
 MTIME = 1_335_000_000  # spring 2012, like the real archives
@@ -214,11 +214,7 @@ def write_devkit(path: Path, gt_override: dict[str, str] | None = None) -> None:
 
 
 def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def build_official(out: Path, classes: list[str], per_class: int, val: int, test: int = 0, bad_files: bool = True,

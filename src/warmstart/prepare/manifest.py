@@ -1,12 +1,12 @@
-"""OUT/prepared.json (written last and atomically: its presence means complete), whether its data is verified,
-and the summary table."""
+"""OUT/prepared.json (written last and atomically: its presence means complete), with whether its data is verified
+(read back by data/verified.py), and the summary table."""
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
 from warmstart import fileio
+from warmstart.data.verified import unverified_reasons
 from warmstart.version import __version__
 from warmstart.prepare import facts
 
@@ -18,32 +18,6 @@ def write_json(path: Path, obj: dict) -> None:
 def write_synsets(root: Path, classes: list[str]) -> None:
     names = facts.synsets()
     fileio.write_text(root / "synsets.txt", "".join(f"{w} {names.get(w, w)}\n" for w in classes))
-
-
-def unverified_reasons(checksums: list[dict]) -> list[str]:
-    """Official archives (train, val, devkit) whose MD5 is not the published one: only --partial accepts them.
-    Judged from the computed MD5 and the shipped facts, so a record journaled by an older version counts too."""
-    return [f"{c['file']} does not match its official MD5" for c in checksums
-            if c.get("md5") and facts.MD5.get(c["file"], c["md5"]) != c["md5"]]
-
-
-def unverified_reason(root: Path) -> str | None:
-    """Why the prepared dataset at `root` is unverified (one short line), or None when it is verified or was not
-    made by `prepare`. `root` may also be a shortN copy whose prepared.json lives only in the parent."""
-    root = Path(root)
-    path = root / "prepared.json"
-    if not path.is_file() and re.fullmatch(r"short\d+", root.name):
-        path = root.parent / "prepared.json"
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-        reasons = doc.get("unverified_reasons")
-        if reasons is None:  # written before prepare recorded it: judge the checksums it lists
-            reasons = unverified_reasons(doc.get("checksums") or [])
-    except (OSError, ValueError, AttributeError, TypeError, KeyError):
-        return f"{path} is unreadable or not written by warmstart prepare"
-    return "; ".join(map(str, reasons)) or None
 
 
 def tally(records: list[dict]) -> dict[str, dict]:
@@ -70,16 +44,12 @@ def table(splits: dict[str, dict], seconds: dict[str, float], resized: str | Non
     for name, s in splits.items():
         t = seconds.get(name)
         mb = (s["bytes"] or s["resized_bytes"]) / 1e6
-        rows.append([name, str(len(s["classes"]) or "-"), f"{s['images']:,}", size(s["bytes"])]
-                    + ([size(s["resized_bytes"])] if resized else [])
+        rows.append([name, str(len(s["classes"]) or "-"), f"{s['images']:,}", fileio.human(s["bytes"])]
+                    + ([fileio.human(s["resized_bytes"])] if resized else [])
                     + [str(len(s["repairs"])), f"{t:.1f}s" if t else "earlier",
                        f"{s['images'] / t:,.0f}" if t else "-", f"{mb / t:,.0f}" if t else "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
-
-
-def size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"
 
 
 def manifest(options: dict, splits: dict, checksums: list[dict], missing: list[str], notes: list[str],

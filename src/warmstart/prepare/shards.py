@@ -1,5 +1,6 @@
 """`warmstart prepare --shards OUT`: the archives (one pass, no class folders written) or any dataset folder ->
-train and val shards in LitData's format (data/shards.py), checked like the folders are.
+train and val shards in LitData's format (data/shard_format.py, written by data/shard_writer.py), checked like
+the folders are.
 
 Samples are written in the order they are read (val first, then train class by class, as the archives hold
 them); training order comes from warmstart's own global permutation, so that order is not the training order.
@@ -15,9 +16,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from warmstart.data import shards
+from warmstart import fileio
+from warmstart.data import verified
+from warmstart.data.shard_format import META, SPLITS
+from warmstart.data.shard_writer import SplitWriter, write_meta
 from warmstart.errors import UserError
-from warmstart.prepare import archives, facts, images, manifest, verify
+from warmstart.prepare import archives, facts, images, verify
 
 BATCH = 64  # images per resize task
 
@@ -35,14 +39,14 @@ class Packer:
 
     def __init__(self, tmp: Path, args: argparse.Namespace):
         self.tmp, self.resize, self.quality, self.chunk_bytes = tmp, args.resize_short, args.quality, args.chunk_bytes
-        self.writers: dict[str, shards.SplitWriter] = {}
+        self.writers: dict[str, SplitWriter] = {}
         self.repairs, self.unreadable = [], []
         self.procs = ProcessPoolExecutor(args.workers) if self.resize and args.workers > 1 else None
 
     def add(self, split: str, items: list[tuple[str, str, bytes]]) -> None:
         """items: (file name, class name, bytes as read), written in this order."""
         if split not in self.writers:
-            self.writers[split] = shards.SplitWriter(self.tmp / split, self.chunk_bytes)
+            self.writers[split] = SplitWriter(self.tmp / split, self.chunk_bytes)
         datas = [d for _, _, d in items]
         if self.procs:
             out = list(self.procs.map(prepared, datas, [self.resize] * len(datas), [self.quality] * len(datas),
@@ -70,8 +74,8 @@ def bar(total: int, desc: str, unit: str = "B") -> tqdm:
 
 
 def start(out: Path) -> Path:
-    if (out / shards.META).is_file():
-        raise UserError(f"{out} already holds shards ({shards.META} exists); delete it to write them again")
+    if (out / META).is_file():
+        raise UserError(f"{out} already holds shards ({META} exists); delete it to write them again")
     if out.exists() and not out.is_dir():
         raise UserError(f"--shards {out} is a file; name a new folder")
     if out.exists() and any(p.name != ".partial" for p in out.iterdir()):
@@ -89,7 +93,7 @@ def finish(out: Path, tmp: Path, splits: dict, **meta) -> dict:
     classes = sorted({c for rec in splits.values() for c in rec["classes"]})
     names = facts.synsets()
     human = [names.get(c, c) for c in classes] if any(c in names for c in classes) else None
-    doc = shards.write_meta(out, classes=classes, human=human, splits=splits, **meta)
+    doc = write_meta(out, classes=classes, human=human, splits=splits, **meta)
     shutil.rmtree(tmp, ignore_errors=True)
     return doc
 
@@ -97,7 +101,7 @@ def finish(out: Path, tmp: Path, splits: dict, **meta) -> dict:
 def report(out: Path, doc: dict, seconds: float) -> None:
     for s, rec in doc["splits"].items():
         print(f"{s:>5}: {rec['images']:,} images of {len(rec['classes'])} classes in {len(rec['chunks'])} chunk(s), "
-              f"{manifest.size(sum(c['bytes'] for c in rec['chunks']))}")
+              f"{fileio.human(sum(c['bytes'] for c in rec['chunks']))}")
     for r in doc["repairs"] if "repairs" in doc else []:
         print(f"repaired {r['file']} (was {r['was']})")
     missing = [n[len("missing: "):] for n in doc["notes"] if n.startswith("missing: ")]
@@ -155,7 +159,7 @@ def from_archives(args: argparse.Namespace, out: Path) -> int:
     options = {"layout": src.layout, "archives": str(src.root), "resize_short": args.resize_short,
                "quality": args.quality if args.resize_short else None, "chunk_bytes": args.chunk_bytes,
                "partial": args.partial}
-    doc = finish(out, tmp, written, options=options, unverified=manifest.unverified_reasons(checksums),
+    doc = finish(out, tmp, written, options=options, unverified=verified.unverified_reasons(checksums),
                  notes=notes + [f"missing: {m}" for m in missing], checksums=checksums)
     report(out, {**doc, "repairs": packer.repairs}, time.perf_counter() - t0)
     return 0
@@ -171,7 +175,7 @@ def from_folder(args: argparse.Namespace, out: Path) -> int:
         raise UserError(f"--from-folder {root} is not a folder")
     if out == root or root in out.parents:
         raise UserError(f"--shards {out} must be outside --from-folder {root}")
-    parts = {s: root / s for s in shards.SPLITS if (root / s).is_dir()} or {"train": root}
+    parts = {s: root / s for s in SPLITS if (root / s).is_dir()} or {"train": root}
     classes, samples = None, {}
     for s, d in parts.items():
         found, samples[s] = index_folder(d, classes)
@@ -193,7 +197,7 @@ def from_folder(args: argparse.Namespace, out: Path) -> int:
     for s, items in samples.items():  # what was read is what was written, image for image
         if written[s]["images"] + sum(u.startswith(f"{s}/") for u in packer.unreadable) != len(items):
             raise UserError(f"{s}: {written[s]['images']} images written of {len(items)} read; write the shards again")
-    reason = manifest.unverified_reason(root)  # shards of unverified data are unverified too
+    reason = verified.folder_reason(root)  # shards of unverified data are unverified too
     options = {"from_folder": str(root), "resize_short": args.resize_short,
                "quality": args.quality if args.resize_short else None, "chunk_bytes": args.chunk_bytes}
     doc = finish(out, tmp, written, options=options, unverified=[f"made from {root}: {reason}"] if reason else [],
