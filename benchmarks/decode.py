@@ -18,7 +18,7 @@ prints every candidate's img/s; the summary gives each one's median and its rati
   simplejpeg-fast  the same with fastdct + fastupsample
   simplejpeg-n/8   the same letting simplejpeg pick any n/8 scale (min_height/min_width alone)
   torchvision      torchvision.io.decode_jpeg (full decode: it has no reduced decode), crop, resize on the tensor
-  warmstart        the train dataset's path now: decode.random_resized_crop with the default decoder + augment
+  warmstart        the train dataset's path now: crop.random_resized_crop with the default decoder + augment
   turbojpeg        crop-aware box, PyTurboJPEG scaling_factor 1/d (needs the libturbojpeg0 system package)
 """
 
@@ -35,8 +35,9 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-from warmstart.data import decode
+from warmstart.data import crop, decode
 from warmstart.data.transforms import train_transform
+from warmstart.errors import first_line
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "imagenet-sample"
@@ -52,8 +53,8 @@ def crop_aware(open_decode, size: int, scale, pil_resize: bool = False):
         box = []
 
         def need(w, h):
-            box.append(decode.sample_box(w, h, scale))
-            return decode.reduction((w, h), decode.min_decode_size((w, h), box[0], size))
+            box.append(crop.sample_box(w, h, scale))
+            return decode.reduction((w, h), crop.min_decode_size((w, h), box[0], size))
 
         arr, d = open_decode(path, need)
         if pil_resize:
@@ -103,8 +104,8 @@ def simplejpeg_any(size, scale):
     def run(path):
         data = Path(path).read_bytes()
         h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-        box = decode.sample_box(w, h, scale)
-        mw, mh = decode.min_decode_size((w, h), box, size)
+        box = crop.sample_box(w, h, scale)
+        mw, mh = crop.min_decode_size((w, h), box, size)
         arr = simplejpeg.decode_jpeg(data, "RGB", min_height=mh, min_width=mw)
         sx, sy = arr.shape[1] / w, arr.shape[0] / h
         left, top, right, bottom = round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy)
@@ -133,7 +134,7 @@ def torchvision_full(size, scale):
 
     def run(path):
         img = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
-        l, t, r, b = decode.sample_box(img.shape[2], img.shape[1], scale)
+        l, t, r, b = crop.sample_box(img.shape[2], img.shape[1], scale)
         return flip(v2.functional.resized_crop(img, t, l, b - t, r - l, [size, size], antialias=True))
     return run
 
@@ -153,9 +154,9 @@ def before(size, min_scale):
 
 
 def warmstart(size, min_scale):
-    """What the train dataset runs now: decode.random_resized_crop with the default decoder, flip, PILToTensor."""
+    """What the train dataset runs now: crop.random_resized_crop with the default decoder, flip, PILToTensor."""
     finish = train_transform(size)
-    return lambda path: finish(decode.random_resized_crop(decode.DEFAULT, path, size, (min_scale, 1.0)))
+    return lambda path: finish(crop.random_resized_crop(decode.DEFAULT, path, size, (min_scale, 1.0)))
 
 
 def classic(size, min_scale=0.08):
@@ -183,7 +184,7 @@ def candidates(size, min_scale):
         try:
             built[name] = make()
         except (ImportError, OSError, RuntimeError) as e:  # package or its system library missing
-            skipped[name] = str(e).splitlines()[0][:100]
+            skipped[name] = first_line(e, 100)
     return built, skipped
 
 

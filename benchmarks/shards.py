@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import s3server  # noqa: E402  (tests/: the loopback endpoint the tests use too)
 from warmstart.bench import loader_rate, rounds_summary  # noqa: E402
-from warmstart.data import shards  # noqa: E402
+from warmstart.data.shard_reader import open_shard_splits  # noqa: E402
 from warmstart.data.dataset import ImageDataset, ShardDataset, make_loader  # noqa: E402
 from warmstart.data.folder import index_folder  # noqa: E402
 from warmstart.data.sampler import TrainSampler  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
                         str(pack)], check=True, stdout=subprocess.DEVNULL)
         train = args.data / "train"
         _, samples = index_folder(train)
-        reader = shards.load_splits(str(pack))[2]["train"]
+        reader = open_shard_splits(str(pack))[2]["train"]
         print(f"{len(samples)} training images of {args.data}, {args.img_size} px, {args.workers} worker(s), "
               f"batch {args.batch_size}; shards: {len(reader.files)} chunk(s)")
         results = {"local": compare("local", {
@@ -106,7 +106,7 @@ def main() -> None:
 
             def remote_shards(r: int):
                 cache = work / f"cache{r}"  # a cold cache each round: every chunk comes over the wire
-                return ShardDataset(shards.load_splits("s3://bench/shards", cache_dir=cache)[2]["train"], train=True)
+                return ShardDataset(open_shard_splits("s3://bench/shards", cache_dir=cache)[2]["train"], train=True)
 
             results["s3"] = compare(f"s3 ({args.delay_ms:g} ms)", {
                 "shards": remote_shards,

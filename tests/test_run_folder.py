@@ -299,6 +299,22 @@ def test_mid_epoch_resume_that_changes_the_sample_order_is_refused(flags, named,
     assert "seed" in err
 
 
+def test_a_mid_epoch_resume_with_other_math_threads_says_so(trained, data, tmp_path):
+    """On a CPU the math threads decide the order of float sums: the rest of the epoch is no longer bitwise what the
+    uninterrupted run gives, and the resume says so in one line (the count each run used is in its config)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    path = mid_epoch(run, 2)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["config"]["threads"] == torch.get_num_threads()  # recorded: the count the run used
+    ckpt["config"]["threads"] = 3
+    torch.save(ckpt, path)
+    assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "2", *QUICK, "--resume", "auto",
+                 "--threads", "1"]) == 0
+    said = [line for line in (run / "log.txt").read_text().splitlines() if "--threads 3" in line]
+    assert len(said) == 1 and "--threads 3 -> 1" in said[0] and "bitwise" in said[0], said
+
+
 def test_save_at_the_epochs_last_update_resumes_anywhere(trained, data, tmp_path):
     """Saved after epoch 1's last update but before its evaluation, on 2 processes x 16 (global 32, 3 updates): nothing
     of that epoch is left, so a resume with another global batch is no change of sample order."""
@@ -352,6 +368,36 @@ time.sleep(60)
         holder.wait()
     # the lock dies with its holder: the run goes ahead
     assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "1", *QUICK]) == 0
+
+
+def test_a_lock_kept_by_a_dead_holders_child_is_taken_over(data, tmp_path):
+    """The recorded holder is gone but a process it forked (outside warmstart's care) still holds the flock: the
+    next run takes the lock over with one line, instead of waiting for a process nobody can name."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.run([sys.executable, "-c", f"""
+import fcntl, os, socket, sys, time
+f = open({str(run / '.lock')!r}, 'a+')
+fcntl.flock(f, fcntl.LOCK_EX)
+f.write(f'pid {{os.getpid()}} on {{socket.gethostname()}}'); f.flush()
+if os.fork() == 0:  # the child keeps the locked descriptor and outlives its parent
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    time.sleep(60)
+    os._exit(0)
+print(os.getpid(), flush=True)
+"""], capture_output=True, text=True, timeout=60)
+    dead = holder.stdout.strip()
+    try:
+        r = cli("train", data, *TINY, "--out", run, "--epochs", "1", *QUICK)
+        assert r.returncode == 0, r.stderr[-2000:]
+        said = [line for line in (run / "log.txt").read_text().splitlines() if "taken over" in line]
+        assert len(said) == 1 and f"pid {dead}" in said[0], said
+    finally:
+        subprocess.run(["pkill", "-f", str(run / ".lock")], check=False)  # the child (the live-holder case:
+        # test_a_second_writer_of_a_run_folder_gets_one_line)
 
 
 @pytest.mark.parametrize("field,value,named", [
@@ -455,6 +501,32 @@ def test_no_import_circles():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+FLOORS = {"data": 1, "prepare": 2, "engine": 3}  # a folder imports from its own floor and those below, never above
+COMMANDS = {"cli", "train", "finetune", "evaluate", "predict", "export", "bench", "api"}  # the top: nothing imports them
+
+
+def test_folders_import_downwards_only():
+    """data/ reads and decodes, prepare/ writes what data/ reads, engine/ trains on it: a folder never imports a
+    higher floor or a command, and a module at the package root sits on the highest floor among what it imports
+    (so data/ cannot reach prepare/ through one). Nothing imports the package's face (warmstart/__init__.py)."""
+    graph = _imports(REPO / "src" / "warmstart")
+    folder = {m: m.split(".")[1] for m in graph if m.count(".") >= 2}
+    floors: dict[str, int] = {}
+
+    def floor(m: str, seen=()) -> int:
+        if m in folder:
+            return FLOORS[folder[m]]
+        if m not in floors:
+            floors[m] = max((floor(d, seen + (m,)) for d in graph[m] if d not in seen), default=0)
+        return floors[m]
+
+    wrong = [f"{m} -> {d}" for m in folder for d in graph[m]
+             if floor(d) > floor(m) or d.split(".")[-1] in COMMANDS or d == "warmstart.prepare.command"]
+    assert not wrong, f"imports from a lower floor to a higher one: {wrong}"
+    assert not [m for m in graph if "warmstart" in graph[m]], "import names from their own modules, not warmstart"
+    assert {"data", "prepare", "engine"} <= set(folder.values())
 
 
 def test_launch_is_torch_free_and_trust_is_its_own_module():

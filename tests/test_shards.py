@@ -189,7 +189,7 @@ def test_training_from_shards_equals_training_from_the_folder(synth, capsys):
 
 
 def test_sigkill_mid_epoch_then_resume_from_shards_is_bitwise_identical(synth, tmp_path):
-    test_train.test_sigkill_mid_epoch_then_resume_is_bitwise_identical(synth.shards, tmp_path)
+    test_train.test_sigkill_mid_epoch_then_resume_at_once_is_bitwise_identical(synth.shards, tmp_path)
 
 
 def one_line(err: str) -> str:

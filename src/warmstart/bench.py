@@ -90,7 +90,7 @@ def list_images(root: Path, limit: int | None = None) -> list[str]:
 
 def warmstart_loader(root: Path, files, *, size: int, batch_size: int, workers: int, min_scale: float,
                      decoder: str | None = None, seed: int = 0, channels_last: bool = True):
-    """The loader `warmstart train` builds (engine/run.py), over these files (or, root None, a shards.ShardReader);
+    """The loader `warmstart train` builds (engine/run.py), over these files (or, root None, a ShardReader);
     by default as it feeds a GPU (channels-last batches: dataset.batch_layout)."""
     from warmstart.data.dataset import ImageDataset, make_loader
     from warmstart.data.sampler import TrainSampler
@@ -173,14 +173,15 @@ def rounds_summary(rounds: list[dict], a: str, b: str) -> dict:
 
 
 def bench_data(args) -> int:
-    from warmstart.data import shards
+    from warmstart.data.shard_format import is_shards
+    from warmstart.data.shard_reader import open_shard_splits
 
-    if shards.is_shards(args.data):  # warmstart reads the train shards; the classic pipeline needs files
+    if is_shards(args.data):  # warmstart reads the train shards; the classic pipeline needs files
         if not args.baseline_data:
             raise UserError(f"--data {args.data} is shards; give --baseline-data DIR, the same images as files, for "
                             f"the classic pipeline")
         root, base_root = None, Path(args.baseline_data)
-        files = shards.load_splits(args.data, cache_dir=args.cache_dir, cache_limit=args.cache_limit)[2]["train"]
+        files = open_shard_splits(args.data, cache_dir=args.cache_dir, cache_limit=args.cache_limit)[2]["train"]
         base_files = list_images(base_root, args.images)
     else:
         root, base_root = Path(args.data), Path(args.baseline_data or args.data)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from warmstart import fileio, options
-from warmstart.errors import UserError
+from warmstart import fileio, lr_rules, options
+from warmstart.errors import UserError, first_line
 
 
 def _opt(default, help: str, *flags: str, choices=None, metavar=None, only: str | None = None):
@@ -87,8 +87,8 @@ class TrainConfig:
                     "without a default LR rule needs --lr, or --lr-base with --lr-scale)")
     lr: float | None = _opt(None, "absolute learning rate; overrides --lr-base scaling")
     lr_base: float | None = _opt(None, "learning rate for a global batch of 256, scaled to the global batch by "
-                                 "--lr-scale (default per optimiser class: 0.4 for SGD/LARS, 5e-4 for Adam-like and "
-                                 "RMSprop, 2e-3 LAMB, 1e-4 Lion; fine-tuning: a tenth of that)")
+                                 f"--lr-scale (default per optimiser class: {lr_rules.described()}; fine-tuning: "
+                                 f"{lr_rules.FINETUNE_LR_FACTOR:g} x that)")
     lr_scale: str | None = _opt(None, "how --lr-base follows the global batch (default: linear for SGD/LARS, sqrt for "
                                 "adaptive optimisers, as timm does)", choices=["linear", "sqrt", "none"])
     momentum: float = _opt(0.9, "SGD/LARS momentum")
@@ -236,7 +236,7 @@ def load_yaml(path: str, saved: bool = False) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{p} is not valid YAML: {first_line(e, 200)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{p} must be a mapping of option: value (see examples/recipes/)")
     data = {("from_" if k == "from" else k.replace("-", "_")): v for k, v in data.items()}

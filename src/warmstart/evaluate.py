@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from warmstart import checkpoint, options
-from warmstart.data import shards
+from warmstart.data.shard_format import is_shards
+from warmstart.data.shard_reader import val_reader
 from warmstart.data.dataset import batch_layout, eval_loader
 from warmstart.data.folder import list_classes
 from warmstart.data.transforms import Normalize
@@ -41,14 +42,14 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
     """Metrics as engine.loop.evaluate computes them during training (there in the run's precision: a bf16 run's
     figures come back with amp="bf16"; the fp32 default scores exactly); with `out`, the report files in that folder."""
     root, samples = Path(data), None
-    if not shards.is_shards(data) and not root.is_dir():
+    if not is_shards(data) and not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
     if out and Path(out).exists() and not Path(out).is_dir():  # say so before a long evaluation, not after
         raise UserError(f"--out {out} is a file; pass a folder for metrics.json, per_class.csv and confusion.png")
     loaded = checkpoint.load_model(path, ema=options.ema_choice(weights), trust_code=trust_code)
     model, classes, spec = loaded.model, loaded.classes, loaded.transform
-    if shards.is_shards(data):  # the val shards, with their labels mapped onto the checkpoint's classes by name
-        split, samples = None, shards.val_reader(str(data), classes, cache_dir=cache_dir, cache_limit=cache_limit)
+    if is_shards(data):  # the val shards, with their labels mapped onto the checkpoint's classes by name
+        split, samples = None, val_reader(str(data), classes, cache_dir=cache_dir, cache_limit=cache_limit)
     else:
         split = root / "val" if (root / "val").is_dir() else root
         unknown = sorted(set(list_classes(split)) - set(classes))

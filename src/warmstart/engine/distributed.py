@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from warmstart import launch, options
-from warmstart.errors import UserError
+from warmstart.errors import UserError, first_line
 
 
 @dataclass
@@ -102,7 +102,7 @@ def run(cfg, fn, spawn: bool = True) -> int:
     except RuntimeError as e:  # includes torch.distributed.DistError
         if not dist_.enabled or not lost_peer(e):
             raise
-        raise UserError(f"rank {dist_.rank} lost the other processes ({str(e).strip().splitlines()[0][:160]}): one "
+        raise UserError(f"rank {dist_.rank} lost the other processes ({first_line(e)}): one "
                         f"of them failed or was killed (see its own message) or hung past --dist-timeout "
                         f"{cfg.dist_timeout:g} min; the last checkpoint is intact: continue with --resume auto") from None
     finally:
