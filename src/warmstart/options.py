@@ -8,6 +8,8 @@ import argparse
 import os
 
 from warmstart import launch
+from warmstart.data.decode import DECODERS, DEFAULT as DEFAULT_DECODER
+from warmstart.data.shard_store import DEFAULT_CACHE_LIMIT
 from warmstart.errors import UserError
 
 
@@ -28,7 +30,6 @@ def _default_workers() -> int:
 
 
 DEFAULT_WORKERS = _default_workers()
-from warmstart.data.shard_store import DEFAULT_CACHE_LIMIT  # noqa: E402  (defined with the chunk cache)
 AMP = ["auto", "bf16", "fp16", "fp32"]  # engine/loop.py's choose_precision reads them
 
 HELP = {
@@ -43,10 +44,8 @@ HELP = {
     "json": "make the last line of stdout one JSON object",
     "checkpoint": "a .pt file written by warmstart (e.g. RUN/checkpoints/best.pt)",
     "weights": "which weights: the raw model, its EMA, or whichever scored higher in training (default: auto)",
-    # the names are data/decode.py's DECODERS, checked there (this module stays torch-free)
-    "decoder": "image decoder: simplejpeg (default: JPEGs decoded at the smallest DCT scale the crop allows), pil "
-               "(the same through PIL), pil-full (always a full decode: the plain reference) or gpu (nvJPEG on the "
-               "CUDA device, training batches)",
+    "decoder": "image decoder: " + ", ".join(f"{name} ({'default: ' if name == DEFAULT_DECODER else ''}{cls.about})"
+                                              for name, cls in DECODERS.items()),
     "cache_dir": "with s3:// shards: where downloaded chunks are kept (default: a folder per URL under "
                  "$WARMSTART_CACHE or ~/.cache/warmstart/shards)",
     "cache_limit": f"with s3:// shards: the most the chunk cache may hold, e.g. 20GB (default: {DEFAULT_CACHE_LIMIT})",

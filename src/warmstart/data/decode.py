@@ -5,7 +5,7 @@ only (`.size` is (width, height) of the full image) and `.decode(min_size)` retu
 array at the smallest DCT scale (1/1, 1/2, 1/4, 1/8 of each side, sides rounded up: `reduction`) that keeps both
 sides >= min_size (None: full size). A file that cannot be decoded raises one of DECODE_ERRORS: the datasets skip and
 count it. Adding a decoder is a class here and a line in DECODERS (`--decoder NAME` is checked against it; its help
-is options.HELP["decoder"]). What training asks of a decoder is data/crop.py; --decoder gpu's batches are
+is its `about`). What training asks of a decoder is data/crop.py; --decoder gpu's batches are
 data/gpu_decode.py.
 """
 
@@ -13,7 +13,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from warmstart.errors import UserError
@@ -26,6 +25,7 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 class Pil:
     """PIL (libjpeg-turbo inside Pillow's wheels); JPEGs decode reduced through `draft`, other formats in full."""
 
+    about = "the same reduced decode through PIL"  # --decoder's help
     reduce = True
 
     def __init__(self, src):
@@ -42,6 +42,7 @@ class Pil:
 class PilFull(Pil):
     """The plain path: PIL, always a full decode (the reference the fast path is checked against)."""
 
+    about = "always a full decode: the plain reference"
     reduce = False
 
 
@@ -49,6 +50,8 @@ class SimpleJpeg:
     """simplejpeg (libjpeg-turbo in a wheel, no PIL in the decode): reads the file once, decodes reduced in power-of-2
     steps like Pil. Anything libjpeg-turbo will not decode (not a JPEG, CMYK, corrupt) goes to Pil, which repeats the
     verdict or decodes it."""
+
+    about = "JPEGs decoded at the smallest DCT scale the crop allows"
 
     def __init__(self, src):
         import simplejpeg
@@ -78,6 +81,8 @@ class Gpu:
     (gpu_decode.gpu_item); gpu_decode.gpu_batch decodes, crops and resizes the whole batch on the device. One file
     alone (evaluation, predict) decodes on the CPU, as Pil: nvJPEG pays off on batches."""
 
+    about = "nvJPEG on the CUDA device, training batches"
+
     def __init__(self, src):
         self.data = read(src)
         self.pil = Pil(io.BytesIO(self.data))  # the header: raises for what is not an image
@@ -100,6 +105,8 @@ def check(name: str | None) -> str:
     name = name or DEFAULT
     if name not in DECODERS:
         raise UserError(f"--decoder {name}: unknown; choose one of {', '.join(DECODERS)}")
+    import torch  # here: the CLI's help reads DECODERS without importing torch
+
     if name == "gpu" and not torch.cuda.is_available():
         raise UserError(f"--decoder gpu needs a CUDA device; this machine has none (use --decoder {DEFAULT}, the "
                         f"fastest CPU decoder)")
