@@ -75,7 +75,8 @@ def load(path) -> dict:
         raise UserError(f"refusing to load {path}: it holds pickled Python objects, which could run code "
                         f"({first[:160]}); only load checkpoints you trust, re-saved as plain tensors") from None
     except Exception as e:  # truncated zip, torn write
-        raise _not_a_checkpoint(path, f"unreadable, perhaps truncated: {type(e).__name__}: {str(e)[:160]}") from None
+        why = f"{type(e).__name__}: {first_line(str(e))}"
+        raise _not_a_checkpoint(path, f"unreadable, perhaps truncated: {why}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_spec" not in ckpt:
         raise _not_a_checkpoint(path, "a torch file without model / model_spec entries")
     ckpt = upgrade(ckpt, path)
@@ -315,7 +316,7 @@ def set_rng_state(state: dict, where="checkpoint") -> None:
     try:
         _set_rng_state(state)
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise _malformed(where, "rng", f"{type(e).__name__}: {str(e)[:120]}") from None
+        raise _malformed(where, "rng", f"{type(e).__name__}: {first_line(str(e), 120)}") from None
 
 
 def _set_rng_state(state: dict) -> None:

@@ -50,7 +50,7 @@ def _read_weights(path: Path) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read --weights {path} as a state_dict ({type(e).__name__}: {str(e)[:120]}); "
+        raise UserError(f"cannot read --weights {path} as a state_dict ({type(e).__name__}: {first_line(str(e), 120)}); "
                         f"pass a .pth/.pt/.safetensors file of plain tensors") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
