@@ -88,8 +88,9 @@ def test_resume_on_another_process_count_sees_every_sample_once(nproc, setup, mo
     else:
         subprocess.run(torchrun(nproc, argv), check=True, capture_output=True, timeout=600)
     rows = {json.loads(r)["epoch"]: json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()}
-    # the resumed part of epoch 2 trained exactly the samples the 2-process run had not reached
-    assert rows[2]["train_images"] == 120 - consumed
+    # the resumed part of epoch 2 trained exactly the samples the 2-process run had not reached: the checkpoint
+    # carried the count (and loss) of those it had, and the epoch's row counts all of them
+    assert pos["loss_images"] == consumed and rows[2]["train_images"] == 120
     log = (run / "log.txt").read_text()
     assert "global batch 12 (" in log.split("resuming from")[-1]
     lrs = [line.split(" lr ")[1].split()[0] for line in log.splitlines() if "global batch" in line and " lr " in line]

@@ -1,6 +1,7 @@
 """warmstart train / evaluate end to end on generated data (and on Imagenette when ../shared/data is present)."""
 
 import contextlib
+import fcntl
 import json
 import os
 import pickle
@@ -92,8 +93,15 @@ def test_sigkill_mid_epoch_then_resume_at_once_is_bitwise_identical(data, tmp_pa
             if position["epoch"] == 1 and position["batch_in_epoch"] >= 2:
                 break
         time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # the data workers notice their parent's death only at their next queue poll (up to 5 s): meanwhile the lock
+    # must already be free, which it is only if they never held it
+    with open(killed / ".lock") as lock:
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}")]
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a worker holds the run's lock
+    assert len(workers) >= 2 and alive, (workers, alive)  # the check above was made while they lived
     assert position and position["epoch"] == 1 and 0 < position["batch_in_epoch"] < 6, position
     try:
         r = subprocess.run(_train_cmd(data, model_file, killed, "-j", "2", "--resume", "auto"), env=env,
