@@ -118,6 +118,7 @@ class TrainConfig:
     min_scale: float = _opt(0.25, "RandomResizedCrop smallest area fraction")
     auto_augment: str | None = _opt(None, "trivialaugment, randaugment or randaugment-M (magnitude M)")
     decoder: str | None = _opt(None, options.HELP["decoder"], metavar="NAME")
+    max_image_pixels: int = _opt(options.DEFAULT_MAX_PIXELS, options.HELP["max_image_pixels"], metavar="N")
     reprob: float = _opt(0.0, "random-erasing probability")
     # precision and speed
     amp: str | None = _opt("auto", options.HELP["amp"] + "; auto: bf16 where the device computes it natively (a "

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from warmstart import checkpoint, options
+from warmstart.data import decode
 from warmstart.data.shard_format import is_shards
 from warmstart.data.shard_reader import val_reader
 from warmstart.data.dataset import batch_layout, eval_loader
@@ -32,7 +33,8 @@ def add_arguments(parser):
                         "(their folder or s3://bucket/prefix: the val split)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="also write metrics.json, per_class.csv and confusion.png in DIR")
-    options.add(parser, "batch_size", "workers", "device", "amp", "weights", "json", "trust_code", "decoder", "cache")
+    options.add(parser, "batch_size", "workers", "device", "amp", "weights", "json", "trust_code", "decoder", "cache",
+                "max_image_pixels")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help=options.THREADS_HELP)
 
 
@@ -94,6 +96,7 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
 
 
 def run(args) -> int:
+    decode.set_max_pixels(args.max_image_pixels)  # before the loader forks its workers
     with torch.inference_mode():
         evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, amp=args.amp, weights=args.weights, as_json=args.json,

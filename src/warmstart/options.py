@@ -8,7 +8,7 @@ import argparse
 import os
 
 from warmstart import launch
-from warmstart.data.decode import DECODERS, DEFAULT as DEFAULT_DECODER
+from warmstart.data.decode import DECODERS, DEFAULT as DEFAULT_DECODER, DEFAULT_MAX_PIXELS
 from warmstart.data.shard_store import DEFAULT_CACHE_LIMIT
 from warmstart.errors import UserError
 
@@ -46,6 +46,8 @@ HELP = {
     "weights": "which weights: the raw model, its EMA, or whichever scored higher in training (default: auto)",
     "decoder": "image decoder: " + ", ".join(f"{name} ({'default: ' if name == DEFAULT_DECODER else ''}{cls.about})"
                                               for name, cls in DECODERS.items()),
+    "max_image_pixels": f"refuse (skip and count) an image whose header declares more pixels than this, before any "
+                        f"decode: a few bytes may declare 20000x20000 (default: {DEFAULT_MAX_PIXELS:,}, PIL's limit)",
     "cache_dir": "with s3:// shards: where downloaded chunks are kept (default: a folder per URL under "
                  "$WARMSTART_CACHE or ~/.cache/warmstart/shards)",
     "cache_limit": f"with s3:// shards: the most the chunk cache may hold, e.g. 20GB (default: {DEFAULT_CACHE_LIMIT})",
@@ -90,6 +92,9 @@ def add(parser: argparse.ArgumentParser, *names: str, batch_size: int = 128, amp
             parser.add_argument("--weights", choices=["auto", "model", "ema"], default="auto", help=HELP[name])
         elif name == "decoder":
             parser.add_argument("--decoder", default=None, metavar="NAME", help=HELP[name])
+        elif name == "max_image_pixels":
+            parser.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, metavar="N",
+                                help=HELP[name])
         elif name == "cache":
             parser.add_argument("--cache-dir", default=None, metavar="DIR", help=HELP["cache_dir"])
             parser.add_argument("--cache-limit", default=DEFAULT_CACHE_LIMIT, metavar="SIZE", help=HELP["cache_limit"])

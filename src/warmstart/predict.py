@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from warmstart import checkpoint, options
-from warmstart.data import transforms
+from warmstart.data import decode, transforms
 from warmstart.data.decode import DECODE_ERRORS
 from warmstart.data.folder import IMAGE_EXTENSIONS, image_files
 from warmstart.data.transforms import Normalize
@@ -33,7 +33,8 @@ def add_arguments(parser):
     # not options' --json: this one writes a line per image, not one object at the end
     parser.add_argument("--json", action="store_true",
                         help='one JSON object per image per line: {"path", "top": [{"class", "name", "prob"}, ...]}')
-    options.add(parser, "batch_size", "workers", "device", "amp", "weights", "trust_code", "decoder", batch_size=64)
+    options.add(parser, "batch_size", "workers", "device", "amp", "weights", "trust_code", "decoder", "max_image_pixels",
+                batch_size=64)
 
 
 def find_images(args: list[str]) -> list[Path]:
@@ -70,6 +71,7 @@ def collate(batch):
 
 
 def run(args) -> int:
+    decode.set_max_pixels(args.max_image_pixels)  # before the loader forks its workers
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     paths = find_images(args.images)

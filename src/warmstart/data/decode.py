@@ -96,6 +96,18 @@ def read(src) -> bytes:
     return src if isinstance(src, bytes) else Path(src).read_bytes()
 
 
+# The pixel budget: an image whose header declares more pixels is refused before any decode (a 98-byte JPEG may
+# declare 20000 x 20000). PIL's own default, which PIL only warns about below twice that.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+max_pixels = DEFAULT_MAX_PIXELS
+
+
+def set_max_pixels(n: int | None) -> None:
+    """--max-image-pixels / max_image_pixels: set in the main process before the loaders fork their workers."""
+    global max_pixels
+    max_pixels = n or DEFAULT_MAX_PIXELS
+
+
 DECODERS = {"pil": Pil, "pil-full": PilFull, "simplejpeg": SimpleJpeg, "gpu": Gpu}
 DEFAULT = "simplejpeg"  # the fastest on CPUs (benchmarks/decode.py, RESULTS.md)
 

@@ -61,6 +61,7 @@ def session(cfg: config.TrainConfig, dist: distributed.Dist, **split_options) ->
     """The start-up train and finetune share: the run folder locked and logged (rank 0), seeds, the data splits.
     The lock is released however the command ends."""
     decode.check(cfg.decoder)  # before the run folder is touched
+    decode.set_max_pixels(cfg.max_image_pixels)  # before the loaders fork their workers
     if not cfg.resume and (cfg.run_dir / "checkpoints" / "last.pt").is_file():
         raise UserError(f"{cfg.run_dir} already holds a run (checkpoints/last.pt); continue it with --resume auto, "
                         f"or give a new --out")
