@@ -22,7 +22,7 @@ LAUNCHER_VARS = re.compile(r"(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|MASTER
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
             "MASTER_PORT": "29400"}
-SRUN = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+SRUN = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "5", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
         "SLURM_STEP_NUM_TASKS": "7", "SLURM_NTASKS": "7", "SLURM_STEP_TASKS_PER_NODE": "3(x2),1",
         "SLURM_STEP_NODELIST": "gpu[07-09]", "SLURM_JOB_NODELIST": "gpu[07-09]"}
 # what a batch script's own process sees: the job's variables, no step
@@ -51,9 +51,10 @@ def test_srun_step(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: warmstart expands the host list itself
     launch._first_host.cache_clear()
     got = launch.detect(SRUN)
-    # this node (SLURM_NODEID 2) runs 1 task of "3(x2),1"; the master is the step's first host, port from the job id
-    assert got == launch.Launch("srun", 5, 7, 1, 1, "gpu07", 15000 + 4242)
-    assert launch.detect({**SRUN, "SLURM_NODEID": "1"}).local_world_size == 3
+    # this node (SLURM_NODEID 1) runs 3 tasks of "3(x2),1"; the master is the step's first host, port from the job id
+    assert got == launch.Launch("srun", 5, 7, 2, 3, "gpu07", 15000 + 4242)
+    last = {**SRUN, "SLURM_PROCID": "6", "SLURM_LOCALID": "0", "SLURM_NODEID": "2"}
+    assert launch.detect(last).local_world_size == 1
     assert launch.detect({**SRUN, "MASTER_ADDR": "head", "MASTER_PORT": "1234"})[5:] == ("head", 1234)
 
 
@@ -162,3 +163,52 @@ def test_mpirun_trains_with_two_processes(tmp_path):
     proc = subprocess.run(mpirun(2, ["predict", "--checkpoint", str(tmp_path / "missing.pt"), str(tmp_path / "x.jpg")]),
                           env=mpi_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and re.search(r"warmstart predict \(rank [01]\): error: ", proc.stderr), proc.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 with WORLD_SIZE=1: a rank runs from 0 to 0"),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1 with WORLD_SIZE=2"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0: a world has at least 1 process"),
+    ({**TORCHRUN, "LOCAL_WORLD_SIZE": "5"}, "LOCAL_WORLD_SIZE=5 with WORLD_SIZE=4"),
+    ({**TORCHRUN, "LOCAL_RANK": "2"}, "LOCAL_RANK=2 with LOCAL_WORLD_SIZE=2"),
+    ({**TORCHRUN, "MASTER_PORT": "0"}, "MASTER_PORT=0 in the environment is no TCP port"),
+    ({**OPENMPI, "MASTER_PORT": "65536"}, "MASTER_PORT=65536"),
+    ({**OPENMPI, "OMPI_COMM_WORLD_SIZE": "1"}, "OMPI_COMM_WORLD_RANK=1 with OMPI_COMM_WORLD_SIZE=1"),
+    ({**MPICH, "PMI_SIZE": "2"}, "PMI_RANK=2 with PMI_SIZE=2"),
+    ({**SRUN, "SLURM_PROCID": "7"}, "SLURM_PROCID=7 with SLURM_STEP_NUM_TASKS=7"),
+    ({**SRUN, "SLURM_STEP_TASKS_PER_NODE": "9(x2),1"}, "SLURM_STEP_TASKS_PER_NODE=9 with SLURM_STEP_NUM_TASKS=7"),
+    ({**SRUN, "SLURM_STEP_TASKS_PER_NODE": "three"}, "SLURM_STEP_TASKS_PER_NODE='three' in the environment is not"),
+    ({**SRUN, "SLURM_NTASKS_PER_NODE": "abc"}, "SLURM_NTASKS_PER_NODE='abc' in the environment is not"),
+    ({**SRUN, "SLURM_STEP_NODELIST": "n[a-b]"}, "SLURM_STEP_NODELIST='n[a-b]' is no SLURM host list"),
+])
+def test_environment_that_cannot_describe_this_process_is_one_line(monkeypatch, env, message):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: warmstart reads the host list itself
+    launch._first_host.cache_clear()
+    with pytest.raises(UserError) as e:
+        launch.detect(env)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_host_lists_read_or_refused():
+    assert launch.expand_nodelist("gpu[01-03,07],login5") == ["gpu01", "gpu02", "gpu03", "gpu07", "login5"]
+    for bad in ("n[a-b]", "gpu[01", "gpu[]", "a,,b", ""):
+        with pytest.raises(UserError, match="no SLURM host list"):
+            launch.expand_nodelist(bad)
+
+
+@pytest.mark.parametrize("env, prefix", [({"RANK": "3", "WORLD_SIZE": "2"}, " (rank 3)"),
+                                         ({"RANK": "1", "WORLD_SIZE": "1"}, " (rank 1)"),
+                                         ({"RANK": "0", "WORLD_SIZE": "0"}, ""),
+                                         ({"RANK": "x", "WORLD_SIZE": "2"}, ""),
+                                         ({**TORCHRUN, "MASTER_PORT": "99999"}, " (rank 3)"),
+                                         ({**SRUN, "SLURM_STEP_NODELIST": "n[a-b]"}, " (rank 5)")])
+def test_rank_prefix_of_a_refused_environment(clean_env, env, prefix):
+    """The prefix of the error line that refuses the environment: the rank when it reads as one, never a crash."""
+    clean_env.setenv("PATH", "/nonexistent")
+    launch._first_host.cache_clear()
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    with pytest.raises(UserError):
+        launch.detect()
+    assert launch.rank_prefix() == prefix
+    assert options.cpus_per_process()[1] >= 1  # the workers' default still reads (one process's share)

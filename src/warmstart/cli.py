@@ -47,21 +47,26 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
+        if command in COMMANDS and command != "prepare" and not {"-h", "--help"} & set(argv):
+            # every other command joins the launcher's processes (distributed.setup): a broken launcher environment
+            # is one line now, not after the stage's module has spent seconds importing torch
+            launch.detect()
+        args = build_parser(argv).parse_args(argv)
         return int(args._run(args) or 0)
     except UserError as e:
         # under torchrun, srun or mpirun every process may fail: say which
-        print(f"warmstart {args.command}{launch.rank_prefix()}: error: {e}", file=sys.stderr)
+        print(f"warmstart {command}{launch.rank_prefix()}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         if not fileio.is_out_of_space(e):
             raise
-        print(f"warmstart {args.command}: error: no space left on the device ({e.filename or 'writing output'}); "
+        print(f"warmstart {command}: error: no space left on the device ({e.filename or 'writing output'}); "
               f"free some space, then run the same command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"warmstart {args.command}: interrupted", file=sys.stderr)
+        print(f"warmstart {command}: interrupted", file=sys.stderr)
         return 130
 
 

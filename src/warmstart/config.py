@@ -7,12 +7,13 @@ resolved result is saved as RUN/config.yaml and inside every checkpoint.
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from warmstart import fileio, lr_rules, options
+from warmstart import fileio, lr_rules, options, untrusted
 from warmstart.errors import UserError, first_line
 
 
@@ -72,7 +73,8 @@ class TrainConfig:
                                       "per visible GPU, else 1)", metavar="N")
     deterministic: bool = _opt(False, "identical GPU runs: deterministic algorithms only, no cudnn autotuning (slower)")
     dist_timeout: float = _opt(30.0, "minutes a collective may wait for the other processes before every process "
-                               "stops with an error (a rank that died or hangs)", metavar="MINUTES")
+                               "stops with an error (a rank that died or hangs); the processes' first meeting waits "
+                               "at most 5 of them and names the ranks that did not come", metavar="MINUTES")
     # schedule and optimiser
     epochs: int = _opt(40, "number of epochs")
     batch_size: int = _opt(64, options.HELP["batch_size"] + " (global batch = this x processes x --accum-steps)", "-b")
@@ -224,22 +226,21 @@ def _coerce(name: str, value, source: str):
     return value
 
 
-# never read from YAML: trust is granted on the command line only (trust.py), a run folder or recipe is data
-CLI_ONLY = ("trust_code", "cache_dir")  # a YAML file must not choose where this machine writes
+# never read from YAML: trust is granted on the command line only (trust.py), a run folder or recipe is data; and a
+# YAML file must not choose where or whether this machine writes (a recipe someone sent naming `out: ~/runs/mine`
+# and `resume: auto` would continue and rewrite a run the command line never named)
+CLI_ONLY = ("trust_code", "cache_dir", "out", "resume", "evaluate")
 
 
 def load_yaml(path: str, saved: bool = False) -> dict:
     """A recipe (--config) or a run's saved config.yaml (saved=True) as {field: value}. CLI_ONLY fields are dropped
     from a saved config (every run saves them) and refused in a recipe."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"config file {p} does not exist; see examples/recipes/ for recipe files")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{p} is not valid YAML: {first_line(e, 200)}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{p} must be a mapping of option: value (see examples/recipes/)")
+    data = untrusted.parse_yaml(untrusted.read_text(p, "config file"), p)
+    if bad := [k for k in data if not isinstance(k, str)]:
+        raise UserError(f"{p}: option names must be text, got {bad[0]!r}; see examples/recipes/")
     data = {("from_" if k == "from" else k.replace("-", "_")): v for k, v in data.items()}
     for name in CLI_ONLY:
         if name in data and not saved and data[name]:
@@ -261,7 +262,8 @@ COMMAND_DEFAULTS = {
 
 # how this invocation starts its processes, not what the run is: a resumed run may be launched another way
 LAUNCH = ("multiprocessing_distributed", "dist_url", "dist_backend", "world_size", "rank", "nproc_per_node", "device",
-          "decoder", "threads", "cache_dir", "cache_limit")  # a --decoder gpu run resumes on a CPU machine too
+          "decoder", "threads", "workers", "cache_dir", "cache_limit")  # a --decoder gpu run resumes on a CPU machine
+# too, and a run from a 64-core node on a laptop with the laptop's default workers
 
 
 def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
@@ -300,27 +302,51 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
         values["data"] = args.data_pos
     cfg = TrainConfig(**values)
     cfg.given, cfg.from_yaml = given, from_yaml
-    for name in ("epochs", "batch_size", "accum_steps", "img_size", "eval_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     options.check_threads(cfg.threads)
-    ranges = {"workers": (0, None), "crop_pct": (1e-3, 1), "min_scale": (1e-3, 1), "label_smoothing": (0, 0.999),
-              "reprob": (0, 1), "mixup": (0, None), "cutmix": (0, None), "ema_decay": (0, 1), "lr_base": (0, None),
-              "weight_decay": (0, None), "warmup_epochs": (0, None), "save_every_minutes": (0, None)}
-    ranges.update({"head_lr_mult": (0, None), "layer_decay": (1e-3, 1), "val_split": (0, 0.9)})
-    for name, (lo, hi) in ranges.items():
-        v = getattr(cfg, name)
-        if v is not None and (v < lo or (hi is not None and v > hi)):
-            raise UserError(f"--{name.replace('_', '-')} {v} is out of range: use a value in [{lo}, {hi if hi is not None else 'inf'}]")
+    check_values(cfg)
     if cfg.img_size_start and cfg.img_size_start > cfg.img_size:
         raise UserError(f"--img-size-start {cfg.img_size_start} is above --img-size {cfg.img_size}: progressive "
                         f"resizing grows towards --img-size; lower the start or drop it")
     aa = cfg.auto_augment
-    if aa and not (aa == "trivialaugment" or aa == "randaugment" or (aa.startswith("randaugment-") and aa[12:].isdigit())):
-        raise UserError(f"--auto-augment {aa!r}: use trivialaugment, randaugment or randaugment-M (M an integer magnitude)")
+    magnitude = aa[12:] if aa and aa.startswith("randaugment-") else ""
+    if aa and not (aa in ("trivialaugment", "randaugment") or (magnitude.isdigit() and int(magnitude) <= 30)):
+        # torchvision's RandAugment has 31 magnitude bins: 0 to 30
+        raise UserError(f"--auto-augment {aa!r}: use trivialaugment, randaugment or randaugment-M (M an integer "
+                        f"magnitude from 0 to 30)")
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise UserError(f"--out {cfg.out} is a file; name a run directory")
     return cfg
+
+
+# Every numeric setting's sane range, inclusive (None: no bound but a finite value). Checked after flags and YAML
+# are merged, so a recipe's value is held to the same range as a flag's; NaN fails every comparison, so the test is
+# "inside", never "not outside".
+RANGES = {
+    "epochs": (1, 100_000), "batch_size": (1, 2**20), "accum_steps": (1, 2**16), "global_batch": (1, 2**24),
+    "eval_every": (1, None), "seed": (0, 2**63 - 1), "workers": (0, 1024), "threads": (1, 4096),
+    "nproc_per_node": (1, 1024), "world_size": (1, 100_000), "rank": (0, 100_000), "dist_timeout": (0.01, 10_000),
+    "img_size": (8, 4096), "img_size_start": (8, 4096), "eval_img_size": (8, 4096), "max_image_pixels": (1, 2**40),
+    "crop_pct": (1e-3, 1), "min_scale": (1e-3, 1), "label_smoothing": (0, 0.999), "reprob": (0, 1),
+    "mixup": (0, 100), "cutmix": (0, 100), "ema_decay": (0, 1), "lr": (0, 10_000), "lr_base": (0, 10_000),
+    "warmup_lr": (0, 10_000), "min_lr": (0, 10_000), "momentum": (0, 1), "weight_decay": (0, 10),
+    "warmup_epochs": (0, 100_000), "decay_epochs": (1e-3, 100_000), "decay_rate": (0, 10), "clip_grad": (1e-9, None),
+    "save_every_minutes": (0, None), "head_lr_mult": (0, 10_000), "layer_decay": (1e-3, 1), "val_split": (0, 0.9),
+}
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """Every numeric setting finite and in RANGES, whatever set it: one line naming the flag, before any work."""
+    for name, (lo, hi) in RANGES.items():
+        v = getattr(cfg, name)
+        if v is None:
+            continue
+        if not (math.isfinite(v) and lo <= v and (hi is None or v <= hi)):
+            raise UserError(f"{flag_name(name)} {v} is out of range: use a value in [{lo}, {hi if hi is not None else 'inf'}]"
+                            + (f" (set in {cfg.from_yaml[name]})" if name in cfg.from_yaml else ""))
+    cpus = options.cpus_per_process()[0]
+    if "workers" in cfg.from_yaml and cfg.workers > cpus:  # 100000 in a recipe would fork until the OOM killer
+        raise UserError(f"{cfg.from_yaml['workers']}: workers {cfg.workers} is more than this machine's {cpus} CPUs; "
+                        f"lower it, or give -j on the command line")
 
 
 def save_yaml(cfg: TrainConfig, path: Path) -> None:

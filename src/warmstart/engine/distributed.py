@@ -2,12 +2,18 @@
 torchrun, srun, MPI, or none), reductions, rank-0 checks. Also the classic example's single command:
 --multiprocessing-distributed --dist-url tcp://HOST:PORT --world-size NODES --rank NODE spawns one process per local
 GPU (--nproc-per-node N CPU processes without GPUs).
+
+Two timeouts: the ranks first meet at rank 0's store (rendezvous()) and wait for each other at most
+RENDEZVOUS_MINUTES (5, or --dist-timeout when shorter), then name the ranks that never came; a collective mid-run
+waits --dist-timeout (30 min by default: a slow peer, a long checkpoint save on rank 0).
 """
 
 import datetime
 import os
 import re
+import socket
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +57,61 @@ class Dist:
         return out
 
 
+# a world that does not form (a rank never started, a wrong MASTER_ADDR or port) is a launch mistake: reported within
+# minutes, not after the 30 that a collective may wait for a slow peer
+RENDEZVOUS_MINUTES = 5.0
+
+
+def _ranks(ranks: list[int]) -> str:
+    """'rank 3' or 'ranks 1-5, 7': who did not come, in one short line however many."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and spans[-1][1] == r - 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def rendezvous(found: launch.Launch, minutes: float) -> dist.Store:
+    """Rank 0's TCP store with every rank checked in, or one line within `minutes` that names who did not come.
+    env:// does the same meeting but waits the collectives' whole timeout and names no one (or tracebacks). The
+    waits are polls of our own: TCPStore's connect retries and timed-out waits log C++ stack traces on stderr."""
+    where, deadline = f"{found.master_addr}:{found.master_port}", time.monotonic() + minutes * 60
+    # under torchrun its agent already serves the store at MASTER_ADDR:MASTER_PORT (torch's env:// checks the same)
+    serve = found.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    while not serve:
+        try:
+            socket.create_connection((found.master_addr, found.master_port), timeout=10).close()
+            break
+        except OSError as e:  # refused (rank 0 not listening yet), unknown host, unreachable
+            if time.monotonic() > deadline:
+                raise UserError(f"rank {found.rank} could not reach rank 0 at {where} within {minutes:g} min "
+                                f"({e.strerror or e}): start rank 0 with the same MASTER_ADDR and MASTER_PORT, and "
+                                f"check that its host accepts connections on that port") from None
+            time.sleep(0.5)
+    try:
+        store = dist.TCPStore(found.master_addr, found.master_port, found.world_size, is_master=serve,
+                              timeout=datetime.timedelta(minutes=minutes), wait_for_workers=False, multi_tenant=True)
+    except RuntimeError as e:  # DistNetworkError: the port is taken (rank 0), rank 0 went away since the probe
+        who = "rank 0 could not listen" if serve else f"rank {found.rank} could not join rank 0"
+        raise UserError(f"{who} at {where} ({first_line(e)}): choose a free MASTER_PORT for every rank") from None
+    keys = [f"warmstart/joined/{r}" for r in range(found.world_size)]
+    try:
+        store.set(keys[found.rank], "1")
+        while not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        missing = [r for r, k in enumerate(keys) if not store.check([k])]
+    except RuntimeError:  # rank 0 gave up first (its own line says who was missing) and its store went with it
+        raise UserError(f"rank {found.rank} lost rank 0 at {where} while the {found.world_size} processes were "
+                        f"meeting: see rank 0's message") from None
+    if missing:
+        raise UserError(f"rank {found.rank} waited {minutes:g} min at {where} for {_ranks(missing)} of "
+                        f"{found.world_size} to join: start every rank (the launcher's process count must match), "
+                        f"with the same MASTER_ADDR and MASTER_PORT")
+    return store
+
+
 def setup(device: str | None = None, timeout_minutes: float = 30, backend: str | None = None) -> Dist:
     found = launch.detect()
     rank, world, local_rank = found.rank, found.world_size, found.local_rank
@@ -81,9 +142,11 @@ def setup(device: str | None = None, timeout_minutes: float = 30, backend: str |
                     print("warning: --dist-backend nccl needs GPUs and this process runs on the CPU; using gloo",
                           file=sys.stderr)
                 chosen = "gloo"
-            os.environ.update(launch.rendezvous_env(found))  # env:// reads them (under torchrun: the same values)
-            dist.init_process_group(chosen, init_method="env://", rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+            os.environ.update(launch.rendezvous_env(found))  # one line when unknown; what libraries read (torchrun's)
+            store = rendezvous(found, min(timeout_minutes, RENDEZVOUS_MINUTES))
+            timeout = datetime.timedelta(minutes=timeout_minutes)
+            store.set_timeout(timeout)  # the meeting is over: the group's own store reads wait like collectives
+            dist.init_process_group(chosen, store=store, rank=rank, world_size=world, timeout=timeout)
         control = dist.new_group(backend="gloo") if dev.type == "cuda" else None  # None: the (Gloo) default group
     return Dist(rank, world, local_rank, dev, control)
 
@@ -156,6 +219,12 @@ def _spawned(local_rank: int, fn, cfg, nprocs: int, host: str, port: str) -> Non
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t
 
 
