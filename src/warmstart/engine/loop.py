@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from warmstart.models import unwrap
-from warmstart.engine.distributed import all_reduce_sum
+from warmstart.engine.distributed import all_reduce_min, all_reduce_sum
 from warmstart.errors import UserError
 from warmstart.progress import bar as progress_bar, iterate
 
@@ -27,14 +27,20 @@ class Position:
 
 class EpochLoss:
     """The training loss summed over an epoch's samples, on the device (no sync per step), plus what a checkpoint
-    carried of the same epoch (on rank 0 only: the totals are summed over ranks)."""
+    carried of the same epoch (on rank 0 only: the totals are summed over ranks). It also notes, on the device, the
+    first update whose loss was not finite: `totals()` (at every save and at the epoch's end) then stops the run
+    with one line naming it, before a checkpoint of NaN weights is written over the last good one."""
 
     def __init__(self, device: torch.device, carried_sum: float = 0.0, carried_images: int = 0):
         self.sum, self.images = torch.zeros((), device=device), 0
         self.carried = (carried_sum, carried_images)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
 
-    def add(self, loss: torch.Tensor, n: int) -> None:
-        self.sum += loss.detach() * n
+    def add(self, loss: torch.Tensor, n: int, update: int) -> None:
+        """The mean `loss` of a batch of `n` samples that counts towards optimiser update number `update`."""
+        loss = loss.detach()
+        self.sum += loss * n
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), update, self.first_bad)
         self.images += n
 
     def totals(self) -> tuple[float, int]:
@@ -42,6 +48,13 @@ class EpochLoss:
         local = [self.sum.item() + self.carried[0], self.images + self.carried[1]]
         # on the device: NCCL reduces CUDA tensors only
         total = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=self.sum.device)).tolist()
+        if not math.isfinite(total[0]):  # every rank sees the same sum: all stop here together
+            bad = self.first_bad.item()
+            first = int(all_reduce_min(torch.tensor(bad if bad >= 0 else 2**62, device=self.sum.device)).item())
+            at = f"at update {first}" if first < 2**62 else "in a batch trained before the resume"
+            raise UserError(f"the training loss became NaN or infinite {at}; stopped before saving: "
+                            f"checkpoints/last.pt keeps the last good state. Lower --lr (or --lr-base), add "
+                            f"--clip-grad, or check the model and data")
         return total[0], int(total[1])
 
 
@@ -169,7 +182,7 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
                 loss = loss_fn(model(x), y)
             (scaler.scale(loss / accum_steps) if scaler else loss / accum_steps).backward()
         pos.batch_in_epoch += 1
-        epoch_loss.add(loss, len(x))  # before on_update: a save there counts this batch as trained
+        epoch_loss.add(loss, len(x), pos.step + 1)  # before on_update: a save there counts this batch as trained
         if update:
             _update(model, optimizer, scheduler, pos, scaler, ema, clip_grad)
             if on_update is not None:

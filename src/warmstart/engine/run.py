@@ -24,7 +24,7 @@ from warmstart.data import decode
 from warmstart.data.dataset import batch_layout, collate, dataset_for, decoded, eval_loader, make_loader
 from warmstart.data.sampler import TrainSampler
 from warmstart.data.sources import Splits, load_splits
-from warmstart.engine import distributed
+from warmstart.engine import distributed, runlog
 from warmstart.engine.loop import EpochLoss, LoaderWatch, Position, choose_precision, evaluate, train_one_epoch
 from warmstart.engine.runlog import RunLog
 from warmstart.engine.step import build_step
@@ -62,15 +62,32 @@ def session(cfg: config.TrainConfig, dist: distributed.Dist, **split_options) ->
     The lock is released however the command ends."""
     decode.check(cfg.decoder)  # before the run folder is touched
     decode.set_max_pixels(cfg.max_image_pixels)  # before the loaders fork their workers
-    if not cfg.resume and (cfg.run_dir / "checkpoints" / "last.pt").is_file():
-        raise UserError(f"{cfg.run_dir} already holds a run (checkpoints/last.pt); continue it with --resume auto, "
-                        f"or give a new --out")
+    check_run_folder(cfg)
     with RunLog(cfg.run_dir, enabled=dist.is_main) as log:
         seed_everything(cfg.seed)
         splits = load_splits(cfg.data, cache_dir=cfg.cache_dir, cache_limit=cfg.cache_limit, **split_options)
         if splits.warning:  # unverified data, a shard cache too small for the shards
             log.print(splits.warning)
         yield log, splits
+
+
+def check_run_folder(cfg: config.TrainConfig) -> None:
+    """A folder that holds any record of a run is written only by a resume of that run: without --resume never;
+    with --resume auto only from its own last.pt (a deleted or dangling one is no fresh start over best.pt); with
+    --resume CKPT only when CKPT is one of its own checkpoints."""
+    run, held = cfg.run_dir, runlog.records(cfg.run_dir)
+    if not held:
+        return
+    if not cfg.resume:
+        raise UserError(f"{run} already holds a run ({', '.join(held)}); continue it with --resume auto, or give a "
+                        f"new --out")
+    if cfg.resume == "auto" and "checkpoints/last.pt" not in held and set(held) - {"config.yaml"}:
+        raise UserError(f"{run} holds a run ({', '.join(held)}) but no checkpoints/last.pt to continue from; resume "
+                        f"from another checkpoint with --resume {run / 'checkpoints' / 'best.pt'}, or give a new --out")
+    theirs = Path(cfg.resume).resolve().parent if cfg.resume != "auto" else None
+    if theirs is not None and theirs != (run / "checkpoints").resolve():
+        raise UserError(f"--resume {cfg.resume} would continue into {run}, which holds another run ({', '.join(held)});"
+                        f" give a new --out")
 
 
 def resume_path(cfg: config.TrainConfig, run_dir: Path) -> Path | None:

@@ -120,14 +120,46 @@ def _lock(run_dir: Path) -> tuple[object, str | None]:
     return f, note
 
 
+# What a run writes into its folder. Any of RECORDS means a run lives there: a command without --resume never
+# writes into it (a deleted or dangling last.pt does not make a finished run's folder free).
+RECORDS = ("config.yaml", "metrics.jsonl", "checkpoints/best.pt", "checkpoints/last.pt")
+WRITTEN = RECORDS + ("metrics.csv", "curves.png", "log.txt")
+MAX_METRICS_BYTES = 64 * 2**20  # a row an epoch, ~300 bytes: a thousand-epoch run writes well under 1 MB
+
+
+def records(run_dir: Path) -> list[str]:
+    """The RECORDS run_dir holds; one line for a file the run writes that is not a regular file (a directory, a
+    dangling link, a FIFO), a `checkpoints` that is not a folder, or a metrics.jsonl beyond any run's size."""
+    if os.path.lexists(run_dir / "checkpoints") and not (run_dir / "checkpoints").is_dir():
+        raise UserError(f"{run_dir / 'checkpoints'} is not a folder; a run keeps its checkpoints there: move it "
+                        f"aside, or give another --out")
+    for name in WRITTEN:
+        path = run_dir / name
+        if path.is_symlink() and not name.endswith(".pt"):  # checkpoints are replaced by a rename, never written into
+            raise UserError(f"{path} is a symbolic link; a run folder's files must be its own: remove the link (or "
+                            f"give another --out)")
+        if os.path.lexists(path) and not path.is_file():
+            what = "a link to nothing" if path.is_symlink() and not path.exists() else "a folder" if path.is_dir() \
+                else "not a regular file"
+            raise UserError(f"{path} is {what}; a run writes it there: move it aside, or give another --out")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > MAX_METRICS_BYTES:
+        raise UserError(f"{metrics} is {fileio.human(metrics.stat().st_size)}, far beyond any run's; it was edited: "
+                        f"move it aside, or give another --out")
+    return [name for name in RECORDS if os.path.lexists(run_dir / name)]
+
+
 def _repair_torn_tail(path: Path) -> None:
     """A crash mid-write leaves a last line without its newline; the next append would glue a good row to it."""
     if not path.is_file() or path.stat().st_size == 0:
         return
     with fileio.open_own(path, "r+") as f:
-        data = f.buffer.read()
-        if not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
+        raw = f.buffer
+        size = raw.seek(0, os.SEEK_END)
+        raw.seek(max(0, size - 2**20))  # only the tail: the file may be large
+        tail = raw.read()
+        if not tail.endswith(b"\n"):
+            raw.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
 
 
 class RunLog:
@@ -207,10 +239,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
     # a resumed run rewrites epochs it redoes: keep the last row per epoch. A line torn by a crash or edited into
     # something else is not a row: it must not stop a run after a full epoch of training
     rows = {}
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+    with open(path, "rb") as f:
+        data = f.read(MAX_METRICS_BYTES)  # checked at the start of the run; an append cannot grow it past this
+    for line in data.decode("utf-8", errors="replace").splitlines():
         try:
             r = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a line of 200,000 `[`
             continue
         if isinstance(r, dict) and type(r.get("epoch")) is int:
             rows[r["epoch"]] = r
