@@ -94,3 +94,45 @@ def test_hook_cache__reader_enable_mmap_for_chunks(split):
     chunks = len(json.loads((split / "index.json").read_text())["chunks"])
     litdata_hooks.mmap_chunks(ds, chunks)
     assert [bytes(ds[i][0]) for i in range(len(SAMPLES))] == [d for d, _, _ in SAMPLES]  # still reads, mapped
+
+
+def test_hook_Downloader__publish_file(tmp_path):
+    # every S3 download ends in _publish_file(tmp, destination): boto3 or obstore, whole or in ranges, sync or async
+    import inspect
+
+    downloader = litdata_hooks.load().streaming.downloader
+    assert "self._publish_file(tmp_path, local_filepath)" in inspect.getsource(downloader.S3Downloader.download_file)
+    assert inspect.getsource(downloader._obstore_adownload_file).count("downloader._publish_file(tmp_path,") == 2
+
+    def check(path, name):
+        if name != "good.bin":
+            raise UserError(f"refused {name}")
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    litdata_hooks.check_downloads(str(cache), check)
+    d = downloader.get_downloader("s3://bucket/x/train", str(cache), [])  # registered for s3://: ours
+    for name in ("good.bin", "bad.bin"):
+        (cache / f"{name}.tmp.1").write_bytes(b"x")
+    d._publish_file(str(cache / "good.bin.tmp.1"), str(cache / "good.bin"))
+    with pytest.raises(UserError, match="refused bad.bin"):
+        d._publish_file(str(cache / "bad.bin.tmp.1"), str(cache / "bad.bin"))
+    assert sorted(p.name for p in cache.iterdir()) == ["good.bin"]  # the refused download removed
+    other = downloader.get_downloader("s3://bucket/y/train", str(tmp_path / "elsewhere"), [])
+    (tmp_path / "t").write_bytes(b"x")
+    with pytest.raises(UserError, match="did not ask for"):  # a cache folder warmstart did not name
+        other._publish_file(str(tmp_path / "t"), str(tmp_path / "elsewhere.bin"))
+
+
+def test_hook_PrepareChunksThread__report_crash(tmp_path, capsys):
+    # a refusal ends LitData's download thread (run() keeps it for the waiting read, raised `from` it, and reports
+    # it): quiet for a UserError, which shard_reader shows as one line
+    import inspect
+
+    streaming = litdata_hooks.load().streaming
+    litdata_hooks.check_downloads(str(tmp_path), lambda path, name: None)
+    run = inspect.getsource(streaming.reader.PrepareChunksThread.run)
+    assert "self._error = exc" in run and "self._report_crash(exc)" in run
+    assert ") from err" in inspect.getsource(streaming.item_loader.BaseItemLoader._raise_if_prefetch_crashed)
+    streaming.reader.PrepareChunksThread._report_crash(object(), UserError("refused"))
+    assert capsys.readouterr().err == ""

@@ -200,7 +200,8 @@ def one_line(err: str) -> str:
 
 def damage(chunk: Path, sample: int | None = None) -> Path:
     """Overwrite 64 bytes in the middle of a chunk file, or of one sample's record in it (LitData's chunk: uint32 item
-    count, uint32 offsets, the items); its size is unchanged, so only reading it can tell."""
+    count, uint32 offsets, the items); its size is unchanged, and warmstart.json records its new SHA-256 (a chunk
+    damaged after it was checked, e.g. in the cache), so only reading it can tell: each sample's CRC-32."""
     data = chunk.read_bytes()
     if sample is None:
         at = len(data) // 2
@@ -210,6 +211,12 @@ def damage(chunk: Path, sample: int | None = None) -> Path:
     with open(chunk, "r+b") as f:
         f.seek(at)
         f.write(b"\x5a" * 64)
+    meta = chunk.parent.parent / META
+    doc = json.loads(meta.read_text())
+    for c in doc["splits"][chunk.parent.name]["chunks"]:
+        if c["file"] == chunk.name:
+            c["sha256"] = file_digest(chunk)
+    meta.write_text(json.dumps(doc))
     return chunk
 
 
@@ -510,7 +517,7 @@ def test_an_edited_warmstart_json_is_one_line(small, tmp_path, capsys, change):
     assert f"{small / META} is damaged or was edited" in line, line
 
 
-@pytest.mark.parametrize("index,says", [(None, "cannot read"), ({}, "is not LitData's index"),
+@pytest.mark.parametrize("index,says", [(None, "is missing"), ({}, "is not LitData's index"),
                                         ("renamed", "lists other chunks")])
 def test_a_missing_or_edited_index_is_one_line(small, tmp_path, capsys, index, says):
     path = small / "train" / "index.json"

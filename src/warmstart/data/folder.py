@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from warmstart import untrusted
 from warmstart.errors import UserError
 from warmstart.fileio import atomic_write
 
@@ -52,6 +53,13 @@ def _scan(split_dir: Path, classes: list[str]) -> dict[str, list[str]]:
     return files
 
 
+def _listing(files, classes: list[str]) -> bool:
+    """Whether a cached index's files are {class: [file name, ...]} for every class (names, never paths)."""
+    return isinstance(files, dict) and all(
+        isinstance(files.get(c), list) and all(isinstance(n, str) and "/" not in n and n not in ("", ".", "..")
+                                               for n in files[c]) for c in classes)
+
+
 def index_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
     """Return (classes, samples) with samples as (relative path, class index), sorted.
 
@@ -69,11 +77,11 @@ def index_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[lis
     stamp = {c: (split_dir / c).stat().st_mtime_ns for c in found}
     cache = cache_dir() / "index" / (hashlib.sha1(str(split_dir).encode()).hexdigest() + ".json")
     files = None
-    try:
-        cached = json.loads(cache.read_text())
-        if cached["stamp"] == stamp:
+    try:  # a cache: missing or whatever is wrong with it (torn, edited, 200,000 `[`) is rescanned, never an error
+        cached = untrusted.read_json(cache, "folder index cache", limit=2**30)  # ImageNet's train/: ~30 MB
+        if cached.get("stamp") == stamp and _listing(cached.get("files"), found):
             files = cached["files"]
-    except (OSError, ValueError, KeyError):
+    except UserError:
         pass
     if files is None:
         files = _scan(split_dir, found)

@@ -5,10 +5,14 @@ names the private name it relies on and why; tests/test_litdata_hooks.py exercis
 LitData, so an upgrade that moves or changes one fails the test named after it.
 """
 
+import contextlib
 import logging
 import os
 
 from warmstart.errors import UserError
+
+_CHECKS = {}  # cache folder of a split -> check(downloaded file, chunk file name), for check_downloads' downloader
+_checking = False  # whether check_downloads' downloader is installed in this process (or the parent it forked from)
 
 
 def load():
@@ -18,6 +22,7 @@ def load():
     try:
         import litdata
         import litdata.streaming.downloader
+        import litdata.streaming.reader
         import litdata.streaming.resolver
         import litdata.streaming.serializers
         import litdata.streaming.writer
@@ -97,3 +102,42 @@ def mmap_chunks(ds, count: int) -> None:
     `StreamingDataset.cache._reader.enable_mmap_for_chunks` (LitData calls it only when it iterates, which warmstart
     never asks of it: its samplers read by index)."""
     ds.cache._reader.enable_mmap_for_chunks(set(range(count)))
+
+
+def check_downloads(cache: str, check) -> None:
+    """Every chunk LitData downloads into the cache folder `cache` (one per split and warmstart.json) goes through
+    `check(file, name)` (raising UserError) before it is renamed into place; a refused file is removed. An "s3://"
+    downloader (LitData's public `register_downloader`) overriding `Downloader._publish_file`: the one step every
+    download path ends in (boto3 or obstore, whole or in ranges, sync or async). A download into another folder is
+    refused. A refusal ends LitData's download thread, whose `PrepareChunksThread._report_crash` would print a
+    traceback: it stays quiet for a UserError, which the waiting read raises `from` it and shard_reader shows as one
+    line."""
+    global _checking
+    _CHECKS[os.path.realpath(cache)] = check
+    if _checking:
+        return
+    streaming = load().streaming
+
+    class CheckedS3(streaming.downloader.S3Downloader):
+        def _publish_file(self, tmp_path: str, local_filepath: str) -> None:
+            check = _CHECKS.get(os.path.realpath(self._cache_dir))
+            try:
+                if check is None:
+                    raise UserError(f"{self._remote_dir}: a download warmstart did not ask for; refused")
+                check(tmp_path, os.path.basename(local_filepath))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp_path)
+                raise
+            super()._publish_file(tmp_path, local_filepath)
+
+    streaming.downloader.register_downloader("s3://", CheckedS3, overwrite=True)
+    thread = streaming.reader.PrepareChunksThread
+    report = thread._report_crash
+
+    def _report_crash(self, exc):
+        if not isinstance(exc, UserError):
+            report(self, exc)
+
+    thread._report_crash = _report_crash
+    _checking = True

@@ -1,9 +1,14 @@
 """Where shards are stored: a local folder or an `s3://` prefix. Reading a small file and listing stored sizes from
-either, the S3 client's bounded retries, and the local chunk cache (its folder and its size limit)."""
+either, the S3 client's bounded retries, the local chunk cache (its folder and its size limit), and the record of
+local chunks already hashed on this machine."""
 
+import contextlib
+import fcntl
 import hashlib
+import json
 from pathlib import Path
 
+from warmstart import fileio, untrusted
 from warmstart.data import litdata_hooks
 from warmstart.data.folder import cache_dir as warmstart_cache
 from warmstart.errors import UserError, first_line
@@ -33,13 +38,11 @@ def s3_config(read_timeout: int = 15):
                                   read_timeout=read_timeout)
 
 
-def read_text(url: str, name: str) -> str:
-    """The text of url/name, a local path or an s3:// object; one line when it cannot be read."""
+def read_text(url: str, name: str, limit: int = untrusted.MAX_BYTES) -> str:
+    """The text of url/name, a local path or an s3:// object, of at most `limit` bytes (the shards' author chose its
+    size); one line when it cannot be read."""
     if not is_remote(url):
-        try:
-            return (Path(url) / name).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read {Path(url) / name} ({getattr(e, 'strerror', None) or e})") from None
+        return untrusted.read_text(Path(url) / name, name, limit)
     bucket, prefix = s3_parts(url)
     litdata_hooks.load()  # and with it boto3
     import boto3
@@ -47,10 +50,17 @@ def read_text(url: str, name: str) -> str:
 
     try:
         body = boto3.client("s3", config=s3_config()).get_object(Bucket=bucket, Key=prefix + name)["Body"]
-        return body.read().decode()
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, UnicodeDecodeError) as e:
+        data = body.read(limit + 1)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         raise UserError(f"--data {url}: cannot read {name} ({first_line(e, 200)}); check the URL, "
                         f"AWS credentials and AWS_ENDPOINT_URL") from None
+    if len(data) > limit:
+        raise UserError(f"{url}/{name} is larger than {limit // 2**20} MB, far beyond any {name} warmstart writes; it "
+                        f"was edited or is not what it says")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{url}/{name} is not UTF-8 text (byte {e.start}); it was edited or is not a {name}") from None
 
 
 def stored_sizes(url: str) -> dict[str, int]:
@@ -73,8 +83,36 @@ def stored_sizes(url: str) -> dict[str, int]:
 def cache_folder(url: str, meta: str, cache_dir: Path | None) -> Path:
     """Where chunks of an s3:// dataset are cached: a folder named after the URL and its warmstart.json (shards
     written again at the same URL get a fresh folder, never stale chunks), under --cache-dir or warmstart's cache."""
-    key = hashlib.sha1(f"{url.rstrip('/')}\n{meta}".encode()).hexdigest()[:16]
+    # "sha256-checked": chunks cached before downloads were hashed are never taken for checked ones
+    key = hashlib.sha1(f"{url.rstrip('/')}\n{meta}\nsha256-checked".encode()).hexdigest()[:16]
     return Path(cache_dir).expanduser() / key if cache_dir else warmstart_cache() / "shards" / key
+
+
+@contextlib.contextmanager
+def hashed_chunks(url: str):
+    """{split/file: stamp} of the local chunks of shards at `url` whose SHA-256 this machine already checked: a small
+    JSON under warmstart's cache, so a second run pays nothing. Held under a lock: the processes of one run (torchrun
+    ranks) wait for the first to hash, then find every chunk checked. Saved on leaving, also after a refusal."""
+    path = warmstart_cache() / "hashed" / f"{hashlib.sha1(url.encode()).hexdigest()[:16]}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")
+    except OSError:  # a read-only cache: every run hashes
+        yield {}
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            seen = untrusted.read_json(path, "hashed-chunks record") if path.is_file() else {}
+        except UserError:
+            seen = {}  # a damaged cache costs one more hashing, nothing else
+        before = dict(seen)
+        try:
+            yield seen
+        finally:
+            if seen != before:
+                with contextlib.suppress(OSError, UserError):
+                    fileio.write_text(path, json.dumps(seen), durable=False)
 
 
 def parse_size(text: str, flag: str) -> int:

@@ -1,14 +1,13 @@
 """Writing shards: one split's chunks through LitData's writer (`SplitWriter`), then warmstart.json, last and
 atomically (`write_meta`). The format itself is data/shard_format.py."""
 
-import hashlib
 import json
 import zlib
 from pathlib import Path
 
-from warmstart import fileio
+from warmstart import fileio, untrusted
 from warmstart.data import litdata_hooks
-from warmstart.data.shard_format import FORMAT, META
+from warmstart.data.shard_format import FORMAT, META, file_digest
 from warmstart.errors import UserError
 from warmstart.version import __version__
 
@@ -39,21 +38,12 @@ class SplitWriter:
             raise UserError(f"{self.folder}: no readable images for this split; nothing to write")
         litdata_hooks.finish_writer(self.writer)
         chunks = []
-        for c in json.loads((self.folder / "index.json").read_text())["chunks"]:
+        for c in untrusted.read_json(self.folder / "index.json", "index.json")["chunks"]:
             path = self.folder / c["filename"]
             chunks.append({"file": c["filename"], "samples": c["chunk_size"], "bytes": path.stat().st_size,
                            "sha256": file_digest(path)})
         return {"images": self.count, "bytes": self.bytes, "classes": dict(sorted(self.classes.items())),
                 "chunks": chunks}
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """The hex digest of a file, read in 4 MiB blocks (hashlib.file_digest is Python 3.11+)."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_meta(out: Path, *, classes: list[str], human: list[str] | None, splits: dict, options: dict,

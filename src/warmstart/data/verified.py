@@ -2,9 +2,11 @@
 MD5 and records the verdict, in prepared.json (folders) or warmstart.json (shards). This is the one reader of that
 verdict: `reason` decides for either record, and training shows it through `Splits.warning` (data/sources.py)."""
 
-import json
 import re
 from pathlib import Path
+
+from warmstart import untrusted
+from warmstart.errors import UserError
 
 # The published MD5 of each official archive (prepare/facts.MD5 is this table): an archive given that differs was
 # accepted only by --partial, and its data is unverified.
@@ -43,8 +45,10 @@ def folder_reason(root: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        return reason(json.loads(path.read_text()))
-    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return reason(untrusted.read_json(path, "prepared.json"))
+    except UserError as e:  # bounded, typed, one line naming the file: the data counts as unverified, with why
+        return f"unreadable: {e}"
+    except (AttributeError, TypeError, KeyError):  # fields of other types than prepare writes
         return f"{path} is unreadable or not written by warmstart prepare"
 
 

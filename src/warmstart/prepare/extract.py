@@ -11,11 +11,39 @@ from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-from warmstart import fileio
+from warmstart import fileio, untrusted
+from warmstart.errors import UserError
 from warmstart.prepare import images
 
 INFLIGHT_BYTES = 512 << 20  # bound on image bytes queued for the writers, to cap memory
 RESIZE_BATCH = 32  # images per worker-process task; amortises pickling and IPC
+
+
+def _read_options(path: Path) -> dict | None:
+    """.partial's options.json, or None when missing or damaged (bounded, typed): the run then starts afresh."""
+    try:
+        return untrusted.read_json(path, path.name)
+    except UserError:
+        return None
+
+
+def _read_journal(path: Path) -> str:
+    try:  # a record per finished unit: a few thousand lines, far below this limit
+        return untrusted.read_text(path, path.name, limit=2**28)
+    except UserError:
+        return ""  # nothing is taken as done: every unit is redone
+
+
+def _parse_record(line: str) -> dict | None:
+    """A journal line as _commit_first writes it, or None: whatever else it holds, its unit is redone."""
+    try:
+        r = untrusted.parse_json(line, "a journal line")
+    except UserError:
+        return None
+    ints = all(type(r.get(k)) is int for k in ("files", "bytes", "resized_bytes"))
+    counts = isinstance(r.get("counts"), dict) and all(type(n) is int for n in r["counts"].values())
+    lists = all(isinstance(r.get(k), list) for k in ("repairs", "unreadable"))
+    return r if isinstance(r.get("key"), str) and ints and counts and lists else None
 
 
 class Output:
@@ -26,13 +54,10 @@ class Output:
         self.journal = self.tmp / "journal.jsonl"
         self.done: dict[str, dict] = {}
         options_file = self.tmp / "options.json"
-        if options_file.is_file() and json.loads(options_file.read_text()) == options and self.journal.is_file():
-            for line in self.journal.read_text().splitlines():
-                if line.strip():  # a kill can leave a torn last line; it is redone
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
+        if _read_options(options_file) == options and self.journal.is_file():
+            for line in _read_journal(self.journal).splitlines():
+                record = _parse_record(line)
+                if record:  # else a torn last line (a kill), or not a record this writes: the unit is redone
                     self.done[record["key"]] = record
             for p in self.tmp.iterdir():  # half-written units (and temp files) of the killed run are redone from scratch
                 if p.is_dir():
