@@ -154,9 +154,9 @@ def test_finetune_resumes_from_last_pt_alone(trained, data, tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["train_state"]["position"]["epoch"] == 2 and ckpt["model_spec"]["head"]["num_classes"] == 4
     last = str(run / "checkpoints" / "last.pt")
-    assert f"warmstart finetune: resuming {last}" in (run / "log.txt").read_text()
+    assert f"warmstart finetune: resuming {last} (pretrained: {pretrained})" in (run / "log.txt").read_text()
     assert "another.pt" not in (run / "log.txt").read_text()
-    assert yaml.safe_load((run / "config.yaml").read_text())["from_"] == last
+    assert yaml.safe_load((run / "config.yaml").read_text())["from_"] == str(pretrained)  # as the checkpoint says
 
 
 @pytest.mark.parametrize("name", ["log.txt", "metrics.jsonl", ".lock"])
@@ -370,6 +370,28 @@ time.sleep(60)
     assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "1", *QUICK]) == 0
 
 
+def test_a_held_lock_named_in_another_pid_namespace_is_never_taken_over(data, tmp_path):
+    """Containers sharing a host name number their processes apart: a pid that is not running here may be running
+    there, so a held lock whose record names another PID namespace is refused, never taken over."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, socket, time
+f = open({str(run / '.lock')!r}, 'a+')
+fcntl.flock(f, fcntl.LOCK_EX)
+f.write(f'pid 999999999 on {{socket.gethostname()}} ns 1'); f.flush()
+print('locked', flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        one_line_error(cli("train", data, *TINY, "--out", run, "--epochs", "1", *QUICK), "being written", "ns 1")
+        assert not (run / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_lock_kept_by_a_dead_holders_child_is_taken_over(data, tmp_path):
     """The recorded holder is gone but a process it forked (outside warmstart's care) still holds the flock: the
     next run takes the lock over with one line, instead of waiting for a process nobody can name."""
@@ -379,7 +401,7 @@ def test_a_lock_kept_by_a_dead_holders_child_is_taken_over(data, tmp_path):
 import fcntl, os, socket, sys, time
 f = open({str(run / '.lock')!r}, 'a+')
 fcntl.flock(f, fcntl.LOCK_EX)
-f.write(f'pid {{os.getpid()}} on {{socket.gethostname()}}'); f.flush()
+f.write(f'pid {{os.getpid()}} on {{socket.gethostname()}} ns {{os.stat("/proc/self/ns/pid").st_ino}}'); f.flush()
 if os.fork() == 0:  # the child keeps the locked descriptor and outlives its parent
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from warmstart import fileio, trust
-from warmstart.errors import UserError, first_line
 from warmstart.fields import whole_number
 from warmstart.heads import find_head
 from warmstart.models import model_from_spec
+from warmstart.errors import UserError, first_line, printable, shown
 
 FORMAT = "warmstart/2"  # /1 had one RNG state (not one per rank) in early files and a layout without seed/images
+MAX_CLASSES = 1_000_000  # a model_spec's num_classes (ImageNet-21k has 21,841): an edited 10**12 would be built
 
 
 def _size(obj) -> int:
@@ -57,10 +58,13 @@ def load(path) -> dict:
     """The checkpoint dict, read as plain data; a clear UserError for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by warmstart "
-                        f"(e.g. RUN/checkpoints/best.pt)")
-    with open(path, "rb") as f:
-        head = f.read(1)
+        raise UserError(f"checkpoint {path} {'is not a file' if path.exists() else 'does not exist'}; pass the path "
+                        f"of a .pt file written by warmstart (e.g. RUN/checkpoints/best.pt)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+    except OSError as e:  # unreadable (permissions, I/O error): torch.load below would fail the same way
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     # torch.save writes a zip archive; the legacy format (and a bare pickle) starts with a PROTO opcode
     if not (zipfile.is_zipfile(path) or head == b"\x80"):
         raise _not_a_checkpoint(path, "not a file written by torch.save")
@@ -99,7 +103,11 @@ def upgrade(ckpt: dict, path="checkpoint") -> dict:
     ckpt.setdefault("ema", None)
     ckpt["prefer_ema"] = bool(ckpt.get("prefer_ema"))
     classes = ckpt.get("classes") or {}
-    ckpt["classes"] = {"names": [], "human": None, **classes} if isinstance(classes, dict) else classes
+    # a file without class names: name each output by its index, as finetune does for zoo weights
+    spec = ckpt["model_spec"] if isinstance(ckpt.get("model_spec"), dict) else {}
+    outputs = (spec.get("head") if isinstance(spec.get("head"), dict) else spec).get("num_classes")
+    names = [str(i) for i in range(outputs)] if whole_number(outputs, 1) and outputs <= MAX_CLASSES else []
+    ckpt["classes"] = {"names": names, "human": None, **classes} if isinstance(classes, dict) else classes
     for key in ("transform", "metrics", "config"):
         ckpt[key] = ckpt.get(key) or {}
     if version == "warmstart/1":
@@ -118,6 +126,9 @@ def upgrade(ckpt: dict, path="checkpoint") -> dict:
 
 
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+MAX_SIDE = 4096  # pixels: transform.size and the config's image sizes (train's own limit); transform.size 100000
+# would ask for a 30 GB image; the eval resize (size / crop_pct) may reach 2 * MAX_SIDE
+MAX_NAME = 1000  # characters in a class name (ImageNet's longest human name has 120): a table stays readable
 
 
 def _malformed(path, field: str, why: str) -> UserError:
@@ -130,9 +141,16 @@ def _check_fields(ckpt: dict, path) -> None:
     for key in ("classes", "transform", "metrics", "config"):
         if not isinstance(ckpt[key], dict):
             raise _malformed(path, key, f"a {type(ckpt[key]).__name__}, not a mapping")
-    _check_model_spec(ckpt["model_spec"], path)
-    _check_classes(ckpt["classes"], path)
+    spec = ckpt["model_spec"]
+    _check_model_spec(spec, path)
+    outputs = (spec.get("head") or spec)["num_classes"]  # the classifier's width: the fine-tuned head's, if any
+    _check_weights(ckpt, spec.get("head"), outputs, path)
+    _check_classes(ckpt["classes"], outputs, path)
     _check_transform(ckpt["transform"], path)
+    for key in ("img_size", "img_size_start", "eval_img_size"):  # finetune trains at the checkpoint's img_size
+        size = ckpt["config"].get(key)
+        if size is not None and not (whole_number(size, 1) and size <= MAX_SIDE):
+            raise _malformed(path, f"config.{key}", f"{size!r} is not a whole number of pixels in 1..{MAX_SIDE}")
     if not isinstance(ckpt["rng"], list) or not all(isinstance(r, dict) for r in ckpt["rng"]):
         raise _malformed(path, "rng", "not one RNG state per rank")
     _check_train_state(ckpt["train_state"], path)
@@ -143,32 +161,67 @@ def _check_model_spec(spec, path) -> None:
         raise _malformed(path, "model_spec.name", "not a model name")
     if not isinstance(spec.get("kwargs") or {}, dict):
         raise _malformed(path, "model_spec.kwargs", "not a mapping")
-    if not whole_number(spec.get("num_classes"), 1):
-        raise _malformed(path, "model_spec.num_classes", f"{spec.get('num_classes')!r} is not a positive integer")
+    if not (whole_number(spec.get("num_classes"), 1) and spec["num_classes"] <= MAX_CLASSES):
+        raise _malformed(path, "model_spec.num_classes", f"{spec.get('num_classes')!r} is not a whole number in "
+                         f"1..{MAX_CLASSES}")
     if not isinstance(spec.get("source") or "", str):
         raise _malformed(path, "model_spec.source", "not text")
     head = spec.get("head")
     if head is not None and not (isinstance(head, dict) and isinstance(head.get("module"), str) and head["module"]
-                                 and whole_number(head.get("num_classes"), 1)):
-        raise _malformed(path, "model_spec.head", "needs a module name and a positive num_classes")
+                                 and whole_number(head.get("num_classes"), 1) and head["num_classes"] <= MAX_CLASSES):
+        raise _malformed(path, "model_spec.head", f"needs a module name and a num_classes in 1..{MAX_CLASSES}")
 
 
-def _check_classes(classes: dict, path) -> None:
+def _check_weights(ckpt: dict, head, outputs: int, path) -> None:
+    """The state_dicts are mappings holding a classifier of the spec's width: the fine-tuned head's weight has
+    `outputs` rows; for other models, whose classifier only their code knows, some tensor has a dimension of that
+    size. Checked here, without building the model: a strict load_state_dict gives the built model these shapes, and
+    code that ignores num_classes builds (and fits weights of) another width."""
+    for key in ("model", "ema"):
+        weights = ckpt[key]
+        if weights is None and key == "ema":
+            continue
+        if not isinstance(weights, dict):
+            raise _malformed(path, key, "not a state_dict")
+        if head:
+            w = weights.get(f"{head['module']}.weight")
+            if not (torch.is_tensor(w) and w.ndim and w.shape[0] == outputs):
+                shape = tuple(w.shape) if torch.is_tensor(w) else None
+                raise _malformed(path, "model_spec.head", f"{outputs} outputs, but the {key} weight of "
+                                 f"{head['module']} has shape {shape}")
+        elif not any(torch.is_tensor(t) and outputs in t.shape for t in weights.values()):
+            raise _malformed(path, "model_spec.num_classes", f"{outputs} outputs, but no tensor of the {key} weights "
+                             f"has a dimension of that size")
+
+
+def _check_classes(classes: dict, outputs: int, path) -> None:
     names, human = classes.get("names"), classes.get("human")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise _malformed(path, "classes.names", "not a list of class names")
-    if human is not None and (not isinstance(human, list) or len(human) != len(names)):
+    if len(names) != outputs:  # predict and evaluate index the names by the model's outputs
+        raise _malformed(path, "classes.names", f"{len(names)} names for a model with {outputs} outputs")
+    if human is not None and (not isinstance(human, list) or len(human) != len(names)
+                              or not all(isinstance(h, str) for h in human)):
         raise _malformed(path, "classes.human", "not one name per class")
+    # names end up in tables, CSV files and error lines: a newline or an escape sequence in one would forge output
+    for key, values in (("names", names), ("human", human or [])):
+        for i, v in enumerate(values):
+            if len(v) > MAX_NAME or not printable(v):
+                why = f"longer than {MAX_NAME} characters" if len(v) > MAX_NAME else "holds control characters"
+                raise _malformed(path, f"classes.{key}[{i}]", f"'{shown(v[:40])}'{'...' if len(v) > 40 else ''} {why}")
 
 
 def _check_transform(t: dict, path) -> None:
     if not t:
         return
-    if not whole_number(t.get("size"), 1):
-        raise _malformed(path, "transform.size", f"{t.get('size')!r} is not a positive integer")
+    if not (whole_number(t.get("size"), 1) and t["size"] <= MAX_SIDE):
+        raise _malformed(path, "transform.size", f"{t.get('size')!r} is not a whole number of pixels in 1..{MAX_SIDE}")
     crop = t.get("crop_pct")
     if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1:
         raise _malformed(path, "transform.crop_pct", f"{crop!r} is not in (0, 1]")
+    if t["size"] / crop > 2 * MAX_SIDE:  # the eval resize's shorter side
+        raise _malformed(path, "transform.crop_pct", f"{crop!r} resizes images to {t['size'] / crop:.0f} pixels "
+                         f"for a {t['size']}-pixel crop, over {2 * MAX_SIDE}")
     for key in ("mean", "std"):
         v = t.get(key)
         if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)) or (

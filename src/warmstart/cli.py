@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"warmstart {command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `warmstart predict ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would fail again
+        return 141
 
 
 if __name__ == "__main__":

@@ -343,6 +343,9 @@ def check_values(cfg: TrainConfig) -> None:
         if not (math.isfinite(v) and lo <= v and (hi is None or v <= hi)):
             raise UserError(f"{flag_name(name)} {v} is out of range: use a value in [{lo}, {hi if hi is not None else 'inf'}]"
                             + (f" (set in {cfg.from_yaml[name]})" if name in cfg.from_yaml else ""))
+    if cfg.eval_size / cfg.crop_pct > 8192:  # the eval resize; checkpoint.py refuses a transform beyond it too
+        raise UserError(f"--eval-img-size {cfg.eval_size} / --crop-pct {cfg.crop_pct:g} resizes images to "
+                        f"{cfg.eval_size / cfg.crop_pct:.0f} px before the crop; keep it at most 8192")
     cpus = options.cpus_per_process()[0]
     if "workers" in cfg.from_yaml and cfg.workers > cpus:  # 100000 in a recipe would fork until the OOM killer
         raise UserError(f"{cfg.from_yaml['workers']}: workers {cfg.workers} is more than this machine's {cpus} CPUs; "

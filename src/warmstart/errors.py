@@ -5,8 +5,31 @@ and exits non-zero, with no traceback.
 """
 
 
+import unicodedata
+
+
 class UserError(Exception):
     pass
+
+
+# what must never reach a terminal or a log line from a name someone else chose: control and format characters
+# (a newline forges a line, an escape sequence or a bidi override rewrites what is shown), surrogates, separators
+UNPRINTABLE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+
+
+def printable(text: str) -> bool:
+    return not any(unicodedata.category(c) in UNPRINTABLE for c in text)
+
+
+def shown(text: str) -> str:
+    """`text` safe on one line of output: each unprintable character escaped as a Python string literal writes it,
+    a byte of a non-UTF-8 file name (surrogateescape) as that byte, \\xNN."""
+    def escape(c: str) -> str:
+        if unicodedata.category(c) not in UNPRINTABLE:
+            return c
+        return f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c.encode("unicode_escape").decode()
+
+    return "".join(escape(c) for c in text)
 
 
 def first_line(e: BaseException | str, limit: int = 160, empty: str = "no detail") -> str:

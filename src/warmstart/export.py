@@ -2,8 +2,8 @@
 
 Every export is written into a temp folder beside the output, loaded back (onnxruntime, torch.jit.load,
 safetensors.torch.load_model) and run on the same images as the PyTorch model, at batch N and batch 1; only when
-the outputs agree within --tolerance is it moved into place, so a failed export leaves nothing behind (and an earlier
-file of that name intact).
+the outputs agree within --tolerance, its FILE.json is written beside it and every destination is checked, are they
+moved into place, so a failed export leaves nothing new behind (and an earlier file of that name intact).
 
 ONNX goes through torch.export (`torch.onnx.export(dynamo=True)`: the maintained exporter; the TorchScript-based one
 is deprecated in torch 2.9+). A model torch.export cannot capture (data-dependent Python control flow, say) falls back
@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -220,6 +221,43 @@ examples:
   warmstart export --checkpoint best.pt --format safetensors --features --out tiny-backbone.safetensors"""
 
 
+def check_destinations(paths: list[Path]) -> None:
+    """Each file the export moves into place can go there: it is not a folder, and no file stands where one of its
+    folders would be. Checked before the export's work, and again, for every file, before any is moved."""
+    for p in paths:
+        blocker = next((q for q in p.parents if q.exists() and not q.is_dir()), None)
+        if blocker or p.is_dir():
+            raise UserError(f"cannot write {p}: {blocker or p} is {'a file, not a folder' if blocker else 'a folder'}; "
+                            f"move it or pass another --out; nothing was written")
+
+
+@contextlib.contextmanager
+def staging(out: Path):
+    """A temp folder beside `out` (the same file system: moving into place is a rename) for everything the export
+    writes. It is removed on the way out, and on a failure so are the folders made for `out`: a failed export leaves
+    nothing new behind. An unwritable place (read-only, no permission, a full disk) is one line."""
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # innermost first
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        yield tmp
+        made = []  # exported: the folders stay
+    except Exception as e:
+        if fileio.is_out_of_space(e):
+            raise fileio.out_of_space_error(out, None, "; nothing was written") from None
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {out}: {e.strerror or e} ({e.filename or out.parent}); pass an --out you "
+                            f"can write to; nothing was written") from None
+        raise
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
 def add_arguments(parser):
     options.add(parser, "checkpoint")
     parser.add_argument("--format", required=True, choices=list(EXPORTERS),
@@ -246,8 +284,8 @@ def run(args) -> int:
         with_opset = _joined_with_or(n for n, e in EXPORTERS.items() if e.opset)
         raise UserError(f"--opset applies to --format {with_opset} only, not {args.format}")
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.format, args.features)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; pass a file name, e.g. {out / ('model' + exporter.extension)}")
+    sidecar = out.with_name(out.name + ".json")
+    check_destinations([out, sidecar])  # before the export's work
     loaded = checkpoint.load_model(args.checkpoint, ema=options.ema_choice(args.weights), trust_code=args.trust_code)
     model, head = loaded.model, None
     if args.features:
@@ -278,23 +316,29 @@ def run(args) -> int:
         "human": loaded.human,
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        target = Path(tmp) / out.name
+    with staging(out) as tmp:
+        # torch.jit.save aborts the process on a full disk (a C++ error thrown in a destructor), past any cleanup:
+        # an export needs at least its weights' size
+        needed, free = sum(t.numel() * t.element_size() for t in model.state_dict().values()), fileio.free_bytes(tmp)
+        if free is not None and free < needed:
+            raise fileio.out_of_space_error(out, needed, "; nothing was written")
+        target = tmp / out.name
         what = exporter.write(model, x[:2], target, embedded, args.opset)
         diff = exporter.compare(exporter.load(model, target), x, expected)
         if not diff <= args.tolerance:  # NaN fails too
             raise UserError(f"the {args.format} export differs from PyTorch by up to {diff:.3g} (> --tolerance "
                             f"{args.tolerance:g}) on {source}; nothing was written")
-        size, umask = 0, os.umask(0o022)
+        size = sum(f.stat().st_size for f in tmp.iterdir())  # the file, and ONNX external weights (FILE.data)
+        (tmp / sidecar.name).write_text(json.dumps({**embedded, "export": what, "max_abs_diff": diff,
+                                                    "model_spec": loaded.model_spec}, indent=2) + "\n",
+                                        encoding="utf-8")
+        files = sorted(tmp.iterdir())  # FILE before FILE.json: the description last
+        check_destinations([out.parent / f.name for f in files])  # all of them, before any is moved
+        umask = os.umask(0o022)
         os.umask(umask)
-        for f in Path(tmp).iterdir():  # the file, and ONNX external weights (FILE.data) when there are any
-            size += f.stat().st_size
+        for f in files:
             os.chmod(f, 0o666 & ~umask)  # some writers (safetensors) create files private to the owner
             os.replace(f, out.parent / f.name)
-    sidecar = out.with_name(out.name + ".json")
-    fileio.write_text(sidecar, json.dumps({**embedded, "export": what, "max_abs_diff": diff,
-                                           "model_spec": loaded.model_spec}, indent=2) + "\n")
     print(f"{out}: {what}, {fileio.human(size)}, {output} (N, {expected.shape[1]}); max abs diff from PyTorch "
           f"{diff:.2g} on {source} (batch {len(x)} and 1); preprocessing in {sidecar.name}")
     return 0

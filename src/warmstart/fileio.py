@@ -26,8 +26,9 @@ def is_out_of_space(e: BaseException) -> bool:
         if isinstance(e, OSError) and e.errno in NO_SPACE:
             return True
         text = str(e)
-        if isinstance(e, RuntimeError) and ("unexpected pos" in text or "write failed" in text
-                                            or "No space left" in text):
+        if isinstance(e, RuntimeError) and ("unexpected pos" in text or "write failed" in text):
+            return True
+        if "No space left" in text:  # any library's wording of ENOSPC (safetensors: SafetensorError, os error 28)
             return True
         e = e.__cause__ or e.__context__
     return False

@@ -131,10 +131,13 @@ def run(args) -> int:
 def finetune(cfg: config.TrainConfig, dist: distributed.Dist) -> int:
     with session(cfg, dist, val_split=cfg.val_split, seed=cfg.seed) as (log, splits):
         # a resumed run rebuilds its model from last.pt alone (same trust check): the --from file may be gone, or
-        # config.yaml may name another; the start line and config.yaml say what the model was built from
+        # config.yaml may name another. The start line says so, and config.yaml keeps the pretrained source the
+        # checkpoint itself records (config.yaml is the one that may have been edited)
         path = resume_path(cfg, cfg.run_dir)
         if path:
-            base, cfg.from_ = checkpoint.load_model(path, trust_code=cfg.trust_code), str(path)
+            base = checkpoint.load_model(path, trust_code=cfg.trust_code)
+            origin = base.config.get("from_")
+            cfg.from_ = origin if isinstance(origin, str) and origin else str(path)
         else:
             base = pretrained(cfg)
         # the checkpoint's preprocessing, unless overridden: its training resolution, eval size, crop, mean/std
@@ -166,4 +169,5 @@ def finetune(cfg: config.TrainConfig, dist: distributed.Dist) -> int:
         mode = "linear probe" if cfg.linear_probe else f"frozen up to {cfg.freeze_until}" if cfg.freeze_until else "full"
         log.print(f"{splits.note}; pretrained {base.model_spec['name']} from {base.path}, head {head!r} -> "
                   f"{len(splits.classes)} classes, {mode} fine-tuning")
-        return run.start(f"warmstart finetune: {f'resuming {path}' if path else Path(str(cfg.from_)).name}")
+        return run.start(f"warmstart finetune: resuming {path} (pretrained: {cfg.from_})" if path else
+                         f"warmstart finetune: {Path(str(cfg.from_)).name}")

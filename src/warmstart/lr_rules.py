@@ -26,5 +26,5 @@ def described() -> str:
     by_rule: dict[tuple, list[str]] = {}
     for cls, rule in LR_RULES.items():
         by_rule.setdefault(rule, []).append(cls)
-    return ", ".join(f"{'/'.join(names) if len(names) < 5 else f'{names[0]}-like ({len(names)} classes)'} "
+    return ", ".join(f"{'/'.join(names) if len(names) < 5 else '/'.join(names[:2]) + f' and {len(names) - 2} more'} "
                      f"{base:g} ({scale})" for (base, scale), names in by_rule.items())

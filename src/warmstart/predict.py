@@ -14,7 +14,7 @@ from warmstart.data.folder import IMAGE_EXTENSIONS, image_files
 from warmstart.data.transforms import Normalize
 from warmstart.engine import distributed
 from warmstart.engine.loop import autocast, choose_precision
-from warmstart.errors import UserError
+from warmstart.errors import UserError, shown
 
 HELP = "top-k classes of images or folders of images"
 DESCRIPTION = """Predict the top-k classes of each image, with the checkpoint's own preprocessing. Folders are
@@ -89,32 +89,38 @@ def run(args) -> int:
     loader = DataLoader(Images(paths, loaded.transform, args.decoder), batch_size=args.batch_size, num_workers=workers,
                         collate_fn=collate)
 
-    path_w = max(len(str(p)) for p in paths)
-    class_w = max(len(c) for c in loaded.classes)
+    # the table shows names and file names through `shown`: a newline or an escape sequence in one must not forge a
+    # line, nor a non-UTF-8 file name stop the output half-way (JSON escapes what it must itself)
+    shown_paths = [shown(str(p)) for p in paths]
+    classes, names = [shown(c) for c in loaded.classes], [shown(n) for n in loaded.display_names]
+    path_w, class_w = max(map(len, shown_paths)), max(map(len, classes))
     if not args.json:
         print(f"{'image':<{path_w}}  {'prob':>6}  {'class':<{class_w}}  {'name' if loaded.human else ''}".rstrip())
     predicted = 0
     with torch.inference_mode():
         for indices, images, errors in loader:
             for i, err in errors:
-                print(f"warmstart predict: cannot read {paths[i]}: {err}", file=sys.stderr)
+                print(f"warmstart predict: cannot read {shown_paths[i]}: {shown(err)}", file=sys.stderr)
                 if args.json:
                     print(json.dumps({"path": str(paths[i]), "error": err}))
             if images is None:
                 continue
             with autocast(device, amp):
                 logits = model(normalize(images))
+            if logits.shape[1:] != (len(classes),):  # load_model's check cannot see every model's classifier
+                raise UserError(f"{args.checkpoint}: the model returns shape {tuple(logits.shape)}, not (N, "
+                                f"{len(classes)}): one logit per class name")
             probs, top = logits.float().softmax(1).topk(k, dim=1)
             for i, p_row, c_row in zip(indices, probs.tolist(), top.tolist()):
-                rows = [{"class": loaded.classes[c], "name": loaded.display_names[c], "prob": round(p, 6)}
-                        for p, c in zip(p_row, c_row)]
                 if args.json:
+                    rows = [{"class": loaded.classes[c], "name": loaded.display_names[c], "prob": round(p, 6)}
+                            for p, c in zip(p_row, c_row)]
                     print(json.dumps({"path": str(paths[i]), "top": rows}))
                 else:
-                    for rank, r in enumerate(rows):
-                        shown = str(paths[i]) if rank == 0 else ""
-                        name = r["name"] if loaded.human else ""
-                        print(f"{shown:<{path_w}}  {100 * r['prob']:5.1f}%  {r['class']:<{class_w}}  {name}".rstrip())
+                    for rank, (p, c) in enumerate(zip(p_row, c_row)):
+                        first = shown_paths[i] if rank == 0 else ""
+                        name = names[c] if loaded.human else ""
+                        print(f"{first:<{path_w}}  {100 * p:5.1f}%  {classes[c]:<{class_w}}  {name}".rstrip())
             predicted += len(indices)
             sys.stdout.flush()
     if not predicted:

@@ -6,7 +6,7 @@
                     1,000 cells), so the most frequent (true -> predicted) mistakes and the worst classes as bars
 
 Everything here works from the (true x predicted) count matrix that engine.loop.evaluate returns, so the numbers are
-the ones the training loop reports.
+the ones the training loop reports. Also `shown`, the one way a name or a file name is put on a line of output.
 """
 
 import csv
@@ -21,7 +21,8 @@ from warmstart import fileio
 GRID_MAX = 30    # beyond this many classes the annotated grid's labels and numbers no longer fit
 TOP_PAIRS = 25   # confused pairs shown when there are too many classes for a grid
 
-
+# characters that break a line (newline, U+2028), drive a terminal (ESC), reorder what follows (bidi overrides) or
+# cannot be encoded (a lone surrogate: a byte of a non-UTF-8 file name, as Python decodes it)
 def short(name: str, width: int = 32) -> str:
     """A plot label: ImageNet names list synonyms ('tench, Tinca tinca'), the first one is enough."""
     name = name.split(",")[0].strip()

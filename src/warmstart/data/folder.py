@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from warmstart import untrusted
-from warmstart.errors import UserError
+from warmstart.errors import UserError, printable, shown
 from warmstart.fileio import atomic_write
 
 # what counts as an image, for training and for `prepare --from-folder` alike
@@ -24,8 +24,11 @@ def is_image_name(name: str) -> bool:
 
 def image_files(root: Path) -> list[Path]:
     """Every image file under root at any depth, sorted, skipping hidden files and everything in hidden folders."""
+    def unreadable(e: OSError):  # os.walk would pass over a folder it cannot list without a word
+        raise UserError(f"cannot list {e.filename} ({e.strerror}); make it readable or leave it out")
+
     found = []
-    for parent, dirnames, filenames in os.walk(root):
+    for parent, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found += [Path(parent) / f for f in filenames if is_image_name(f) and os.path.isfile(os.path.join(parent, f))]
     return sorted(found)
@@ -41,6 +44,10 @@ def list_classes(split_dir: Path) -> list[str]:
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise UserError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image files>")
+    if bad := next((c for c in classes if not printable(c) or len(c) > 1000), None):
+        # a class name travels into every checkpoint and every predict table: checkpoint.py refuses such names
+        raise UserError(f"class folder {shown(bad)[:200]!r} in {split_dir} has control characters in its name (or is "
+                        f"over 1000 characters); rename it")
     return classes
 
 

@@ -252,7 +252,9 @@ class Run:
         pos = Position(**train["position"])
         samples, done, changed, old_global = self._resume_point(pos, train["layout"], where)
         self._check_groups(train["optimizer"]["param_groups"], where)
-        if said := self._changed_settings(train["optimizer"]["param_groups"], saved_config or {}, samples, done):
+        # a bitwise continuation of the epoch: mid-way, on as many processes (the --threads line says what else)
+        bitwise = samples and not done and train["layout"]["world_size"] == self.dist.world_size
+        if said := self._changed_settings(train["optimizer"]["param_groups"], saved_config or {}, bitwise):
             self.log.print(f"resuming with settings that differ from the checkpoint's, applied from here on: "
                            f"{'; '.join(said)}")
         self._restore_weights(state, train, where)
@@ -293,7 +295,7 @@ class Run:
                             f"{len(mine)}): --head-lr-mult, --layer-decay, --freeze-until or --linear-probe changed; "
                             f"resume with the checkpoint's values or start a new run")
 
-    def _changed_settings(self, groups: list, saved_config: dict, samples: int, done: bool) -> list[str]:
+    def _changed_settings(self, groups: list, saved_config: dict, bitwise_possible: bool) -> list[str]:
         """The settings that differ from the checkpoint's, as words: all applied from here on."""
         cfg = self.cfg
         said = [f"{config.flag_name(k)} {_as_flag_value(k, saved_config[k])} -> {_as_flag_value(k, getattr(cfg, k))}"
@@ -303,7 +305,7 @@ class Run:
         if old_peak is not None and abs(old_peak - self.step.lr) > 1e-12 * max(1.0, self.step.lr):
             said.insert(0, f"peak lr {old_peak:.4g} -> {self.step.lr:.4g}")
         threads = saved_config.get("threads")
-        if self.device.type == "cpu" and samples and not done and threads not in (None, cfg.threads):
+        if bitwise_possible and self.device.type == "cpu" and threads not in (None, cfg.threads):
             said.append(f"--threads {threads} -> {cfg.threads} (sums on the CPU add up in another order: the rest of "
                         f"this epoch is not bitwise what the run would have given; --threads {threads} keeps it)")
         return said
@@ -437,7 +439,7 @@ class Run:
             size = size_for_epoch(cfg, pos.epoch)
             self.sampler.set_epoch(pos.epoch, size, start=pos.batch_in_epoch * cfg.batch_size * dist.world_size)
             trained = pos.batch_in_epoch >= self.batches_per_epoch  # resumed from a save at the epoch's last update
-            stats = {} if trained else train_one_epoch(
+            stats = self._carried_loss() if trained else train_one_epoch(
                 model=self.model, loader=self.train_loader, normalize=step.normalize, loss_fn=step.loss_fn,
                 optimizer=step.optimizer, scheduler=step.scheduler, pos=pos, device=self.device,
                 accum_steps=cfg.accum_steps, amp=cfg.amp, scaler=step.scaler, mixup=step.mixup, erasing=step.erasing,
@@ -452,6 +454,11 @@ class Run:
                 raise Preempted(caught[0] if caught else signal.SIGTERM)
         log.print(f"done: best val top-1 {pos.best_top1:.2f}% -> {self.run_dir / 'checkpoints' / 'best.pt'}; "
                   f"curves in {self.run_dir / 'curves.png'}")
+
+    def _carried_loss(self) -> dict:
+        """The train loss of an epoch whose training ended before the resume, as the checkpoint carried it."""
+        loss_sum, images = self.epoch_loss.totals()  # a collective: `trained` is the same on every rank
+        return {"train_loss": loss_sum / images, "train_images": images} if images else {}
 
     def _end_epoch(self, size: int, stats: dict, t0: float) -> None:
         """After an epoch's training: evaluate when due, save best.pt and last.pt, record and say the epoch."""
@@ -470,9 +477,9 @@ class Run:
         ema_txt = f", ema top-1 {row['ema_val_top1']:.2f}%" if "ema_val_top1" in row else ""
         val_txt = (f" | val loss {row['val_loss']:.3f}, top-1 {row['val_top1']:.2f}%, top-5 {row['val_top5']:.2f}%"
                    f"{ema_txt}" if "val_top1" in row else "")
-        train_txt = ("trained before the resume" if not stats else
-                     f"train loss {stats['train_loss']:.3f}, {stats['img_per_s']:.0f} img/s, data wait "
-                     f"{100 * stats['data_wait']:.0f}%")
+        loss_txt = f"train loss {stats['train_loss']:.3f}" if "train_loss" in stats else ""
+        train_txt = (f"{loss_txt}, {stats['img_per_s']:.0f} img/s, data wait {100 * stats['data_wait']:.0f}%"
+                     if "img_per_s" in stats else "trained before the resume" + (f", {loss_txt}" if loss_txt else ""))
         self.log.print(f"epoch {pos.epoch}/{cfg.epochs} @{size}px: {train_txt}{val_txt} | {row['epoch_time_s']:.0f} s"
                        + (f", skipped {stats['skipped']} unreadable images" if stats.get("skipped") else ""))
         self.save("last.pt")

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from warmstart import fileio
-from warmstart.errors import UserError
+from warmstart.errors import UserError, shown
 
 
 @contextlib.contextmanager
@@ -55,10 +55,20 @@ def _close_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
+def _me() -> str:
+    """This process's lock record. The PID namespace is part of it: containers that share a host name (host
+    networking) and a run folder number their processes apart, so a pid means something only in its namespace."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = "?"
+    return f"pid {os.getpid()} on {socket.gethostname()} ns {ns}"
+
+
 def _dead_here(holder: str) -> bool:
-    """Whether a lock's record ("pid N on HOST") names a process of this host that has ended."""
-    words = holder.split()
-    if len(words) != 4 or words[0] != "pid" or not words[1].isdigit() or words[3] != socket.gethostname():
+    """Whether a lock's record names a process of this host and PID namespace that has ended."""
+    words, mine = holder.split(), _me().split()
+    if len(words) != 6 or words[0] != "pid" or not words[1].isdigit() or len(words[1]) > 9 or words[2:] != mine[2:]:
         return False
     try:
         os.kill(int(words[1]), 0)
@@ -80,42 +90,48 @@ def _try_lock(path: Path):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read(200).strip() or "another process"
+            holder = f.buffer.read(200).decode("utf-8", errors="replace").strip() or "another process"
             f.close()
-            return None, holder
+            return None, shown(holder)
         if path.exists() and os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
             return f, None
         f.close()  # the file was replaced by a take-over after it was opened: lock the one the path names now
+
+
+@contextlib.contextmanager
+def _folder_locked(run_dir: Path):
+    """Taking RUN/.lock, writing its record and any take-over happen under a lock on the folder itself: without
+    it, a process could read the record a killed run left while another has just taken the lock, and replace the
+    file under it. Best effort: a file system without flock on folders just goes without."""
+    folder = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)  # releases the folder's flock
 
 
 def _lock(run_dir: Path) -> tuple[object, str | None]:
     """An exclusive lock on RUN/.lock for as long as this process writes the run folder: two processes that each
     think they are alone (e.g. tasks started with SLURM variables but no srun step) must not both write last.pt.
     flock is released by the OS when the process dies (forked children close their copy at once), so a killed run
-    never leaves a stale lock; a lock still held in the name of a dead process of this host (a child that kept it,
-    e.g. one forked outside Python) is taken over: the file is replaced, under a lock on the folder itself so two
-    processes cannot both take it."""
+    never leaves a stale lock; a lock still held in the name of an ended process of this host (a child that kept
+    it, e.g. one forked outside Python) is taken over: the file is replaced. Returns (the lock, what to say)."""
     path, note = run_dir / ".lock", None
-    f, holder = _try_lock(path)
-    if f is None and _dead_here(holder):
-        folder = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(folder, fcntl.LOCK_EX)
-            f, holder = _try_lock(path)  # another process may have taken it over in the meantime
-            if f is None and _dead_here(holder):
-                path.unlink()
-                note = f"{path} was held in the name of {holder.split(' on ')[0]}, which has ended; taken over"
-                f, holder = _try_lock(path)
-        finally:
-            os.close(folder)
-    if f is None:
-        raise UserError(f"{run_dir} is being written by {holder}; wait for that run to end, or give this one "
-                        f"another --out")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
+    with _folder_locked(run_dir):
+        f, holder = _try_lock(path)
+        if f is None and _dead_here(holder):
+            path.unlink()
+            note = f"{path} was held in the name of {holder.split(' on ')[0]}, which has ended; taken over"
+            f, holder = _try_lock(path)
+        if f is None:
+            raise UserError(f"{run_dir} is being written by {holder}; wait for that run to end, or give this one "
+                            f"another --out")
+        f.seek(0)
+        f.truncate()
+        f.write(_me() + "\n")
+        f.flush()
     _held_locks.append(f)
     return f, note
 
@@ -123,7 +139,7 @@ def _lock(run_dir: Path) -> tuple[object, str | None]:
 # What a run writes into its folder. Any of RECORDS means a run lives there: a command without --resume never
 # writes into it (a deleted or dangling last.pt does not make a finished run's folder free).
 RECORDS = ("config.yaml", "metrics.jsonl", "checkpoints/best.pt", "checkpoints/last.pt")
-WRITTEN = RECORDS + ("metrics.csv", "curves.png", "log.txt")
+WRITTEN = RECORDS + ("metrics.csv", "curves.png", "log.txt", ".lock")
 MAX_METRICS_BYTES = 64 * 2**20  # a row an epoch, ~300 bytes: a thousand-epoch run writes well under 1 MB
 
 
