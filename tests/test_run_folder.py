@@ -97,7 +97,8 @@ def test_tampered_finetune_folder_never_runs_or_trusts_its_checkpoint(trained, d
     assert cli("finetune", "--from", trained / "checkpoints" / "best.pt", *base).returncode == 0
     edit_config(run, from_=str(evil), trust_code=True)
     before = trust_list()
-    shutil.rmtree(run / "checkpoints")  # nothing to resume: the folder's from_ would be loaded
+    shutil.rmtree(run / "checkpoints")  # as a run killed before its first save: config.yaml alone, nothing to
+    (run / "metrics.jsonl").unlink()     # resume, so the folder's from_ would be loaded
     one_line_error(cli("finetune", "--out", run, "--resume", "auto", "--epochs", "2"), "evil.pt", "--trust-code")
     assert not marker.exists() and trust_list() == before
     one_line_error(cli("predict", "--checkpoint", evil, data / "val"), "--trust-code")

@@ -71,7 +71,8 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
         model.to(dist.device)
         loader = eval_loader(split, classes, spec, batch_size=batch_size, workers=workers, rank=dist.rank,
                              world_size=dist.world_size, pin_memory=dist.device.type == "cuda", decoder=decoder,
-                             samples=samples, channels_last=batch_layout(dist.device, False))
+                             samples=samples, channels_last=batch_layout(dist.device, False),
+                             report="warmstart evaluate")  # a line per skipped file, as predict gives
         normalize = Normalize(spec["mean"], spec["std"]).to(dist.device)
         metrics = evaluate(model, loader, normalize, dist.device, amp, show_progress=dist.is_main,
                            num_classes=len(classes) if out else None)

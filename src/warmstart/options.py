@@ -47,7 +47,8 @@ HELP = {
     "decoder": "image decoder: " + ", ".join(f"{name} ({'default: ' if name == DEFAULT_DECODER else ''}{cls.about})"
                                               for name, cls in DECODERS.items()),
     "max_image_pixels": f"refuse (skip and count) an image whose header declares more pixels than this, before any "
-                        f"decode: a few bytes may declare 20000x20000 (default: {DEFAULT_MAX_PIXELS:,}, PIL's limit)",
+                        f"decode (a few bytes may declare 20000x20000), or whose evaluation resize would make more "
+                        f"(default: {DEFAULT_MAX_PIXELS:,}, PIL's limit)",
     "cache_dir": "with s3:// shards: where downloaded chunks are kept (default: a folder per URL under "
                  "$WARMSTART_CACHE or ~/.cache/warmstart/shards)",
     "cache_limit": f"with s3:// shards: the most the chunk cache may hold, e.g. 20GB (default: {DEFAULT_CACHE_LIMIT})",

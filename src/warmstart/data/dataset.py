@@ -5,6 +5,7 @@ import functools
 import hashlib
 import multiprocessing
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +16,19 @@ from warmstart.data import crop, decode, gpu_decode, transforms
 from warmstart.data.decode import DECODE_ERRORS
 from warmstart.data.folder import index_folder
 from warmstart.data.sampler import EvalSampler
-from warmstart.errors import UserError
+from warmstart import untrusted
+from warmstart.errors import UserError, printable, shown
 
 
 class ImageDataset(Dataset):
     """train=True: random crops at the size the sampler asks for, seeded per sample (crop.random_resized_crop).
-    train=False: the checkpoint's preprocessing described by `spec` (transforms.eval_pipeline)."""
+    train=False: the checkpoint's preprocessing described by `spec` (transforms.eval_pipeline).
+    A file whose decode raises one of DECODE_ERRORS is skipped: collate counts it, and with `report` (a command's
+    name) one line on stderr names it and why (`skipped`)."""
 
     def __init__(self, root: Path, samples: list[tuple[str, int]], *, train: bool, spec: dict | None = None,
-                 min_scale: float = 0.08, auto_augment: str | None = None, decoder: str | None = None):
+                 min_scale: float = 0.08, auto_augment: str | None = None, decoder: str | None = None,
+                 report: str | None = None):
         decoder = decode.check(decoder)
         if train and decoder == "gpu" and auto_augment:
             raise UserError(f"--decoder gpu does not apply --auto-augment {auto_augment} (it runs on PIL/CPU "
@@ -33,7 +38,7 @@ class ImageDataset(Dataset):
         # as reference counts change (hundreds of MB per worker at ImageNet scale)
         self.paths = np.array([p.encode() for p, _ in samples])
         self.labels = np.array([y for _, y in samples], dtype=np.int64)
-        self.min_scale, self.auto_augment = min_scale, auto_augment
+        self.min_scale, self.auto_augment, self.report = min_scale, auto_augment, report
         self._transforms = {}  # size -> transform, built lazily in each worker
 
     def __len__(self):
@@ -56,14 +61,18 @@ class ImageDataset(Dataset):
         """(what a decoder opens: a path, or a file's bytes; the label)."""
         return self.root / self.paths[index].decode(), int(self.labels[index])
 
+    def name(self, index: int) -> str:
+        """The file, as a message names it."""
+        return str(self.root / self.paths[index].decode())
+
     def __getitem__(self, key):
         index, seed, size = key
         path, label = self.read(index)
         if not self.train:
             try:
                 return self._transform(size)(path), label
-            except DECODE_ERRORS:  # corrupt or unreadable: skipped by collate and counted, never a crash
-                return None, label
+            except DECODE_ERRORS as e:  # corrupt, unreadable, too many pixels: skipped by collate, counted, no crash
+                return self.skipped(index, e), label
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)  # CPU only: leave CUDA generators alone
             scale = (self.min_scale, 1.0)
@@ -71,9 +80,15 @@ class ImageDataset(Dataset):
                 if self.decoder == "gpu":  # box and flip drawn here, from the same seed; gpu_batch cuts on the device
                     return gpu_decode.gpu_item(path, size, scale), label
                 img = crop.random_resized_crop(self.decoder, path, size, scale)
-            except DECODE_ERRORS:
-                return None, label
+            except DECODE_ERRORS as e:
+                return self.skipped(index, e), label
             return self._transform(size)(img), label
+
+    def skipped(self, index: int, e: BaseException) -> None:
+        """None, the sample collate drops and counts; with `report`, one line on stderr naming the file and why."""
+        if self.report:
+            print(f"{self.report}: cannot read {shown(str(self.name(index)))}, skipped: {shown(decode.reason(e))}",
+                  file=sys.stderr, flush=True)
 
 
 class ShardDataset(ImageDataset):
@@ -93,6 +108,9 @@ class ShardDataset(ImageDataset):
     def read(self, index: int):
         data, label, _ = self.reader[index]
         return data, label
+
+    def name(self, index: int) -> str:
+        return self.reader[index][2]  # read again: only for a message
 
 
 def dataset_for(root: Path | None, samples, **kw) -> ImageDataset:
@@ -211,19 +229,21 @@ def read_human_names(root: Path, classes: list[str]) -> list[str] | None:
     path = Path(root) / "synsets.txt"
     if not path.is_file():
         return None
-    names = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)
-    return [names.get(c, c) for c in classes]
+    names = dict(line.split(" ", 1) for line in untrusted.read_text(path, "synsets.txt").splitlines() if " " in line)
+    # a name travels into every checkpoint and predict table: control characters are not kept (checkpoint.py
+    # refuses them); such a class shows its folder name instead
+    return [names[c] if c in names and printable(names[c]) and len(names[c]) <= 1000 else c for c in classes]
 
 
 def eval_loader(split_dir: Path, classes: list[str], spec: dict, *, batch_size: int, workers: int,
                 rank: int = 0, world_size: int = 1, pin_memory: bool = False, samples=None,
-                decoder: str | None = None, channels_last: bool = False):
+                decoder: str | None = None, channels_last: bool = False, report: str | None = None):
     """A loader over every image of split_dir once (sharded across ranks), labelled in `classes` order; or over
     `samples` ((path under split_dir, label) pairs, or a shard_reader.ShardReader with split_dir None) when the caller
-    already has them."""
+    already has them. report: a command's name, to say on stderr which files were skipped (ImageDataset)."""
     if samples is None:
         _, samples = index_folder(split_dir, classes)
-    dataset = dataset_for(split_dir, samples, train=False, spec=spec, decoder=decoder)
+    dataset = dataset_for(split_dir, samples, train=False, spec=spec, decoder=decoder, report=report)
     sampler = EvalSampler(len(dataset), size=spec["size"], rank=rank, world_size=world_size)
     return make_loader(dataset, sampler, batch_size=batch_size, workers=workers, train=False, pin_memory=pin_memory,
                        channels_last=channels_last)

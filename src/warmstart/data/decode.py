@@ -4,12 +4,15 @@ The contract. A decoder is a class in DECODERS: `Decoder(src)` (a path, or a fil
 only (`.size` is (width, height) of the full image) and `.decode(min_size)` returns RGB as a uint8 (height, width, 3)
 array at the smallest DCT scale (1/1, 1/2, 1/4, 1/8 of each side, sides rounded up: `reduction`) that keeps both
 sides >= min_size (None: full size). A file that cannot be decoded raises one of DECODE_ERRORS: the datasets skip and
-count it. Adding a decoder is a class here and a line in DECODERS (`--decoder NAME` is checked against it; its help
-is its `about`). What training asks of a decoder is data/crop.py; --decoder gpu's batches are
-data/gpu_decode.py.
+count it. A header that declares more pixels than the budget (`max_pixels`) raises TooManyPixels in `Decoder(src)`,
+before any pixel is decoded: libjpeg allocates the declared size (a progressive file's coefficients at full size,
+whatever the DCT scale) before it can tell whether the data is there. Adding a decoder is a class here and a line
+in DECODERS (`--decoder NAME` is checked against it; its help is its `about`). What training asks of a decoder is
+data/crop.py; --decoder gpu's batches are data/gpu_decode.py.
 """
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +21,14 @@ from PIL import Image
 from warmstart.errors import UserError
 from warmstart.pixels import to_rgb
 
-# what a broken file raises while decoding; anything else is a bug or a bad setting and must surface
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+class TooManyPixels(ValueError):
+    """A header that declares more pixels than the budget (max_pixels): refused before any decode."""
+
+
+# what a broken file raises while decoding; anything else is a bug or a bad setting and must surface. MemoryError: a
+# file whose decode needs more memory than is left is skipped like a broken one, not the end of the epoch.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, MemoryError)
 
 
 class Pil:
@@ -29,8 +38,11 @@ class Pil:
     reduce = True
 
     def __init__(self, src):
-        self.img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)  # lazy: reads the header only
-        self.size = self.img.size
+        try:
+            self.img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)  # lazy: reads the header only
+        except Image.DecompressionBombError as e:  # PIL's own check, at twice its limit (set_max_pixels sets it)
+            raise TooManyPixels(str(e)) from None
+        self.size = check_pixels(self.img.size)
 
     def decode(self, min_size=None) -> np.ndarray:
         if min_size and self.reduce and self.img.format == "JPEG":
@@ -59,12 +71,13 @@ class SimpleJpeg:
         self.decode_jpeg, self.data, self.fallback = simplejpeg.decode_jpeg, read(src), None
         try:
             h, w, colorspace, _ = simplejpeg.decode_jpeg_header(self.data)
-            self.size = (w, h)
         except ValueError:
             colorspace = None
         if colorspace not in ("RGB", "YCbCr", "Gray"):  # not a JPEG or a CMYK/YCCK one: PIL converts those
             self.fallback = Pil(io.BytesIO(self.data))
             self.size = self.fallback.size
+        else:
+            self.size = check_pixels((w, h))
 
     def decode(self, min_size=None) -> np.ndarray:
         if self.fallback:
@@ -92,23 +105,41 @@ class Gpu:
         return self.pil.decode(min_size)
 
 
+def reason(e: BaseException) -> str:
+    """Why a file was skipped, in a few words: one of DECODE_ERRORS as a message line says it."""
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__  # a MemoryError has no message
+
+
 def read(src) -> bytes:
     return src if isinstance(src, bytes) else Path(src).read_bytes()
 
 
-# The pixel budget: an image whose header declares more pixels is refused before any decode (a 98-byte JPEG may
+# The pixel budget: an image whose header declares more pixels is refused before any decode (a 110-byte JPEG may
 # declare 20000 x 20000). PIL's own default, which PIL only warns about below twice that.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 max_pixels = DEFAULT_MAX_PIXELS
 
 
 def set_max_pixels(n: int | None) -> None:
-    """--max-image-pixels / max_image_pixels: set in the main process before the loaders fork their workers."""
+    """--max-image-pixels / max_image_pixels: set in the main process before the loaders fork their workers (a
+    process that never calls it, as prepare's workers, keeps the default). PIL's own limit follows, so a larger
+    budget is not refused by PIL at twice its default; its warning between once and twice is dropped, as
+    check_pixels refuses those images anyway."""
     global max_pixels
     max_pixels = n or DEFAULT_MAX_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
-DECODERS = {"pil": Pil, "pil-full": PilFull, "simplejpeg": SimpleJpeg, "gpu": Gpu}
+def check_pixels(size: tuple[int, int]) -> tuple[int, int]:
+    """size, or TooManyPixels when width x height is over the budget."""
+    w, h = size
+    if w * h > max_pixels:
+        raise TooManyPixels(f"declares {w}x{h} pixels, over the limit of {max_pixels:,} (--max-image-pixels)")
+    return size
+
+
+DECODERS = {"simplejpeg": SimpleJpeg, "pil": Pil, "pil-full": PilFull, "gpu": Gpu}  # the default first: help reads so
 DEFAULT = "simplejpeg"  # the fastest on CPUs (benchmarks/decode.py, RESULTS.md)
 
 

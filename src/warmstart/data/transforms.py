@@ -67,16 +67,36 @@ def eval_pipeline(spec: dict, decoder: str | None = None):
 
     Decoded in full: a reduced decode (DCT scaling) before the resize moved top-1 by up to 0.8 point against the
     full decode on imagenette-dev (benchmarks/RESULTS.md), and evaluation must not depend on the decoder. The
-    default decoder still gives the same pixels as PIL, faster; the evaluation set is ~4% of an ImageNet epoch."""
-    resize_crop, decoder = eval_transform(spec), decode.check(decoder)
+    default decoder still gives the same pixels as PIL, faster; the evaluation set is ~4% of an ImageNet epoch.
+
+    The resize's output counts against the decode's pixel budget (decode.max_pixels): an image whose shorter side
+    scaled to size/crop_pct would exceed it raises decode.TooManyPixels (a skip), before it is decoded. Only an
+    extreme aspect ratio gets there (over ~1365:1 at 256 px and the default budget): a 1 x 2,000,000 PNG of 6 KB would
+    otherwise become 256 x 512,000,000 pixels."""
+    resize_crop, decoder, short = eval_transform(spec), decode.check(decoder), eval_resize_size(spec)
 
     def run(image):
         if isinstance(image, (str, Path, bytes)):
-            image = Image.fromarray(decode.DECODERS[decoder](image).decode())  # gpu: on the CPU (see decode.Gpu)
+            f = decode.DECODERS[decoder](image)  # gpu: on the CPU (see decode.Gpu)
+            check_resize(f.size, short)
+            image = Image.fromarray(f.decode())
         elif isinstance(image, Image.Image):
+            check_resize(image.size, short)
             image = to_rgb(image)
+        else:  # a uint8 CHW tensor
+            check_resize((image.shape[-1], image.shape[-2]), short)
         return resize_crop(image)
     return run
+
+
+def check_resize(size, short: int) -> None:
+    """decode.TooManyPixels when scaling the shorter side of an image of `size` to `short` would make more than
+    decode.max_pixels (only an upscale can: a file's own size passed the decoder's check)."""
+    w, h = size
+    long = short * max(w, h) // max(min(w, h), 1)
+    if short * long > decode.max_pixels:
+        raise decode.TooManyPixels(f"{w}x{h} would be resized to {short} x {long:,} pixels for evaluation, over the "
+                                   f"limit of {decode.max_pixels:,} (--max-image-pixels)")
 
 
 def transform_spec(size: int, crop_pct: float) -> dict:

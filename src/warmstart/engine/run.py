@@ -209,9 +209,11 @@ class Run:
                                       pin_memory=cuda, samples=splits.val, decoder=cfg.decoder, channels_last=layout)
 
     def _probe_batch(self, splits: Splits) -> torch.Tensor:
-        """Two training images at the first epoch's size, for the model's dry run."""
+        """Two training images at the first epoch's size, for the model's dry run: the first two readable ones among
+        the first 64 (a dataset may start with files it skips)."""
         n, size = len(self.train_set), size_for_epoch(self.cfg, 0)
-        probe = decoded(collate([self.train_set[(i % n, i, size)] for i in range(2)])[0])
+        readable = (s for s in (self.train_set[(i % n, i, size)] for i in range(min(n, 64))) if s[0] is not None)
+        probe = decoded(collate([s for _, s in zip(range(2), readable)] or [self.train_set[(0, 0, size)]])[0])
         if len(probe) == 0:
             raise UserError(f"the first training images in {splits.train_root or self.cfg.data} cannot be decoded; "
                             f"check the dataset")

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from warmstart import fileio
-from warmstart.data import verified
+from warmstart.data import decode, verified
 from warmstart.data.folder import image_files
 from warmstart.data.shard_store import parse_size
 from warmstart.data.shard_writer import DEFAULT_CHUNK_BYTES
@@ -82,6 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    decode.set_max_pixels(None)  # the default budget, as prepare's worker processes (which never set it) have it
     if args.resize_short is not None and args.resize_short < 1 or not 1 <= args.quality <= 100:
         raise UserError("--resize-short must be a positive size and --quality between 1 and 100")
     if args.resized_only and not args.resize_short:
@@ -326,11 +327,13 @@ def from_folder(args: argparse.Namespace, out: Path) -> int:
         unreadable = [f for r in records for f in r["unreadable"]]
         reason = verified.folder_reason(src)  # a copy of unverified data is unverified too
         doc = manifest.manifest({**options, "from_folder": str(src)}, splits, [], [], [f"not decodable, skipped: {f}" for f in unreadable],
-                                [f"resized from {src}, which is unverified: {reason}"] if reason else [])
+                                ([f"resized from {src}, which is unverified: {reason}"] if reason else [])
+                                + images.rejected_reason(unreadable))
         manifest.write_json(out / "prepared.json", doc)
         output.finish()
     finally:
         output.close()
     print(manifest.table(splits, {s: time.perf_counter() - t0 for s in splits}, f"short{args.resize_short}"))
-    print(f"prepared {out}" + (f"; {len(unreadable)} undecodable files skipped (see prepared.json)" if unreadable else ""))
+    print(f"prepared {out}" + (f"; {len(unreadable)} files rejected, undecodable or over the pixel limit (see "
+                               f"prepared.json)" if unreadable else ""))
     return 0

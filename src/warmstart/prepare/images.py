@@ -7,6 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from warmstart import fileio
+from warmstart.data import decode
 from warmstart.pixels import to_rgb
 
 SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -14,7 +15,8 @@ MAGIC = {b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP", b"II*
 
 
 def kind(data: bytes | memoryview) -> str:
-    """'JPEG L', 'JPEG RGB', 'JPEG CMYK' from the JPEG frame header, or the container ('PNG', ...).
+    """'JPEG L', 'JPEG RGB', 'JPEG CMYK' from the JPEG frame header, or the container ('PNG', ...); 'JPEG WxH' for a
+    frame header that declares more pixels than decode.max_pixels (not ok: its repair refuses it, as the decoders do).
 
     Walks the marker segments up to the frame header (a few hundred bytes), so it costs
     microseconds, where decoding costs milliseconds.
@@ -30,6 +32,9 @@ def kind(data: bytes | memoryview) -> str:
         if marker == 0xFF:  # fill byte
             i += 1
         elif marker in SOF:
+            h, w = data[i + 5] << 8 | data[i + 6], data[i + 7] << 8 | data[i + 8]
+            if w * h > decode.max_pixels:  # a JPEG passed on unread would still cost its declared size to train on
+                return f"JPEG {w}x{h}"
             return "JPEG " + {1: "L", 3: "RGB", 4: "CMYK"}.get(data[i + 9], f"{data[i + 9]}-channel")
         elif marker == 0xDA or marker == 0xD9:  # scan or end before any frame header
             return "JPEG corrupt"
@@ -44,14 +49,27 @@ def is_ok(k: str) -> bool:
     return k in ("JPEG L", "JPEG RGB")
 
 
+def open_image(src: bytes | memoryview | str) -> Image.Image:
+    """PIL's lazy open of bytes or a path, through decode.Pil: a header that declares more pixels than
+    decode.max_pixels raises decode.TooManyPixels before anything is decoded."""
+    return decode.Pil(src if isinstance(src, str) else io.BytesIO(src)).img
+
+
+def rejected_reason(paths: list[str]) -> list[str]:
+    """The unverified reason of a copy that left files out (none without): it no longer holds its source whole."""
+    return [f"{len(paths)} files rejected: not decodable, or declaring more than {decode.max_pixels:,} pixels (e.g. "
+            f"{paths[0]})"] if paths else []
+
+
 def repair(data: bytes | memoryview, quality: int = 95) -> bytes | None:
-    """Re-encode any image PIL can decode as an RGB JPEG; None when it cannot be decoded."""
+    """Re-encode any image PIL can decode as an RGB JPEG; None when it cannot be decoded or is over the pixel
+    budget."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             buf = io.BytesIO()
             to_rgb(img).save(buf, "JPEG", quality=quality)
             return buf.getvalue()
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except decode.DECODE_ERRORS:
         return None
 
 
@@ -67,15 +85,16 @@ def resize_short(img: Image.Image, short: int) -> Image.Image:
 
 
 def resized_bytes(src: bytes | memoryview | str, short: int, quality: int) -> bytes | None:
-    """Decode a source (bytes or path), resize its shorter side to `short`, encode a JPEG; None if undecodable."""
+    """Decode a source (bytes or path), resize its shorter side to `short`, encode a JPEG; None if undecodable or over
+    the pixel budget."""
     try:
-        with Image.open(io.BytesIO(src) if not isinstance(src, str) else src) as img:
+        with open_image(src) as img:
             # 16-bit, CMYK, palette, alpha: to 8-bit RGB before resizing (16-bit scaled, not clipped white)
             out = resize_short(img if img.mode in ("L", "RGB") else to_rgb(img), short)
             buf = io.BytesIO()
             out.save(buf, "JPEG", quality=quality)
             return buf.getvalue()
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except decode.DECODE_ERRORS:
         return None
 
 

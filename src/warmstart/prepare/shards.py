@@ -200,7 +200,8 @@ def from_folder(args: argparse.Namespace, out: Path) -> int:
     reason = verified.folder_reason(root)  # shards of unverified data are unverified too
     options = {"from_folder": str(root), "resize_short": args.resize_short,
                "quality": args.quality if args.resize_short else None, "chunk_bytes": args.chunk_bytes}
-    doc = finish(out, tmp, written, options=options, unverified=[f"made from {root}: {reason}"] if reason else [],
+    unverified = ([f"made from {root}: {reason}"] if reason else []) + images.rejected_reason(packer.unreadable)
+    doc = finish(out, tmp, written, options=options, unverified=unverified,
                  notes=[f"not decodable, skipped: {f}" for f in packer.unreadable])
     report(out, {**doc, "repairs": packer.repairs}, time.perf_counter() - t0)
     return 0

@@ -8,6 +8,7 @@ import re
 import tarfile
 from pathlib import Path
 
+from warmstart.data import decode
 from warmstart.errors import UserError
 from warmstart.prepare import facts
 from warmstart.prepare.archives import safe_name, tar_error
@@ -126,5 +127,6 @@ def count_problems(counts: dict[str, dict[str, int]], unreadable: list[str]) -> 
         if over:
             wrong.append(f"{split}: {len(over)} classes hold more images than ILSVRC2012's (e.g. {over[0]}: {have[over[0]]})")
     if unreadable:
-        wrong.append(f"{len(unreadable)} files are not decodable images (e.g. {unreadable[0]})")
+        wrong.append(f"{len(unreadable)} files are not decodable images or declare more than "
+                     f"{decode.max_pixels:,} pixels (e.g. {unreadable[0]})")
     return missing, wrong
