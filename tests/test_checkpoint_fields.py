@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from synth import REPO, make_image_folder
+from userside import one_line_error, small_file_system
 from warmstart import cli, export
-from warmstart.report import printable, shown
+from warmstart.errors import printable, shown
 
 TINYNET = str(REPO / "examples" / "tinynet.py") + ":TinyNet"
 MEMORY = 8 * 2**30  # a predict or export of TinyNet peaks near 4 GB of address space (torch's libraries)
@@ -49,15 +50,6 @@ def warmstart(*argv, prefix=(), env=None) -> subprocess.CompletedProcess:
 
     return subprocess.run([*prefix, sys.executable, "-m", "warmstart", *map(str, argv)], capture_output=True,
                           text=True, encoding="utf-8", timeout=300, preexec_fn=bounded, env=env)
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    err = r.stderr.strip()
-    assert r.returncode == 2, (r.returncode, err[-2000:])
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 def unprivileged() -> list[str]:
@@ -243,17 +235,10 @@ def test_every_destination_is_checked_before_any_is_moved(trained, tmp_path, mon
 def test_export_onto_a_full_disk_is_one_line_and_writes_nothing(trained, tmp_path):
     """A 256 KB tmpfs for TinyNet's 490 KB of weights (torch.jit.save would abort the process on it). Needs root
     (mount); skipped otherwise."""
-    small = tmp_path / "small"
-    small.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
-                                           capture_output=True).returncode:
-        pytest.skip("needs root and mount -t tmpfs to make a small file system")
-    try:
+    with small_file_system(tmp_path / "small", "256k") as small:
         r = warmstart("export", "--checkpoint", trained.ckpt, "--format", "torchscript", "--out", small / "m.pt")
         one_line_error(r, "no space left on the device", "nothing was written")
         assert tree(small) == {}
-    finally:
-        subprocess.run(["umount", str(small)], capture_output=True)
 
 
 def test_a_good_export_keeps_the_folders_it_made(trained, tmp_path):

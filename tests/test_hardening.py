@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from synth import QUICK, REPO, TINY, make_image_folder
+from userside import small_file_system
 from warmstart import checkpoint, config, trust
 from warmstart.cli import COMMANDS, main
 from warmstart.engine import recipe
@@ -196,12 +197,7 @@ def test_full_disk_during_save_is_one_line(data, tmp_path, monkeypatch, capsys):
 def test_full_disk_on_a_real_small_file_system(data, tmp_path):
     """A 4 MB tmpfs that a 1-epoch run fits on, then filled up: the epoch-2 save meets a real ENOSPC from torch's
     writer. Needs root (mount); skipped otherwise."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode:
-        pytest.skip("needs root and mount -t tmpfs to make a small file system")
-    try:
+    with small_file_system(tmp_path / "small", "4m") as mnt:
         run = mnt / "run"
         argv = [sys.executable, "-m", "warmstart", "train", str(data), *TINY, "--out", str(run), *QUICK]
         subprocess.run([*argv, "--epochs", "1"], check=True, capture_output=True)
@@ -212,8 +208,6 @@ def test_full_disk_on_a_real_small_file_system(data, tmp_path):
         _one_line_out_of_space(r.stderr, str(run))  # the checkpoint, or whichever record of the run filled the disk
         assert not list(run.rglob(".*.tmp*"))
         assert checkpoint.load_resumable(run / "checkpoints" / "last.pt").train_state["position"]["epoch"] == 1
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 # ---------------------------------------------------------------- resume

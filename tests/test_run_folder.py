@@ -2,6 +2,7 @@
 writer per run folder, malformed checkpoints are one line, and the code keeps one home per concern."""
 
 import ast
+import contextlib
 import fcntl
 import os
 import re
@@ -17,6 +18,7 @@ import torch
 import yaml
 
 from synth import QUICK, REPO, TINY, make_image_folder, slow_model_source
+from userside import cli, one_line_error
 from warmstart import checkpoint, trust
 from warmstart.cli import main
 from warmstart.engine.runlog import read_metrics
@@ -34,21 +36,6 @@ def trained(data, tmp_path_factory):
     run = tmp_path_factory.mktemp("trained") / "run"
     assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "1", *QUICK]) == 0
     return run
-
-
-def cli(*argv, timeout=300, **kw) -> subprocess.CompletedProcess:
-    """warmstart as a user runs it: a real process (its own stderr, exit status, environment)."""
-    return subprocess.run([sys.executable, "-m", "warmstart", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout, **kw)
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    err = r.stderr.strip()
-    assert r.returncode == 2, (r.returncode, err[-2000:])
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 def trust_list() -> str:
@@ -348,25 +335,32 @@ def test_a_torn_or_garbage_metrics_line_does_not_stop_a_resume(garbage, trained,
 # ---------------------------------------------------------------- item 5: one writer per run folder; malformed fields
 
 
-def test_a_second_writer_of_a_run_folder_gets_one_line(data, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
+@contextlib.contextmanager
+def lock_held(run: Path, record: str):
+    """Another live process holds RUN/.lock, its record saying `record` (a Python f-string expression)."""
     holder = subprocess.Popen([sys.executable, "-c", f"""
-import fcntl, time
+import fcntl, socket, time
 f = open({str(run / '.lock')!r}, 'a+')
 fcntl.flock(f, fcntl.LOCK_EX)
-f.write('pid 4242 on node7'); f.flush()
+f.write({record}); f.flush()
 print('locked', flush=True)
 time.sleep(60)
 """], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        err = one_line_error(cli("train", data, *TINY, "--out", run, "--epochs", "1", *QUICK), "pid 4242 on node7",
-                             "--out")
-        assert "being written" in err and not (run / "checkpoints").exists()
+        yield
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_second_writer_of_a_run_folder_gets_one_line(data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with lock_held(run, "'pid 4242 on node7'"):
+        err = one_line_error(cli("train", data, *TINY, "--out", run, "--epochs", "1", *QUICK), "pid 4242 on node7",
+                             "--out")
+        assert "being written" in err and not (run / "checkpoints").exists()
     # the lock dies with its holder: the run goes ahead
     assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "1", *QUICK]) == 0
 
@@ -376,21 +370,9 @@ def test_a_held_lock_named_in_another_pid_namespace_is_never_taken_over(data, tm
     there, so a held lock whose record names another PID namespace is refused, never taken over."""
     run = tmp_path / "run"
     run.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-import fcntl, socket, time
-f = open({str(run / '.lock')!r}, 'a+')
-fcntl.flock(f, fcntl.LOCK_EX)
-f.write(f'pid 999999999 on {{socket.gethostname()}} ns 1'); f.flush()
-print('locked', flush=True)
-time.sleep(60)
-"""], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held(run, "f'pid 999999999 on {socket.gethostname()} ns 1'"):
         one_line_error(cli("train", data, *TINY, "--out", run, "--epochs", "1", *QUICK), "being written", "ns 1")
         assert not (run / "checkpoints").exists()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_lock_kept_by_a_dead_holders_child_is_taken_over(data, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from synth import QUICK, TINY, make_image_folder
+from userside import cli, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +26,6 @@ def finished(data, tmp_path_factory):
     r = cli("train", data, *TINY, "--out", run, "--epochs", "1", *QUICK)
     assert r.returncode == 0, r.stderr[-2000:]
     return run
-
-
-def cli(*argv, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "warmstart", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def one_line(r: subprocess.CompletedProcess, *needles: str) -> str:
-    err = r.stderr.strip()
-    assert r.returncode == 2, (r.returncode, err[-2000:])
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 def snapshot(run: Path) -> dict:
@@ -56,8 +43,8 @@ def test_a_finished_run_without_its_last_pt_is_never_written(last, finished, dat
     elif last == "a folder":
         path.mkdir()
     before = snapshot(run)
-    one_line(cli("train", data, *TINY, "--out", run, "--epochs", "1", *QUICK), str(run))
-    one_line(cli("train", data, *TINY, "--out", run, "--epochs", "2", *QUICK, "--resume", "auto"), str(run))
+    one_line_error(cli("train", data, *TINY, "--out", run, "--epochs", "1", *QUICK), str(run))
+    one_line_error(cli("train", data, *TINY, "--out", run, "--epochs", "2", *QUICK, "--resume", "auto"), str(run))
     assert snapshot(run) == before
 
 
@@ -69,28 +56,28 @@ def test_a_recipe_cannot_choose_where_or_whether_a_run_writes(finished, data, tm
     for setting in (f"out: {run}\nresume: auto\nepochs: 2\n", "evaluate: true\n", "workers: 100000\n"):
         recipe = tmp_path / "recipe.yaml"
         recipe.write_text(setting)
-        one_line(cli("train", data, *TINY, "--config", recipe, "--out", tmp_path / "other", *quick, "--epochs", "1"),
+        one_line_error(cli("train", data, *TINY, "--config", recipe, "--out", tmp_path / "other", *quick, "--epochs", "1"),
                  str(recipe), setting.split(":")[0])
     assert snapshot(run) == before and not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("text", ["a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n",
                                   "[" * 200_000, "1: 2\n", "null: 3\n", "epochs: [1, 2]\n", "- epochs\n"])
-def test_a_hostile_recipe_is_one_line(text, data, tmp_path):
+def test_a_hostile_recipe_is_one_line_error(text, data, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)
-    one_line(cli("train", data, *TINY, "--config", recipe, "--out", tmp_path / "r", *QUICK), str(recipe))
+    one_line_error(cli("train", data, *TINY, "--config", recipe, "--out", tmp_path / "r", *QUICK), str(recipe))
     assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("odd", ["config.yaml", "metrics.csv", "curves.png", "checkpoints"])
-def test_a_record_that_is_not_a_file_is_one_line(odd, finished, data, tmp_path):
+def test_a_record_that_is_not_a_file_is_one_line_error(odd, finished, data, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     path = run / odd
     shutil.rmtree(path) if path.is_dir() else path.unlink()
     path.mkdir() if odd != "checkpoints" else path.write_text("not a folder")
-    one_line(cli("train", data, *TINY, "--out", run, "--epochs", "2", *QUICK, "--resume", "auto"), odd)
+    one_line_error(cli("train", data, *TINY, "--out", run, "--epochs", "2", *QUICK, "--resume", "auto"), odd)
 
 
 def test_tampered_metrics_lines_are_skipped_and_the_run_advances(finished, data, tmp_path):
@@ -106,12 +93,12 @@ def test_tampered_metrics_lines_are_skipped_and_the_run_advances(finished, data,
     assert (run / "metrics.csv").read_text().count("\n") == 4  # the header and epochs 1-3: the junk is no row
 
 
-def test_a_huge_metrics_file_is_one_line(finished, data, tmp_path):
+def test_a_huge_metrics_file_is_one_line_error(finished, data, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     with open(run / "metrics.jsonl", "ab") as f:
         f.truncate(8 * 2**30)  # sparse: no disk used
-    one_line(cli("train", data, *TINY, "--out", run, "--epochs", "2", *QUICK, "--resume", "auto"), "metrics.jsonl")
+    one_line_error(cli("train", data, *TINY, "--out", run, "--epochs", "2", *QUICK, "--resume", "auto"), "metrics.jsonl")
 
 
 @pytest.mark.parametrize("flag", [["--min-scale", "nan"], ["--min-lr", "nan"], ["--img-size-start", "1"],
@@ -119,7 +106,7 @@ def test_a_huge_metrics_file_is_one_line(finished, data, tmp_path):
                                   ["--auto-augment", "randaugment-99"], ["--eval-img-size", "-5"],
                                   ["--crop-pct", "nan"], ["--img-size", "1000000"], ["--clip-grad", "inf"]])
 def test_numeric_settings_are_checked_before_any_work(flag, data, tmp_path):
-    one_line(cli("train", data, *TINY, "--out", tmp_path / "r", *QUICK, *flag), flag[0])
+    one_line_error(cli("train", data, *TINY, "--out", tmp_path / "r", *QUICK, *flag), flag[0])
     assert not (tmp_path / "r").exists()
 
 
@@ -149,7 +136,7 @@ def test_a_nan_loss_stops_the_run_naming_the_update_and_keeps_the_last_good_chec
     run = tmp_path / "run"
     r = cli("train", data, "--model", f"{model}:Diverges", "--out", run, "--epochs", "2", *QUICK,
             "--save-every-minutes", "0", "--trust-code")
-    one_line(r, "NaN or infinite at update 4", "last.pt")
+    one_line_error(r, "NaN or infinite at update 4", "last.pt")
     import torch
 
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)

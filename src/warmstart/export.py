@@ -278,6 +278,26 @@ def add_arguments(parser):
     options.add(parser, "weights", "trust_code")
 
 
+def description(loaded, output: str, width: int, head: str | None) -> dict:
+    """What an exported file is and how to feed it: embedded where the format allows, and in FILE.json."""
+    spec = loaded.transform
+    return {
+        "format": "warmstart-export/1",
+        "checkpoint": str(loaded.path),
+        "weights": "ema" if loaded.used_ema else "model",
+        "model": loaded.model_spec.get("name"),
+        "input": {"name": "image", "shape": ["batch", 3, spec["size"], spec["size"]], "dtype": "float32",
+                  "layout": "NCHW, RGB", "values": "(pixel / 255 - mean) / std"},
+        "output": {"name": output, "shape": ["batch", width],
+                   **({"head_removed": head} if head else {"values": "logits: softmax gives class probabilities"})},
+        "preprocessing": {**spec, "resize_shorter_side": eval_resize_size(spec),
+                          "steps": "decode RGB, resize shorter side to resize_shorter_side, centre-crop size x size, "
+                                   "scale to [0, 1], subtract mean, divide by std"},
+        "classes": loaded.classes,
+        "human": loaded.human,
+    }
+
+
 def run(args) -> int:
     exporter = EXPORTERS[args.format]
     if args.opset is not None and not exporter.opset:
@@ -299,23 +319,7 @@ def run(args) -> int:
         raise UserError(f"the model's output has shape {tuple(expected.shape)}, not (N, {'features' if head else 'classes'}); "
                         f"export handles models that return one (N, D) tensor")
     output = "features" if args.features else "logits"
-    spec = loaded.transform
-    embedded = {
-        "format": "warmstart-export/1",
-        "checkpoint": str(loaded.path),
-        "weights": "ema" if loaded.used_ema else "model",
-        "model": loaded.model_spec.get("name"),
-        "input": {"name": "image", "shape": ["batch", 3, spec["size"], spec["size"]], "dtype": "float32",
-                  "layout": "NCHW, RGB", "values": "(pixel / 255 - mean) / std"},
-        "output": {"name": output, "shape": ["batch", int(expected.shape[1])],
-                   **({"head_removed": head} if head else {"values": "logits: softmax gives class probabilities"})},
-        "preprocessing": {**spec, "resize_shorter_side": eval_resize_size(spec),
-                          "steps": "decode RGB, resize shorter side to resize_shorter_side, centre-crop size x size, "
-                                   "scale to [0, 1], subtract mean, divide by std"},
-        "classes": loaded.classes,
-        "human": loaded.human,
-    }
-
+    embedded = description(loaded, output, int(expected.shape[1]), head)
     with staging(out) as tmp:
         # torch.jit.save aborts the process on a full disk (a C++ error thrown in a destructor), past any cleanup:
         # an export needs at least its weights' size

@@ -27,13 +27,18 @@ def read_text(path, what: str = "", limit: int = MAX_BYTES) -> str:
     except OSError as e:
         raise UserError(f"cannot read {what} at {path} ({first_line(e.strerror or str(e))}); it should be a file "
                         f"warmstart wrote") from None
+    return text_of(data, path, what, limit)
+
+
+def text_of(data: bytes, where, what: str, limit: int = MAX_BYTES) -> str:
+    """Bytes read from `where` (at most limit + 1 of them) as UTF-8 text, or one line: over the limit, or not text."""
     if len(data) > limit:
-        raise UserError(f"{path} is larger than {limit // 2**20} MB, far beyond any {what} warmstart writes; it was "
+        raise UserError(f"{where} is larger than {limit // 2**20} MB, far beyond any {what} warmstart writes; it was "
                         f"edited or is not what it says")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); it was edited or is not a {what}") from None
+        raise UserError(f"{where} is not UTF-8 text (byte {e.start}); it was edited or is not a {what}") from None
 
 
 def _depth(value, limit: int) -> int:

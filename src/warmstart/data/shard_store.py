@@ -54,13 +54,7 @@ def read_text(url: str, name: str, limit: int = untrusted.MAX_BYTES) -> str:
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         raise UserError(f"--data {url}: cannot read {name} ({first_line(e, 200)}); check the URL, "
                         f"AWS credentials and AWS_ENDPOINT_URL") from None
-    if len(data) > limit:
-        raise UserError(f"{url}/{name} is larger than {limit // 2**20} MB, far beyond any {name} warmstart writes; it "
-                        f"was edited or is not what it says")
-    try:
-        return data.decode()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{url}/{name} is not UTF-8 text (byte {e.start}); it was edited or is not a {name}") from None
+    return untrusted.text_of(data, f"{url}/{name}", name, limit)
 
 
 def stored_sizes(url: str) -> dict[str, int]:
