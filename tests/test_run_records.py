@@ -142,3 +142,21 @@ def test_a_nan_loss_stops_the_run_naming_the_update_and_keeps_the_last_good_chec
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["train_state"]["position"]["step"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_a_dataset_record_that_is_not_text_is_one_line(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8, val_per_class=2)
+    (data / "synsets.txt").write_bytes(b"c00 \xff\xfe tench\n")
+    one_line_error(cli("train", data, *TINY, "--out", tmp_path / "r", "--epochs", "1", *QUICK), "synsets.txt",
+                   "UTF-8")
+
+
+@pytest.mark.parametrize("argv", [["bench", "train", "--model", "resnet18", "--synthetic", "--settle", "nan"],
+                                  ["predict", "--checkpoint", "x.pt", "--top-k", "0", "x.jpg"],
+                                  ["export", "--checkpoint", "x.pt", "--tolerance", "nan"],
+                                  ["prepare", "--from-folder", ".", "--out", "x", "--workers", "100000"]])
+def test_other_commands_numeric_flags_are_checked_as_parsed(argv, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "warmstart", *argv], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 2 and "must be from" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
+    assert not (tmp_path / "x").exists()

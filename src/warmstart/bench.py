@@ -45,27 +45,27 @@ def add_arguments(parser):
                    "depth); or shards (their folder or s3://, the train split: give --baseline-data too)")
     d.add_argument("--baseline-data", metavar="DIR", help="the classic pipeline reads these instead (e.g. --data a "
                    "`prepare --resize-short` copy, --baseline-data the originals); default: --data")
-    d.add_argument("--img-size", type=int, default=224, help="training crop size (default: 224)")
-    d.add_argument("--min-scale", type=float, default=0.08,
+    d.add_argument("--img-size", type=options.in_range(int, 8, 4096), default=224, help="training crop size (default: 224)")
+    d.add_argument("--min-scale", type=options.in_range(float, 1e-3, 1), default=0.08,
                    help="warmstart's smallest crop area (default: 0.08, the classic example's and the ImageNet recipes')")
     d.add_argument("--decoder", default=None, metavar="NAME", help="warmstart's decoder (default: its default)")
-    d.add_argument("--images", type=int, default=None, metavar="N", help="use the first N images (default: all)")
-    d.add_argument("--rounds", type=int, default=3, help="alternated rounds (default: 3)")
-    d.add_argument("--settle", type=float, default=2.0, metavar="S", help="seconds of pause before each timing")
+    d.add_argument("--images", type=options.in_range(int, 1), default=None, metavar="N", help="use the first N images (default: all)")
+    d.add_argument("--rounds", type=options.in_range(int, 1, 1000), default=3, help="alternated rounds (default: 3)")
+    d.add_argument("--settle", type=options.in_range(float, 0, 3600), default=2.0, metavar="S", help="seconds of pause before each timing")
     options.add(d, "batch_size", "workers", "json", "cache", batch_size=32)
     t = sub.add_parser("train", help="training img/s: warmstart's step vs a plain fp32 eager loop; what bounds it")
     t.add_argument("--model", "-a", required=True, help="architecture, as for `warmstart train --model`")
     t.add_argument("--synthetic", action="store_true", help="random images: time the step only (no loader)")
     t.add_argument("--data", metavar="DIR", help="also measure the loader on DIR (DIR/train if present)")
     t.add_argument("--decoder", default=None, metavar="NAME", help="the loader's decoder (default: its default)")
-    t.add_argument("--img-size", type=int, default=None, help="default: 224 on a GPU, 96 on a CPU")
-    t.add_argument("--steps", type=int, default=None, metavar="N", help="timed steps per round (default: 30 GPU, 4 CPU)")
-    t.add_argument("--rounds", type=int, default=2, help="alternated rounds (default: 2)")
-    t.add_argument("--settle", type=float, default=1.0, metavar="S", help="seconds of pause before each timing")
+    t.add_argument("--img-size", type=options.in_range(int, 8, 4096), default=None, help="default: 224 on a GPU, 96 on a CPU")
+    t.add_argument("--steps", type=options.in_range(int, 1, 100_000), default=None, metavar="N", help="timed steps per round (default: 30 GPU, 4 CPU)")
+    t.add_argument("--rounds", type=options.in_range(int, 1, 1000), default=2, help="alternated rounds (default: 2)")
+    t.add_argument("--settle", type=options.in_range(float, 0, 3600), default=1.0, metavar="S", help="seconds of pause before each timing")
     t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="warmstart's step in NHWC or not (default: as train chooses, on with bf16 or on a GPU)")
     t.add_argument("--compile", action="store_true", help="torch.compile warmstart's model (as train --compile)")
-    t.add_argument("-b", "--batch-size", type=int, default=None, help="default: 128 on a GPU, 16 on a CPU")
+    t.add_argument("-b", "--batch-size", type=options.in_range(int, 1, 2**20), default=None, help="default: 128 on a GPU, 16 on a CPU")
     options.add(t, "device", "amp", "workers", "json", amp="auto")
 
 

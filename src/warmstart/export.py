@@ -267,13 +267,13 @@ def add_arguments(parser):
                              "--features); FILE.json is written beside it")
     parser.add_argument("--features", action="store_true",
                         help="export the backbone without its classifier: output (N, feature_dim) pooled features")
-    parser.add_argument("--opset", type=int, default=None, metavar="N",
+    parser.add_argument("--opset", type=options.in_range(int, 7, 100), default=None, metavar="N",
                         help="ONNX opset version (default: the exporter's, 18 or newer; below 18 uses the "
                              "TorchScript-based exporter)")
     parser.add_argument("--check-images", metavar="DIR", default=None,
                         help="images to check the export on (default: the training data's val/ images if present, "
                              "else random images)")
-    parser.add_argument("--tolerance", type=float, default=1e-4, metavar="ABS",
+    parser.add_argument("--tolerance", type=options.in_range(float, 0), default=1e-4, metavar="ABS",
                         help="largest absolute output difference from PyTorch accepted (default: 1e-4)")
     options.add(parser, "weights", "trust_code")
 

@@ -5,6 +5,7 @@ TrainConfig takes its help text for the same settings from HELP so train's flags
 """
 
 import argparse
+import math
 import os
 
 from warmstart import launch
@@ -53,6 +54,20 @@ HELP = {
                  "$WARMSTART_CACHE or ~/.cache/warmstart/shards)",
     "cache_limit": f"with s3:// shards: the most the chunk cache may hold, e.g. 20GB (default: {DEFAULT_CACHE_LIMIT})",
 }
+
+
+def in_range(kind: type, lo, hi=None):
+    """An argparse type: `kind` (int or float) from lo to hi inclusive (hi None: any finite value); NaN, infinity and
+    everything outside are refused as the flag is parsed."""
+    def parse(text: str):
+        value = kind(text)
+        if not (math.isfinite(value) and lo <= value and (hi is None or value <= hi)):
+            raise argparse.ArgumentTypeError(f"must be from {lo} to {hi if hi is not None else 'any finite value'}, "
+                                             f"got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
 
 
 def _positive(text: str) -> int:

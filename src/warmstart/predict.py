@@ -29,7 +29,7 @@ examples:
 def add_arguments(parser):
     options.add(parser, "checkpoint")
     parser.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files and folders (searched recursively)")
-    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes shown per image (default: 5)")
+    parser.add_argument("--top-k", type=options.in_range(int, 1, 100_000), default=5, metavar="K", help="classes shown per image (default: 5)")
     # not options' --json: this one writes a line per image, not one object at the end
     parser.add_argument("--json", action="store_true",
                         help='one JSON object per image per line: {"path", "top": [{"class", "name", "prob"}, ...]}')

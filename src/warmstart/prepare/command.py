@@ -16,6 +16,7 @@ from warmstart.data.folder import image_files
 from warmstart.data.shard_store import parse_size
 from warmstart.data.shard_writer import DEFAULT_CHUNK_BYTES
 from warmstart.errors import UserError
+from warmstart.options import in_range
 from warmstart.prepare import archives, facts, images, manifest, verify
 from warmstart.prepare import shards as pack
 from warmstart.prepare.extract import Output
@@ -75,8 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"with --shards: the size of each chunk file (default: {DEFAULT_CHUNK_BYTES})")
     p.add_argument("--partial", action="store_true", help="accept a subset (partial download, mini archives) and report what is missing; also accept "
                    "archives that differ from the official MD5s, marking the data unverified in prepared.json")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="threads for checks/repairs/writes and processes for resizing (default: all cores)")
-    p.add_argument("--resize-short", type=int, metavar="N", help="also write a copy with the shorter side resized to N (aspect kept, never upscaled) to OUT/shortN")
+    p.add_argument("--workers", type=in_range(int, 1, 1024), default=os.cpu_count(), help="threads for checks/repairs/writes and processes for resizing (default: all cores)")
+    p.add_argument("--resize-short", type=in_range(int, 8, 8192), metavar="N", help="also write a copy with the shorter side resized to N (aspect kept, never upscaled) to OUT/shortN")
     p.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of the resized copy (default: 90)")
     p.add_argument("--resized-only", action="store_true", help="with --resize-short: write only OUT/shortN, not the full-size folders")
 
