@@ -165,6 +165,7 @@ def slurm_env(rank: int, port: int) -> dict:
                                                           "MASTER_PORT")}
     return {**env, "SLURM_JOB_ID": str(port - 15000), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
             "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "2",  # srun sets both: two tasks on this one node
             "PATH": "/usr/bin:/bin"}  # no scontrol: the nodelist is expanded by warmstart itself
 
 
