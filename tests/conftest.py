@@ -4,6 +4,9 @@ trusted for that module's tests, and no further)."""
 
 import pytest
 
+from synth import QUICK, TINY, make_image_folder
+from warmstart.cli import main
+
 
 @pytest.fixture(autouse=True, scope="module")
 def private_config(tmp_path_factory):
@@ -16,3 +19,20 @@ def private_config(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("WARMSTART_CACHE", str(tmp_path / "cache"))
+
+
+# a module that needs generated data or a finished run asks for these by name (each module gets its own); a module
+# defining its own `data` uses that instead
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A finished one-epoch TinyNet run (96 training images, batch 16: 6 updates per epoch)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "1", *QUICK]) == 0
+    return run

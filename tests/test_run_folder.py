@@ -25,19 +25,6 @@ from warmstart.engine.runlog import read_metrics
 
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("synth"))
-
-
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    """A finished one-epoch TinyNet run (96 training images, batch 16: 6 updates per epoch)."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    assert main(["train", str(data), *TINY, "--out", str(run), "--epochs", "1", *QUICK]) == 0
-    return run
-
-
 def trust_list() -> str:
     path = trust.trust_file()
     return path.read_text() if path.is_file() else ""

@@ -14,28 +14,14 @@ from synth import QUICK, TINY, make_image_folder
 from userside import cli, one_line_error
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("synth"))
-
-
-@pytest.fixture(scope="module")
-def finished(data, tmp_path_factory):
-    """A finished one-epoch TinyNet run."""
-    run = tmp_path_factory.mktemp("finished") / "run"
-    r = cli("train", data, *TINY, "--out", run, "--epochs", "1", *QUICK)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return run
-
-
 def snapshot(run: Path) -> dict:
     return {p: p.read_bytes() for p in (run / "checkpoints" / "best.pt", run / "metrics.jsonl")}
 
 
 @pytest.mark.parametrize("last", ["deleted", "dangling", "a folder"])
-def test_a_finished_run_without_its_last_pt_is_never_written(last, finished, data, tmp_path):
+def test_a_finished_run_without_its_last_pt_is_never_written(last, trained, data, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(finished, run)
+    shutil.copytree(trained, run)
     path = run / "checkpoints" / "last.pt"
     path.unlink()
     if last == "dangling":
@@ -48,9 +34,9 @@ def test_a_finished_run_without_its_last_pt_is_never_written(last, finished, dat
     assert snapshot(run) == before
 
 
-def test_a_recipe_cannot_choose_where_or_whether_a_run_writes(finished, data, tmp_path):
+def test_a_recipe_cannot_choose_where_or_whether_a_run_writes(trained, data, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(finished, run)
+    shutil.copytree(trained, run)
     before = snapshot(run)
     quick = ["--img-size", "32", "-b", "16", "--warmup-epochs", "0"]  # QUICK's -j would override the recipe's
     for setting in (f"out: {run}\nresume: auto\nepochs: 2\n", "evaluate: true\n", "workers: 100000\n"):
@@ -73,18 +59,18 @@ def test_a_hostile_recipe_is_one_line(text, named, data, tmp_path):
 
 
 @pytest.mark.parametrize("odd", ["config.yaml", "metrics.csv", "curves.png", "checkpoints"])
-def test_a_record_that_is_not_a_file_is_one_line(odd, finished, data, tmp_path):
+def test_a_record_that_is_not_a_file_is_one_line(odd, trained, data, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(finished, run)
+    shutil.copytree(trained, run)
     path = run / odd
     shutil.rmtree(path) if path.is_dir() else path.unlink()
     path.mkdir() if odd != "checkpoints" else path.write_text("not a folder")
     one_line_error(cli("train", data, *TINY, "--out", run, "--epochs", "2", *QUICK, "--resume", "auto"), odd)
 
 
-def test_tampered_metrics_lines_are_skipped_and_the_run_advances(finished, data, tmp_path):
+def test_tampered_metrics_lines_are_skipped_and_the_run_advances(trained, data, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(finished, run)
+    shutil.copytree(trained, run)
     with open(run / "metrics.jsonl", "ab") as f:
         f.write(b"[" * 200_000 + b"\n" + b"\xff\xfe not json\n")
     r = cli("train", data, *TINY, "--out", run, "--epochs", "3", *QUICK, "--resume", "auto")
@@ -95,9 +81,9 @@ def test_tampered_metrics_lines_are_skipped_and_the_run_advances(finished, data,
     assert (run / "metrics.csv").read_text().count("\n") == 4  # the header and epochs 1-3: the junk is no row
 
 
-def test_a_huge_metrics_file_is_one_line(finished, data, tmp_path):
+def test_a_huge_metrics_file_is_one_line(trained, data, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(finished, run)
+    shutil.copytree(trained, run)
     with open(run / "metrics.jsonl", "ab") as f:
         f.truncate(8 * 2**30)  # sparse: no disk used
     one_line_error(cli("train", data, *TINY, "--out", run, "--epochs", "2", *QUICK, "--resume", "auto"), "metrics.jsonl")
