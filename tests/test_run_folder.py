@@ -131,7 +131,8 @@ def test_finetune_resumes_from_last_pt_alone(trained, data, tmp_path):
     last = str(run / "checkpoints" / "last.pt")
     assert f"warmstart finetune: resuming {last} (pretrained: {pretrained})" in (run / "log.txt").read_text()
     assert "another.pt" not in (run / "log.txt").read_text()
-    assert yaml.safe_load((run / "config.yaml").read_text())["from_"] == str(pretrained)  # as the checkpoint says
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["resume"] == last and saved["from_"] == str(pretrained)  # built from; pretrained as the checkpoint says
 
 
 @pytest.mark.parametrize("name", ["log.txt", "metrics.jsonl", ".lock"])

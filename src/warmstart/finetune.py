@@ -131,11 +131,11 @@ def run(args) -> int:
 def finetune(cfg: config.TrainConfig, dist: distributed.Dist) -> int:
     with session(cfg, dist, val_split=cfg.val_split, seed=cfg.seed) as (log, splits):
         # a resumed run rebuilds its model from last.pt alone (same trust check): the --from file may be gone, or
-        # config.yaml may name another. The start line says so, and config.yaml keeps the pretrained source the
-        # checkpoint itself records (config.yaml is the one that may have been edited)
+        # config.yaml may name another. The start line and config.yaml say so (`resume:` the file the model was
+        # built from), and `from_` keeps the pretrained source the checkpoint itself records, not config.yaml's
         path = resume_path(cfg, cfg.run_dir)
         if path:
-            base = checkpoint.load_model(path, trust_code=cfg.trust_code)
+            base, cfg.resume = checkpoint.load_model(path, trust_code=cfg.trust_code), str(path)
             origin = base.config.get("from_")
             cfg.from_ = origin if isinstance(origin, str) and origin else str(path)
         else:
