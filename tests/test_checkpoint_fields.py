@@ -207,10 +207,15 @@ def test_export_where_it_cannot_write_is_one_line_and_writes_nothing(case, train
             (root / "ro").chmod(0o755)
 
 
-def test_a_failed_export_removes_the_folders_it_made(trained, tmp_path):
+def test_a_failed_export_removes_the_folders_it_made(trained, tmp_path, monkeypatch, capsys):
+    """An export whose file does not match PyTorch (its comparison made to fail) leaves no folder it made."""
     out = tmp_path / "new" / "a" / "m.safetensors"
-    r = warmstart("export", "--checkpoint", trained.ckpt, "--format", "safetensors", "--out", out, "--tolerance", "-1")
-    one_line_error(r, "differs from PyTorch", "nothing was written")
+    real = export.EXPORTERS["safetensors"]
+    monkeypatch.setitem(export.EXPORTERS, "safetensors", export.Exporter(
+        real.extension, real.title, real.note, real.write, real.load, compare=lambda *args: 1.0))
+    assert cli.main(["export", "--checkpoint", str(trained.ckpt), "--format", "safetensors", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "differs from PyTorch" in err and "nothing was written" in err, err
     assert list(tmp_path.iterdir()) == []
 
 
