@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partial", action="store_true", help="accept a subset (partial download, mini archives) and report what is missing; also accept "
                    "archives that differ from the official MD5s, marking the data unverified in prepared.json")
     p.add_argument("--workers", type=in_range(int, 1, 1024), default=os.cpu_count(), help="threads for checks/repairs/writes and processes for resizing (default: all cores)")
-    p.add_argument("--resize-short", type=in_range(int, 8, 8192), metavar="N", help="also write a copy with the shorter side resized to N (aspect kept, never upscaled) to OUT/shortN")
+    p.add_argument("--resize-short", type=in_range(int, 8, 1_000_000), metavar="N", help="also write a copy with the shorter side resized to N (aspect kept, never upscaled) to OUT/shortN")
     p.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of the resized copy (default: 90)")
     p.add_argument("--resized-only", action="store_true", help="with --resize-short: write only OUT/shortN, not the full-size folders")
 
