@@ -35,7 +35,7 @@ def add_arguments(parser):
                         help="also write metrics.json, per_class.csv and confusion.png in DIR")
     options.add(parser, "batch_size", "workers", "device", "amp", "weights", "json", "trust_code", "decoder", "cache",
                 "max_image_pixels")
-    parser.add_argument("--threads", type=options.in_range(int, 1, 4096), default=None, metavar="N", help=options.THREADS_HELP)
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help=options.THREADS_HELP)
 
 
 def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, amp="fp32", weights="auto",
