@@ -229,12 +229,12 @@ def bench_data(args) -> int:
 
 def bench_train(args) -> int:
     from warmstart.engine import distributed
-    from warmstart.engine.loop import choose_precision
+    from warmstart.engine.loop import allow_tf32, choose_precision
     from warmstart.models import build_model
 
     if not args.synthetic and not args.data:
         raise UserError("bench train needs --data DIR (times the loader too) or --synthetic (the step alone)")
-    dist = distributed.setup(args.device)  # the device, cudnn autotuning and TF32 exactly as train sets them
+    dist = distributed.setup(args.device)  # the device and cudnn autotuning exactly as train sets them
     device, cuda = dist.device, dist.device.type == "cuda"
     size = args.img_size or (224 if cuda else 96)
     batch = args.batch_size or (128 if cuda else 16)
@@ -242,6 +242,7 @@ def bench_train(args) -> int:
     workers = 0 if args.synthetic else args.workers
     threads = options.set_threads(workers, device=device.type)
     amp, channels_last, _ = choose_precision(args.amp, args.channels_last, device)  # as train chooses
+    allow_tf32(device, amp)
     model, _ = build_model(args.model, 1000)
     baseline_model = copy.deepcopy(model)
     images, loader = _timed_batch(args, size, batch, workers, device, channels_last)

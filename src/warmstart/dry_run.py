@@ -13,6 +13,8 @@ from torch.nn.parameter import is_lazy
 from warmstart.errors import UserError
 from warmstart.usercode import user_code_error
 
+NONDETERMINISTIC = "does not have a deterministic implementation"  # torch's words under use_deterministic_algorithms
+
 
 def dry_run(model: nn.Module, images: torch.Tensor, num_classes: int) -> list[str]:
     """One forward+backward in train mode on a real float batch (N,3,H,W).
@@ -31,6 +33,8 @@ def dry_run(model: nn.Module, images: torch.Tensor, num_classes: int) -> list[st
             try:
                 out = model(images)
             except Exception as e:
+                if NONDETERMINISTIC in str(e):  # --deterministic's refusal, not the model's fault: said by the caller
+                    raise
                 raise UserError(user_code_error(
                     e, f"the model's forward failed on a batch of shape {tuple(images.shape)} "
                     f"(does it support this input size?)",

@@ -13,7 +13,7 @@ from warmstart.data.dataset import batch_layout, eval_loader
 from warmstart.data.folder import list_classes
 from warmstart.data.transforms import Normalize
 from warmstart.engine import distributed
-from warmstart.engine.loop import choose_precision, evaluate
+from warmstart.engine.loop import allow_tf32, choose_precision, evaluate
 from warmstart.errors import UserError
 
 HELP = "evaluate a checkpoint (loss, top-1, top-5) on DATA/val or any class-folder tree"
@@ -66,6 +66,7 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
             print(threads_line)
         asked = amp
         amp, _, precision = choose_precision(asked, False, dist.device)
+        allow_tf32(dist.device, amp)  # --amp fp32, the default: exact fp32, no TF32
         if dist.is_main and asked not in (None, "fp32"):
             print(precision)
         model.to(dist.device)

@@ -13,7 +13,7 @@ from warmstart.data.decode import DECODE_ERRORS
 from warmstart.data.folder import IMAGE_EXTENSIONS, image_files
 from warmstart.data.transforms import Normalize
 from warmstart.engine import distributed
-from warmstart.engine.loop import autocast, choose_precision
+from warmstart.engine.loop import allow_tf32, autocast, choose_precision
 from warmstart.errors import UserError, shown
 
 HELP = "top-k classes of images or folders of images"
@@ -80,6 +80,7 @@ def run(args) -> int:
     loaded = checkpoint.load_model(args.checkpoint, ema=options.ema_choice(args.weights), trust_code=args.trust_code)
     device = distributed.setup(args.device).device  # checks --device, defaults to cuda when present
     amp, _, precision = choose_precision(args.amp, False, device)
+    allow_tf32(device, amp)
     if args.amp != "fp32":  # stderr: stdout is the table (or JSON lines)
         print(precision, file=sys.stderr)
     model = loaded.model.to(device)

@@ -118,13 +118,19 @@ def choose_precision(amp: str | None, channels_last: bool | None, device: torch.
     (None: fp32, as configs saved before auto existed say) and --channels-last on/off/unset (None).
 
     auto takes bf16 autocast where native_bf16 says the hardware does it: the step then runs several times faster
-    (TinyNet on an AMX CPU: ~3x, benchmarks/RESULTS.md) and, unlike fp16, needs no loss scaling. Unset
-    channels_last follows: NHWC is the layout the fast bf16 kernels of oneDNN and cuDNN want, and a GPU's
-    fp32/TF32 convolutions too; a CPU in fp32 stays NCHW."""
+    (TinyNet on an AMX CPU: ~3x, benchmarks/RESULTS.md) and, unlike fp16, needs no loss scaling. A GPU without bf16
+    (compute capability below 8: V100, T4) has fp16 tensor cores: auto takes fp16 there, with the grad scaler
+    (engine/step.py builds one for fp16), 2-3x faster than fp32 on those cards. Unset channels_last follows: NHWC is
+    the layout the fast bf16 kernels of oneDNN and cuDNN want, and a GPU's fp32/TF32 convolutions too; a CPU in fp32
+    stays NCHW."""
     auto, why = amp == "auto", None
     if auto:
         why = native_bf16(device)
         amp = "bf16" if why else None
+        if not why and device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            amp, why = "fp16", (f"this GPU has no native bf16 (compute capability {major}.{minor}): fp16 with loss "
+                                f"scaling")
     elif amp == "fp32":
         amp = None
     if channels_last is None:
@@ -133,6 +139,14 @@ def choose_precision(amp: str | None, channels_last: bool | None, device: torch.
     if auto:
         line += f" (--amp auto: {why or f'no native bf16 on this {device.type}'}; --amp fp32 or bf16 to choose)"
     return amp, channels_last, line
+
+
+def allow_tf32(device: torch.device, amp: str | None) -> None:
+    """TF32 (10-bit mantissa) for fp32 matmuls and convolutions on a GPU only where the run already computes in lower
+    precision (bf16/fp16 autocast: its fp32 leftovers lose nothing that matters); --amp fp32 means fp32, so exact
+    figures (evaluate's default) stay exact. Called wherever a precision is settled, before any kernel runs."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = amp in ("bf16", "fp16")
 
 
 def autocast(device: torch.device, amp: str | None):
@@ -162,7 +176,7 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
     progress = _Progress(pos.batch_in_epoch + len(loader), pos.batch_in_epoch, desc, show_progress, device)
     seen, skipped, data_wait, pending = 0, 0, 0.0, [False, False]
     t_start = t_last = time.perf_counter()
-    for images, labels, n_bad in loader:
+    for images, labels, n_bad in to_device(loader, device):
         wait = time.perf_counter() - t_last
         data_wait += wait
         skipped += n_bad
@@ -258,37 +272,80 @@ class _Progress:
         self.bar.close()
 
 
-@torch.no_grad()
 def evaluate(model, loader, normalize, device, amp=None, show_progress=True, desc="eval", num_classes=None) -> dict:
-    """Loss, top-1 and top-5 (percent) over the whole loader; sums are reduced over ranks so each sample,
-    sharded by EvalSampler, counts exactly once. With num_classes, also "confusion": a (true, predicted) count
-    matrix (int64 tensor, CPU) for per-class reports."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
-    confusion = torch.zeros(num_classes or 1, num_classes or 1, dtype=torch.int64, device=device)
-    skipped = 0
-    for images, labels, n_bad in iterate(loader, desc=desc, enabled=show_progress):
+    """Loss, top-1 and top-5 (percent) of one model over the whole loader: evaluate_models for one."""
+    return evaluate_models({"model": model}, loader, normalize, device, amp, show_progress, desc, num_classes)["model"]
+
+
+@torch.no_grad()
+def evaluate_models(models: dict, loader, normalize, device, amp=None, show_progress=True, desc="eval",
+                    num_classes=None) -> dict:
+    """{name: metrics} for every model of `models` scored on the same batches: one pass over the loader decodes each
+    image once however many models (the model and its EMA). Metrics: loss, top-1 and top-5 (percent), count,
+    skipped; sums are reduced over ranks so each sample, sharded by EvalSampler, counts exactly once. With
+    num_classes, also "confusion": a (true, predicted) count matrix (int64 tensor, CPU) for per-class reports.
+    Nothing in the loop waits for the device: the sums stay there, the counts are the host's."""
+    for model in models.values():
+        model.eval()
+    sums = {name: torch.zeros(3, dtype=torch.float64, device=device) for name in models}  # loss, top1, top5
+    confusion = {name: torch.zeros(num_classes or 1, num_classes or 1, dtype=torch.int64, device=device)
+                 for name in models}
+    count, skipped = 0, 0
+    for images, labels, n_bad in to_device(iterate(loader, desc=desc, enabled=show_progress), device):
         skipped += n_bad
         if len(images) == 0:
             continue
         x, y = normalize(images), labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = model(x)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hits = top == y[:, None]
-        # per-sample losses summed in float64: the total does not depend on how batches or ranks split the set
-        sums += torch.stack([F.cross_entropy(logits, y, reduction="none").double().sum(), hits[:, 0].sum().double(),
-                             hits.any(1).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=device)])
+        count += len(y)
+        for name, model in models.items():
+            with autocast(device, amp):
+                logits = model(x)
+            logits = logits.float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == y[:, None]
+            # per-sample losses summed in float64: the total does not depend on how batches or ranks split the set
+            sums[name] += torch.stack([F.cross_entropy(logits, y, reduction="none").double().sum(),
+                                       hits[:, 0].sum().double(), hits.any(1).sum().double()])
+            if num_classes:
+                confusion[name].view(-1).index_add_(0, y * num_classes + top[:, 0], torch.ones_like(y))
+    counts = all_reduce_sum(torch.tensor([count, skipped], dtype=torch.float64, device=device)).tolist()
+    n = max(counts[0], 1)
+    out = {}
+    for name in models:
+        loss, top1, top5 = all_reduce_sum(sums[name]).tolist()
+        out[name] = {"count": int(counts[0]), "top1": 100 * top1 / n, "top5": 100 * top5 / n,
+                     "loss": loss / n if math.isfinite(loss / n) else float("nan"), "skipped": int(counts[1])}
         if num_classes:
-            confusion.view(-1).index_add_(0, y * num_classes + top[:, 0], torch.ones_like(y))
-    sums = all_reduce_sum(sums).cpu()
-    skipped = int(all_reduce_sum(torch.tensor([skipped], device=device)).item())
-    n = max(sums[3].item(), 1)
-    loss = sums[0].item() / n
-    out = {"count": int(sums[3]), "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
-           "loss": loss if math.isfinite(loss) else float("nan"), "skipped": skipped}
-    if num_classes:
-        out["confusion"] = all_reduce_sum(confusion).cpu()
+            out[name]["confusion"] = all_reduce_sum(confusion[name]).cpu()
     return out
+
+
+def to_device(loader, device: torch.device):
+    """The loader's (images, labels, skipped) batches; on a GPU, each batch's host-to-device copy is issued on a side
+    stream one batch ahead, so it overlaps the step on the compute stream (timm's prefetcher does the same). Batches
+    already on the device (--decoder gpu) pass as they are. On the CPU the batches pass untouched."""
+    if device.type != "cuda":
+        yield from loader
+        return
+    stream, pending = torch.cuda.Stream(device), None
+    for images, labels, n_bad in loader:
+        with torch.cuda.stream(stream):
+            batch = images.to(device, non_blocking=True), labels.to(device, non_blocking=True), n_bad
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        if pending is not None:
+            yield _handed_over(*pending)
+        pending = batch, copied
+    if pending is not None:
+        yield _handed_over(*pending)
+
+
+def _handed_over(batch: tuple, copied):
+    """A batch copied on a side stream, made safe for the current stream: its work waits for that copy alone (not
+    the next batch's, already queued behind it), and the caching allocator does not reuse the memory before the
+    current stream is done with it."""
+    current = torch.cuda.current_stream()
+    current.wait_event(copied)
+    for t in batch[:2]:
+        t.record_stream(current)
+    return batch
