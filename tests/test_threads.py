@@ -14,7 +14,7 @@ from warmstart.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 TINYNET = str(REPO / "examples" / "tinynet.py") + ":TinyNet"
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
-               "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")
+               "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_ID", "SLURM_CPUS_PER_TASK")
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,8 @@ def cpus(monkeypatch):
 
 
 def test_math_threads_take_the_cpus_the_workers_leave():
-    assert options.thread_split(2) == (6, "cpu threads: 6 math + 2 loader workers of 8 CPUs")
+    assert options.thread_split(2) == (6, "cpu threads: 6 math + 2 loader workers of 8 CPUs (its CPU affinity, "
+                                          "one process on the node)")
     assert options.thread_split(0)[0] == 8
     assert options.thread_split(8)[0] == 1  # never fewer than one
     assert options.thread_split(20)[0] == 1
@@ -47,7 +48,8 @@ def test_the_cpus_are_shared_by_the_processes_on_the_node(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this node: 4 CPUs each
-    assert options.thread_split(1) == (3, "cpu threads: 3 math + 1 loader worker of 4 CPUs")
+    assert options.thread_split(1) == (3, "cpu threads: 3 math + 1 loader worker of 4 CPUs (8 CPUs / 2 processes "
+                                          "on the node (LOCAL_WORLD_SIZE=2))")
 
 
 def test_omp_num_threads_and_the_flag_win(monkeypatch):

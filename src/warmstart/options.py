@@ -7,30 +7,130 @@ TrainConfig takes its help text for the same settings from HELP so train's flags
 import argparse
 import math
 import os
+from typing import NamedTuple
 
 from warmstart import launch
 from warmstart.data.decode import DECODERS, DEFAULT as DEFAULT_DECODER, DEFAULT_MAX_PIXELS
 from warmstart.data.shard_store import DEFAULT_CACHE_LIMIT
 from warmstart.errors import UserError
 
+PER_WORKER_BYTES = 512 * 2**20  # what one loader worker may hold at ImageNet scale (see default_workers)
+
+
+class CpuShare(NamedTuple):
+    cpus: int  # the CPUs this process may run on (its affinity)
+    share: int  # this process's share of them: its math threads and loader workers together
+    local: int  # the processes on this node that share its CPUs and memory (the memory cap divides by it)
+    source: str  # where the share came from, for the start-up line
+
+
+def _affinity(pid: int = 0) -> int | None:
+    """How many CPUs process `pid` (0: this one) may run on; None where that cannot be read."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    try:
+        return len(os.sched_getaffinity(pid)) or None
+    except OSError:  # the process is gone (a reparented orphan's launcher), or not ours to read
+        return None
+
+
+def _count(env, name: str) -> int | None:
+    """A positive whole number from the environment, else None (a malformed one is setup()'s to report)."""
+    try:
+        value = int(env.get(name, ""))
+    except ValueError:
+        return None
+    return value if value >= 1 else None
+
+
+def cpu_share(processes: int | None = None) -> CpuShare:
+    """This process's share of the CPUs, and where the number came from. Division comes before any cap.
+
+    - srun (launch.detect() says srun, or one task of an srun step, SLURM_STEP_ID / SLURM_PROCID set) with
+      SLURM_CPUS_PER_TASK=C: when the affinity is at most C, SLURM's binding already narrowed it to this task's
+      CPUs and the share is the affinity (dividing by the node's tasks again gave 12 // 8 = 1); otherwise srun did
+      not bind (--cpu-bind=none) and the share is min(C, affinity // tasks on the node).
+    - Another launcher that puts several processes on the node (torchrun's LOCAL_WORLD_SIZE, the classic
+      --multiprocessing-distributed spawn, MPI's local size): min(affinity, the launcher's CPUs // local processes),
+      the launcher's CPUs being the parent process's affinity (torchrun's agent, MPI's daemon or the spawning
+      process). Unbound, the affinity is the launcher's and is divided; a launcher that bound each process
+      (numactl / taskset per rank, mpirun --bind-to core) narrowed its affinity, and then it is this process's own;
+      bound to CPUs shared with others (mpirun --bind-to socket: 8 ranks on 2 sockets of 48) the fair share is the
+      smaller. The parent is the measure, not os.cpu_count(): in a container, a SLURM job's cgroup or under
+      `taskset torchrun`, the node has more CPUs than anyone here may use (16 of 128: "affinity x processes <= the
+      node's CPUs" would read two unbound torchrun processes as bound and give each all 16). Parent unreadable: the
+      affinity is divided (too few threads at worst, never too many). SLURM_CPUS_PER_TASK is not read here: under
+      torchrun it describes the srun task that holds all the agent's processes (its affinity, the agent's, says
+      that already); under mpirun the ranks inherit the variables of the step that started the daemons.
+    - Alone: the affinity.
+    `processes` (the classic launch's parent, before it spawns them): the affinity its processes inherit, divided by
+    that many, which is what each of them reads here once spawned. A malformed launcher variable counts as alone:
+    setup() reports it in one line; a default is no place to fail."""
+    env = os.environ
+    cpus = _affinity() or os.cpu_count() or 1
+    if processes is not None:
+        local = max(1, processes)
+        return CpuShare(cpus, max(1, cpus // local), local,
+                        f"{cpus} CPUs / {local} processes spawned by --multiprocessing-distributed")
+    try:
+        found = launch.detect()
+    except UserError:
+        return CpuShare(cpus, cpus, 1, "its CPU affinity; the launcher's variables do not read, counted alone")
+    per_task = _count(env, "SLURM_CPUS_PER_TASK")
+    in_step = found.name == "srun" or (found.name == "single" and any(env.get(k) for k in ("SLURM_STEP_ID",
+                                                                                           "SLURM_PROCID")))
+    if per_task is not None and in_step:
+        local = found.local_world_size
+        if cpus <= per_task:
+            by = "srun" if found.name == "srun" else "SLURM"
+            return CpuShare(cpus, cpus, local, f"SLURM_CPUS_PER_TASK={per_task}, bound by {by}")
+        share = max(1, min(per_task, cpus // local))
+        return CpuShare(cpus, share, local, f"SLURM_CPUS_PER_TASK={per_task}; srun did not bind: {cpus} CPUs / "
+                                            f"{local} task{'s' if local != 1 else ''} on the node")
+    local = found.local_world_size
+    if local <= 1:
+        return CpuShare(cpus, cpus, 1, "its CPU affinity, one process on the node")
+    parent = _affinity(os.getppid()) or cpus
+    share = max(1, min(cpus, parent // local))
+    variable = f"{launch.VARIABLES[found.name][3]}={local}" if found.name in launch.VARIABLES else f"{local} processes"
+    if share == cpus and cpus * local <= parent:
+        return CpuShare(cpus, share, local, f"bound by the launcher: its own {cpus} of {parent} CPUs ({variable})")
+    return CpuShare(cpus, share, local, f"{parent} CPUs / {local} processes on the node ({variable})")
+
 
 def cpus_per_process() -> tuple[int, int]:
-    """(the CPUs this process may use, their share for this process): the CPUs are shared among the processes its
-    launcher puts on this node."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """(the CPUs this process may use, their share for this process): cpu_share()'s numbers."""
+    found = cpu_share()
+    return found.cpus, found.share
+
+
+def _mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where there is none (not Linux) or it does not read."""
     try:
-        local = launch.detect().local_world_size
-    except UserError:  # a malformed launcher variable: setup() says so in one line; this default is no place to fail
-        local = 1
-    return cpus, max(1, cpus // max(local, 1))
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
-def _default_workers() -> int:
-    """This process's share of the CPUs, at most 8."""
-    return min(8, cpus_per_process()[1])
+def default_workers(processes: int | None = None) -> int:
+    """Data workers per process by default: this process's CPU share minus one (the main process feeds the step),
+    at least 1; capped only by memory, never below 1: MemAvailable shared among the node's processes, at
+    PER_WORKER_BYTES (512 MiB) a worker. That estimate is a worker's own pages (torch and the dataset's copy-on-write
+    pages that it touches, ~200-300 MB) plus its prefetch (4 batches: 4 x 128 x 224 x 224 x 3 uint8 is ~80 MB,
+    more at larger sizes). No fixed cap: the old 8 starved a 12-CPU GPU process. `processes`: see cpu_share."""
+    found = cpu_share(processes)
+    workers = max(1, found.share - 1)
+    memory = _mem_available()
+    if memory is not None:
+        workers = min(workers, max(1, memory // (found.local * PER_WORKER_BYTES)))
+    return workers
 
 
-DEFAULT_WORKERS = _default_workers()
+DEFAULT_WORKERS = default_workers()
 AMP = ["auto", "bf16", "fp16", "fp32"]  # engine/loop.py's choose_precision reads them
 
 HELP = {
@@ -38,8 +138,11 @@ HELP = {
     "amp": "mixed precision (bf16 runs fast on GPUs from Ampere on and CPUs with AMX; fp16 on a CPU runs far "
            "slower than bf16)",
     "batch_size": "images per batch per process",
-    "workers": f"data-loading processes per process (0 = load in the main process; default: {DEFAULT_WORKERS}: this "
-               f"process's CPUs / processes on the node, up to 8)",
+    "workers": f"data-loading processes per process (0 = load in the main process; default, {DEFAULT_WORKERS} here: "
+               f"this process's CPUs minus one, at least 1; its CPUs: alone, its CPU affinity; under srun, "
+               f"SLURM_CPUS_PER_TASK or what srun bound it to; under torchrun, MPI or --multiprocessing-distributed, "
+               f"the launcher's CPUs / its processes on the node (or this process's own, where the launcher bound "
+               f"each); fewer where MemAvailable holds less than {PER_WORKER_BYTES // 2**20} MiB a worker)",
     "trust_code": "build a model whose code (embedded source or an importable module:callable) is named by a "
                   "checkpoint that was not trained here; read the code first (warmstart refuses otherwise)",
     "json": "make the last line of stdout one JSON object",
@@ -131,23 +234,25 @@ THREADS_HELP = ("torch's math (intra-op) threads per process (default on a GPU: 
 def thread_split(workers: int, threads: int | None = None, device: str = "cuda") -> tuple[int | None, str]:
     """(torch intra-op threads to set, or None to leave them; the line that says the split).
 
-    On a GPU (device "cuda"): math threads + loader workers = this process's share of the CPUs (affinity / processes
-    on the node), at least 1 math thread. There the math threads only launch kernels, and torch's default (one per
-    CPU) made them fight the workers that feed the GPU (on 2 cores ~30 vs 100+ img/s).
+    On a GPU (device "cuda"): math threads + loader workers = this process's share of the CPUs (cpu_share(), the
+    share the default workers come from; the line names its source), at least 1 math thread. There the math threads
+    only launch kernels, and torch's default (one per CPU) made them fight the workers that feed the GPU (on 2 cores
+    ~30 vs 100+ img/s).
     On the CPU (device "cpu") the step is the work: the math threads get every CPU of the share and the workers come
     on top; they sleep while the step runs. Measured on 2 cores (benchmarks/RESULTS.md), leaving the workers their
     CPUs made TinyNet train 1.3-1.7x slower, even at 224 px with one worker (the step waited on data 1-2%).
     --threads N, else OMP_NUM_THREADS, wins."""
-    _, share = cpus_per_process()
+    found = cpu_share()
+    share = found.share
     detail = f"{workers} loader worker{'s' if workers != 1 else ''} of {share} CPU{'s' if share != 1 else ''}"
     if check_threads(threads) is not None:
-        return threads, f"cpu threads: {threads} math (--threads) + {detail}"
+        return threads, f"cpu threads: {threads} math (--threads) + {detail} ({found.source})"
     if os.environ.get("OMP_NUM_THREADS"):  # torch read it at start-up: leave its choice alone
-        return None, f"cpu threads: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} math + {detail}"
+        return None, f"cpu threads: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} math + {detail} ({found.source})"
     if device == "cpu":
-        return share, f"cpu threads: {share} math + {detail} (on the CPU the math gets every CPU)"
+        return share, f"cpu threads: {share} math + {detail} ({found.source}; on the CPU the math gets every CPU)"
     n = max(1, share - workers)
-    return n, f"cpu threads: {n} math + {detail}"
+    return n, f"cpu threads: {n} math + {detail} ({found.source})"
 
 
 def check_threads(threads: int | None) -> int | None:

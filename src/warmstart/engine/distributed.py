@@ -194,8 +194,8 @@ def _spawn(cfg, fn) -> int:
         cfg.dist_backend = "gloo"
     if not gpus:
         cfg.device = "cpu"
-    if "workers" not in getattr(cfg, "given", ()):  # the default counted this node's CPUs for one process
-        cfg.workers = max(1, cfg.workers // nprocs)
+    if "workers" not in getattr(cfg, "given", ()):  # the default counted this process alone: each of nprocs' share
+        cfg.workers = options.default_workers(processes=nprocs)  # divided before the minus one (96 / 8 GPUs: 11)
     try:
         mp.spawn(_spawned, args=(fn, cfg, nprocs, match[1], match[2]), nprocs=nprocs)
     except mp.ProcessExitedException as e:
