@@ -3,8 +3,12 @@
 #   1. bench train resnet50: warmstart's step in bf16 + channels_last, eager and compiled, vs an fp32 eager loop
 #   2. bench data on real JPEGs: warmstart's default (CPU) decoder vs --decoder gpu (nvJPEG), each vs the classic
 #      example's pipeline, same files and workers
-#   3. a 2-epoch train on imagenette-dev, then evaluate its best checkpoint
-#   4. a one-process NCCL smoke test: torchrun --nproc-per-node 1 ... --dist-backend nccl
+#   3. a 2-epoch train on imagenette-dev (EMA on: model and EMA scored in one pass, checkpoints written in the
+#      background), then evaluate its best checkpoint; one epoch with --decoder gpu
+#   4. DDP across processes: two processes on one GPU with Gloo (reductions of CUDA tensors), and two processes on two
+#      GPUs with NCCL where this machine has them
+#   5. the one-line refusals only a GPU can trigger: NCCL with more processes than GPUs, --deterministic with an op
+#      that has no deterministic CUDA kernel (resnet50's adaptive average pool backward)
 # Run from anywhere:  bash benchmarks/gpu_check.sh
 # Writes every command's output to $OUT (if set; else a temporary folder) and appends a table to
 # benchmarks/RESULTS.md with the GPU model and the date. Data: $WARMSTART_SHARED_DATA, ../shared/data or
@@ -28,7 +32,8 @@ fi
 RES=${OUT:-$(mktemp -d)}
 mkdir -p "$RES"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
-WORKERS=$(( $(nproc) < 8 ? $(nproc) : 8 ))
+WORKERS=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))  # train's default for one process: its CPUs minus one
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 SHARED=${WARMSTART_SHARED_DATA:-../shared/data}
 [ -d "$SHARED" ] || SHARED=shared/data
 START=$SECONDS
@@ -46,6 +51,25 @@ check() {
     [ $rc -eq 0 ] || { echo "   FAILED (exit $rc; 124 = over ${limit}s):"; tail -n 5 "$RES/$name.err"; }
 }
 
+# a refusal: its name, a time limit, the words its one-line error must hold, the command; passes (status 0) when the
+# command exits 2 with exactly one line on stderr that holds the words
+refusal() {
+    local name=$1 limit=$2 words=$3
+    shift 3
+    echo "== $name  [$((SECONDS - START)) s]: $*  (must refuse: $words)"
+    timeout "$limit" "$@" >"$RES/$name.out" 2>"$RES/$name.err"
+    local rc=$? lines
+    lines=$(grep -v "^W[0-9]* \|^\*\*\*\*\|OMP_NUM_THREADS\|torch.distributed.run" "$RES/$name.err" | grep -c .)
+    if [ $rc -ne 124 ] && grep -q -- "$words" "$RES/$name.err" && [ "$lines" -le 2 ]; then
+        echo "$name 0" >>"$RES/status"
+        grep -- "$words" "$RES/$name.err" | head -n 1
+    else
+        echo "$name 1" >>"$RES/status"
+        echo "   FAILED (exit $rc, $lines lines on stderr; expected one line with: $words):"
+        tail -n 5 "$RES/$name.err"
+    fi
+}
+
 if [ -d "$SHARED/imagenet-sample" ] && [ -d "$SHARED/imagenette-dev" ]; then
     JPEGS=$SHARED/imagenet-sample
     TRAIN=$SHARED/imagenette-dev
@@ -59,17 +83,30 @@ fi
 
 : >"$RES/status"
 check train_bf16 90 "$PY" -m warmstart bench train --model resnet50 --synthetic --amp bf16 --channels-last --json
-check train_bf16_compiled 120 "$PY" -m warmstart bench train --model resnet50 --synthetic --amp bf16 --channels-last \
+check train_bf16_compiled 300 "$PY" -m warmstart bench train --model resnet50 --synthetic --amp bf16 --channels-last \
     --compile --json
 check data_cpu 45 "$PY" -m warmstart bench data --data "$JPEGS" --img-size 224 --workers "$WORKERS" -b 64 --json
 check data_gpu 45 "$PY" -m warmstart bench data --data "$JPEGS" --img-size 224 --workers "$WORKERS" -b 64 \
     --decoder gpu --json
 check train_2_epochs 90 "$PY" -m warmstart train --data "$TRAIN" --model resnet50 --epochs 2 --img-size 160 -b 64 \
-    -j "$WORKERS" --out "$RES/run"  # the default --amp auto: bf16 + channels_last expected on the GPU
+    --ema --out "$RES/run"  # the default --amp auto: bf16 + channels_last expected on the GPU; default workers
 check evaluate 30 "$PY" -m warmstart evaluate --checkpoint "$RES/run/checkpoints/best.pt" --data "$TRAIN" \
     -j "$WORKERS" --amp bf16 --json
-check nccl_smoke 45 "$PY" -m torch.distributed.run --nproc-per-node 1 -m warmstart train --data "$TRAIN" \
-    --model resnet18 --epochs 1 --img-size 64 -b 64 -j "$WORKERS" --dist-backend nccl --out "$RES/nccl"
+check train_gpu_decoder 60 "$PY" -m warmstart train --data "$TRAIN" --model resnet18 --epochs 1 --img-size 160 \
+    -b 64 --decoder gpu --out "$RES/gpu_decoder"
+# DDP in two processes: on one GPU they share it (Gloo reduces CUDA tensors through the host); NCCL needs two GPUs
+check ddp_gloo_2_on_1_gpu 90 "$PY" -m torch.distributed.run --nproc-per-node 2 -m warmstart train --data "$TRAIN" \
+    --model resnet18 --epochs 1 --img-size 64 -b 32 -j 2 --dist-backend gloo --ema --out "$RES/gloo"
+if [ "$GPUS" -ge 2 ]; then
+    check ddp_nccl_2_gpus 90 "$PY" -m torch.distributed.run --nproc-per-node 2 -m warmstart train --data "$TRAIN" \
+        --model resnet18 --epochs 1 --img-size 64 -b 32 -j 2 --dist-backend nccl --ema --out "$RES/nccl"
+else  # what NCCL cannot do here must be one line: two processes for one GPU
+    refusal nccl_more_processes_than_gpus 60 "NCCL needs a GPU per process" "$PY" -m torch.distributed.run \
+        --nproc-per-node 2 -m warmstart train --data "$TRAIN" --model resnet18 --epochs 1 --img-size 64 -b 32 -j 2 \
+        --dist-backend nccl --out "$RES/nccl"
+fi
+refusal deterministic_refusal 90 "has no deterministic kernel" "$PY" -m warmstart train --data "$TRAIN" \
+    --model resnet50 --epochs 1 --img-size 64 -b 16 -j 2 --deterministic --out "$RES/deterministic"
 
 # one table for benchmarks/RESULTS.md, from each check's last JSON line (or its exit status)
 "$PY" - "$RES" "$GPU" "$WHAT" "$((SECONDS - START))" >"$RES/summary.md" <<'EOF'
@@ -101,9 +138,15 @@ print(row("train_bf16", "bench train resnet50, bf16 + channels_last, eager", ste
 print(row("train_bf16_compiled", "bench train resnet50, bf16 + channels_last, compiled", step))
 print(row("data_cpu", "bench data, default CPU decoder, 224 px", data))
 print(row("data_gpu", "bench data, --decoder gpu, 224 px", data))
-print(row("train_2_epochs", "train resnet50 2 epochs, 160 px, --amp auto"))
+print(row("train_2_epochs", "train resnet50 2 epochs, 160 px, --amp auto, --ema"))
 print(row("evaluate", "evaluate its best.pt", evaluate))
-print(row("nccl_smoke", "torchrun --nproc-per-node 1, --dist-backend nccl, 1 epoch"))
+print(row("train_gpu_decoder", "train resnet18 1 epoch, 160 px, --decoder gpu"))
+print(row("ddp_gloo_2_on_1_gpu", "torchrun --nproc-per-node 2 on one GPU, --dist-backend gloo, DDP, 1 epoch"))
+if "ddp_nccl_2_gpus" in status:
+    print(row("ddp_nccl_2_gpus", "torchrun --nproc-per-node 2 on two GPUs, --dist-backend nccl, DDP, 1 epoch"))
+if "nccl_more_processes_than_gpus" in status:
+    print(row("nccl_more_processes_than_gpus", "NCCL, 2 processes for 1 GPU: refused in one line"))
+print(row("deterministic_refusal", "train resnet50 --deterministic: refused in one line"))
 EOF
 cat "$RES/summary.md"
 cat "$RES/summary.md" >>benchmarks/RESULTS.md

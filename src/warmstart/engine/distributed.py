@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from warmstart import launch, options
+from warmstart.dry_run import NONDETERMINISTIC
 from warmstart.errors import UserError, first_line
 
 
@@ -126,11 +127,10 @@ def setup(device: str | None = None, timeout_minutes: float = 30, backend: str |
             raise UserError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
         # one GPU per process: the local rank among the visible ones (srun --gpus-per-task shows each task one GPU,
         # as index 0); a lone process may name one (cuda:N)
-        index = local_rank % torch.cuda.device_count() if world > 1 or dev.index is None else dev.index
+        index = gpu_for(found, backend) if world > 1 or dev.index is None else dev.index
         dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
-        torch.backends.cudnn.benchmark = True  # fastest conv algorithms for fixed input sizes
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 runs use tensor cores
+        torch.backends.cudnn.benchmark = True  # fastest conv algorithms for fixed input sizes (TF32: loop.allow_tf32)
     elif dev.type != "cpu":
         raise UserError(f"--device {device}: warmstart runs on cpu or cuda")
     control = None
@@ -146,9 +146,34 @@ def setup(device: str | None = None, timeout_minutes: float = 30, backend: str |
             store = rendezvous(found, min(timeout_minutes, RENDEZVOUS_MINUTES))
             timeout = datetime.timedelta(minutes=timeout_minutes)
             store.set_timeout(timeout)  # the meeting is over: the group's own store reads wait like collectives
-            dist.init_process_group(chosen, store=store, rank=rank, world_size=world, timeout=timeout)
+            # device_id: NCCL sets up its communicator now, so a broken NCCL is said here, not at the first collective
+            nccl = {"device_id": dev} if chosen == "nccl" else {}
+            try:
+                dist.init_process_group(chosen, store=store, rank=rank, world_size=world, timeout=timeout, **nccl)
+            except (RuntimeError, dist.DistError) as e:
+                if chosen != "nccl":
+                    raise
+                raise UserError(nccl_failed(rank, e)) from None
         control = dist.new_group(backend="gloo") if dev.type == "cuda" else None  # None: the (Gloo) default group
     return Dist(rank, world, local_rank, dev, control)
+
+
+def gpu_for(found: launch.Launch, backend: str | None) -> int:
+    """This process's GPU: its local rank among the visible ones. More processes on the node than GPUs would share
+    one: NCCL refuses that ("Duplicate GPU") at the first collective, so it is one line here; Gloo (--dist-backend
+    gloo) may share a GPU, as a check on a one-GPU machine does."""
+    gpus = torch.cuda.device_count()
+    if found.local_world_size > gpus and (backend or "nccl") == "nccl":
+        raise UserError(f"{found.local_world_size} processes on this node but {gpus} GPU(s) visible to them: NCCL "
+                        f"needs a GPU per process; start {gpus} per node (--nproc-per-node {gpus}, srun "
+                        f"--ntasks-per-node={gpus}), check CUDA_VISIBLE_DEVICES, or share with --dist-backend gloo")
+    return found.local_rank % gpus
+
+
+def nccl_failed(rank: int, e: BaseException) -> str:
+    """An NCCL error that is not a lost peer, as one line: named as NCCL's, with where to look."""
+    return (f"rank {rank}: NCCL failed ({first_line(e)}): rerun with NCCL_DEBUG=INFO to see why (network interface: "
+            f"NCCL_SOCKET_IFNAME; InfiniBand: NCCL_IB_DISABLE=1 to test without it), or try --dist-backend gloo")
 
 
 def run(cfg, fn, spawn: bool = True) -> int:
@@ -163,6 +188,10 @@ def run(cfg, fn, spawn: bool = True) -> int:
         dist_.cpu_threads = options.set_threads(cfg.workers, cfg.threads, dist_.device.type)
         return fn(cfg, dist_) or 0
     except RuntimeError as e:  # includes torch.distributed.DistError
+        if refusal := nondeterministic(e, cfg):
+            raise UserError(refusal) from None
+        if dist_.enabled and nccl_error(e) and not lost_peer(e):
+            raise UserError(nccl_failed(dist_.rank, e)) from None
         if not dist_.enabled or not lost_peer(e):
             raise
         raise UserError(f"rank {dist_.rank} lost the other processes ({first_line(e)}): one "
@@ -173,10 +202,26 @@ def run(cfg, fn, spawn: bool = True) -> int:
 
 
 def lost_peer(e: BaseException) -> bool:
-    """A collective failed because another process is gone or stuck (not a bug in this one)."""
+    """A collective failed because another process is gone or stuck (not a bug in this one). NCCL's own words for
+    that (a remote error, an aborted communicator) count; any other NCCL error is NCCL's (nccl_error)."""
     text = str(e).lower()
-    return isinstance(e, dist.DistError) or any(k in text for k in (
-        "connection closed", "connection reset", "timed out", "timeout", "broken pipe", "peer", "nccl"))
+    return isinstance(e, dist.DistError) and not nccl_error(e) or any(k in text for k in (
+        "connection closed", "connection reset", "timed out", "timeout", "broken pipe", "peer", "ncclremoteerror",
+        "remote process", "aborted"))
+
+
+def nccl_error(e: BaseException) -> bool:
+    return "nccl" in str(e).lower()
+
+
+def nondeterministic(e: BaseException, cfg) -> str | None:
+    """--deterministic met an op that has no deterministic kernel (torch raises at its first call): that line."""
+    before, found, _ = str(e).partition(" " + NONDETERMINISTIC)
+    if not found or not getattr(cfg, "deterministic", False):
+        return None
+    op = (before.split() or ["an op"])[-1]  # torch names the kernel first: "adaptive_avg_pool2d_backward_cuda"
+    return (f"--deterministic: {op} has no deterministic kernel on this device (the model uses it); drop "
+            f"--deterministic (cudnn and seeds still make runs close) or change that layer")
 
 
 def _spawn(cfg, fn) -> int:
