@@ -122,6 +122,13 @@ def row(name, what, fmt=None):
     lines = (res / f"{name}.out").read_text().strip().splitlines() or ["(no output)"]
     return f"| {what} | {fmt(json.loads(lines[-1])) if fmt else lines[-1]} |"
 
+def refused(name, what):
+    """A refusal's row: the line it said (passed), or its status."""
+    if status.get(name) != "0":
+        return f"| {what} | FAILED (not refused in one line: see {name}.err) |"
+    said = [l for l in (res / f"{name}.err").read_text().splitlines() if "error:" in l]
+    return f"| {what} | `{(said or ['(refused)'])[0].strip()[:300]}` |"
+
 def rounds(r, key_a, key_b):
     return ", ".join(f"{x[key_a]:.0f}/{x[key_b]:.0f}" for x in r["rounds"])
 
@@ -146,8 +153,8 @@ print(row("ddp_gloo_2_on_1_gpu", "torchrun --nproc-per-node 2 on one GPU, --dist
 if "ddp_nccl_2_gpus" in status:
     print(row("ddp_nccl_2_gpus", "torchrun --nproc-per-node 2 on two GPUs, --dist-backend nccl, DDP, 1 epoch"))
 if "nccl_more_processes_than_gpus" in status:
-    print(row("nccl_more_processes_than_gpus", "NCCL, 2 processes for 1 GPU: refused in one line"))
-print(row("deterministic_refusal", "train resnet50 --deterministic: refused in one line"))
+    print(refused("nccl_more_processes_than_gpus", "NCCL, 2 processes for 1 GPU: refused in one line"))
+print(refused("deterministic_refusal", "train resnet50 --deterministic: refused in one line"))
 EOF
 cat "$RES/summary.md"
 cat "$RES/summary.md" >>benchmarks/RESULTS.md
