@@ -70,11 +70,15 @@ class LoaderWatch:
 
     WINDOW = 50
 
-    def __init__(self, say, loader, cpus: int | None = None, limit: float = 0.10):
+    def __init__(self, say, loader, cpus: int | None = None, limit: float = 0.10, device_type: str = "cpu"):
         self.workers = getattr(loader, "num_workers", 0)
         self.say, self.limit, self.cpus = say, limit, cpus
         self.skip = 2 + self.workers * (getattr(loader, "prefetch_factor", None) or 0)
         self.batches, self.wait, self.total, self.done = 0, 0.0, 0.0, False
+        # nvJPEG has not been measured against CPU workers on a GPU node yet (benchmarks/gpu_check.sh does): the
+        # line names the measurement that decides it on the user's machine, not a verdict
+        self.gpu_hint = (", or --decoder gpu where it is faster here (compare `warmstart bench data --data DIR` with "
+                         "and without --decoder gpu)" if device_type == "cuda" else "")
 
     def batch(self, wait: float, total: float) -> None:
         """One batch: `wait` seconds for the loader out of `total` (wait + step)."""
@@ -97,7 +101,7 @@ class LoaderWatch:
                      f"this run's speed; try more data workers (-j, now {self.workers}"
                      f"{f' on {self.cpus} CPUs' if self.cpus else ''}), a pre-resized copy that decodes ~2x faster "
                      f"(`warmstart prepare --from-folder DATA --resize-short 256 --out DIR`), a smaller --img-size "
-                     f"for the early epochs (--img-size-start), or --decoder gpu when training on a GPU")
+                     f"for the early epochs (--img-size-start){self.gpu_hint}")
 
 
 def native_bf16(device: torch.device) -> str | None:
