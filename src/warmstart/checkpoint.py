@@ -9,6 +9,7 @@ a command relies on, so a malformed file is one line, never a traceback deep in 
 
 import pickle
 import random
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,75 @@ def save(state: dict, path: Path) -> None:
                         what="the previous checkpoint is intact", needed=_size(state))
 
 
+def cpu_copy(obj, _copies: dict | None = None):
+    """A copy of a checkpoint's state that nothing else holds: every tensor copied to CPU memory (on a CPU the
+    state_dicts' tensors are the live parameters and optimiser momenta, which the next step changes), dicts, lists
+    and tuples rebuilt. The same view of the same memory stays one tensor in the copy (tied weights)."""
+    copies = {} if _copies is None else _copies
+    if torch.is_tensor(obj):
+        if obj.layout != torch.strided or obj.numel() == 0:
+            return obj.detach().to("cpu", copy=True)
+        key = (obj.device, obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride())
+        if key not in copies:
+            copies[key] = obj.detach().to("cpu", copy=True)
+        return copies[key]
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v, copies) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [cpu_copy(v, copies) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # a namedtuple takes fields
+    return obj  # numbers, strings, None: immutable
+
+
+class BackgroundWriter:
+    """Writes checkpoints in a background thread: the training step after a save runs while the file (~300 MB for
+    ResNet-50 with EMA and optimiser momenta, fsynced) is written. save() copies the state to CPU memory and returns;
+    at most one write is in flight (a save first waits for the one before: one extra copy of the state at most).
+    Each write is save()'s (atomic and durable). A write's error (a full disk) is raised by the next save() or by
+    wait(), the same one line a synchronous write gives; wait() before the process ends or reads the file back."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict, path: Path, *, link: Path | None = None) -> None:
+        """Write `state` to `path` in the background; `link` (best.pt) then becomes a hard link of that file
+        (fileio.atomic_link), or a second full write where the file system has no hard links."""
+        self.wait()
+        state = cpu_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(state, Path(path), link and Path(link)),
+                                        name="warmstart checkpoint writer")  # not a daemon: exit waits for it
+        self._thread.start()
+
+    def _write(self, state: dict, path: Path, link: Path | None) -> None:
+        target = path
+        try:
+            save(state, path)
+            target = link
+            if link is not None and not fileio.atomic_link(path, link):
+                save(state, link)
+        except OSError as e:  # not the space (save says that): permissions, an I/O error, a read-only file system
+            self._error = (fileio.out_of_space_error(target, None, "; the previous checkpoint is intact")
+                           if fileio.is_out_of_space(e) else
+                           UserError(f"cannot write checkpoint {target}: {e.strerror or first_line(e)}; the "
+                                     f"previous checkpoint is intact"))
+        except BaseException as e:  # UserError (out of space) or a bug: raised in the training thread
+            self._error = e
+
+    def wait(self, *, raise_error: bool = True) -> None:
+        """Until the write in flight is on disk; then its error, if it failed (raise_error=False keeps it: for a
+        run already ending in another error)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        if raise_error and self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 def remove_stale_temps(run_dir: Path) -> None:
-    """Temp files of saves that were killed mid-write (a new run starts by cleaning them up)."""
+    """Temp files of saves that were killed mid-write, best.pt's link included (a new run starts by cleaning them
+    up)."""
     for name in ("last.pt", "best.pt"):
         fileio.remove_stale_temps(Path(run_dir) / "checkpoints" / name)
 

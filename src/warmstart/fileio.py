@@ -79,6 +79,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def temp_path(path: Path) -> Path:
+    """The temp file beside `path` that this process writes (or links) before renaming it over `path`; the name
+    remove_stale_temps(path) knows."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # not every file system lets a directory be opened/fsynced
         fd = os.open(directory, os.O_RDONLY)
@@ -96,7 +102,7 @@ def atomic_write(path, write: Callable[[Path], None], *, durable: bool = True, w
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
         write(tmp)
         if durable:
@@ -116,6 +122,37 @@ def atomic_write(path, write: Callable[[Path], None], *, durable: bool = True, w
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+# os.link's answers where the file system has no hard links (another device, FAT, some network and FUSE mounts,
+# a file with too many links): the caller writes a copy instead
+NO_HARD_LINKS = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+def atomic_link(src, path, *, durable: bool = True) -> bool:
+    """Make `path` a hard link of the file `src` (which must be durable already): linked under a temp name beside
+    `path` (atomic_write's, so a killed process's is removed as its are), renamed over `path`, the directory fsynced.
+    `path` is at every moment its old file or `src`'s, whole; a later replace of `src` leaves `path` the file it
+    linked. False, with nothing changed, where the file system has no hard links (NO_HARD_LINKS)."""
+    src, path = Path(src), Path(path)
+    remove_stale_temps(path)
+    tmp = temp_path(path)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError as e:
+        if e.errno in NO_HARD_LINKS:
+            return False
+        raise
+    try:
+        os.replace(tmp, path)
+    finally:  # gone after a rename; left where the rename failed, or did nothing (`path` already was `src`'s file)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    if durable:
+        fsync_dir(path.parent)
+    return True
 
 
 def write_text(path, text: str, *, durable: bool = True) -> None:

@@ -334,12 +334,22 @@ class Run:
             self.log.print(f"{where} holds the random streams of {len(rngs)} process(es), this run has "
                            f"{self.dist.world_size}: they restart from --seed {self.cfg.seed} (+ rank)")
 
-    def save(self, name: str) -> None:
-        """Every rank takes part (their RNG states are gathered); rank 0 writes."""
+    def save(self, name: str, *, best: bool = False) -> None:
+        """Every rank takes part (their RNG states are gathered); rank 0 copies the state to CPU memory and writes it
+        in the background (checkpoint.BackgroundWriter: training goes on meanwhile; wait_for_saves() before anything
+        reads the file back). best: best.pt is this same state, made a hard link of the file once it is written."""
         state = self.state_dict()
         if self.dist.is_main:
             ckpt = checkpoint.build(state, self.model_spec, self.class_info, self.eval_spec, self.cfg.to_dict())
-            checkpoint.save(ckpt, self.run_dir / "checkpoints" / name)
+            if getattr(self, "_writer", None) is None:
+                self._writer = checkpoint.BackgroundWriter()
+            folder = self.run_dir / "checkpoints"
+            self._writer.save(ckpt, folder / name, link=folder / "best.pt" if best else None)
+
+    def wait_for_saves(self, *, raise_error: bool = True) -> None:
+        """Until the checkpoint being written is on disk; then its write's error (a full disk), if it failed."""
+        if getattr(self, "_writer", None) is not None:
+            self._writer.wait(raise_error=raise_error)
 
     # ------------------------------------------------------------------ training
 
@@ -384,8 +394,10 @@ class Run:
             self._fit(caught)
             return 0
         except Preempted as p:
+            self.wait_for_saves()  # last.pt holds this step, as _preempted says, before the process exits
             return self._preempted(p.signum)
         finally:
+            self.wait_for_saves(raise_error=False)  # any other end (an error already on its way): the write finishes
             for s, h in handlers.items():
                 signal.signal(s, h)
 
@@ -454,6 +466,7 @@ class Run:
             last_save = time.monotonic()
             if dist.any(bool(caught))[0]:
                 raise Preempted(caught[0] if caught else signal.SIGTERM)
+        self.wait_for_saves()  # the last checkpoint on disk (or its error) before the run says it is done
         log.print(f"done: best val top-1 {pos.best_top1:.2f}% -> {self.run_dir / 'checkpoints' / 'best.pt'}; "
                   f"curves in {self.run_dir / 'curves.png'}")
 
@@ -463,8 +476,9 @@ class Run:
         return {"train_loss": loss_sum / images, "train_images": images} if images else {}
 
     def _end_epoch(self, size: int, stats: dict, t0: float) -> None:
-        """After an epoch's training: evaluate when due, save best.pt and last.pt, record and say the epoch."""
-        cfg, pos = self.cfg, self.pos
+        """After an epoch's training: evaluate when due, record and say the epoch, save last.pt (and best.pt, the
+        same state at this epoch's end: a hard link of last.pt's file, written once)."""
+        cfg, pos, improved = self.cfg, self.pos, False
         row = {"epoch": pos.epoch, "lr": max(g["lr"] for g in self.step.optimizer.param_groups), "img_size": size,
                **stats}
         if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
@@ -472,8 +486,7 @@ class Run:
             self.metrics = dict(row)
             top1 = max(row["val_top1"], row.get("ema_val_top1", -1))
             if top1 > pos.best_top1:
-                pos.best_top1 = top1
-                self.save("best.pt")
+                pos.best_top1, improved = top1, True
         row["epoch_time_s"] = time.perf_counter() - t0
         self.log.epoch(row)
         ema_txt = f", ema top-1 {row['ema_val_top1']:.2f}%" if "ema_val_top1" in row else ""
@@ -484,7 +497,7 @@ class Run:
                      if "img_per_s" in stats else "trained before the resume" + (f", {loss_txt}" if loss_txt else ""))
         self.log.print(f"epoch {pos.epoch}/{cfg.epochs} @{size}px: {train_txt}{val_txt} | {row['epoch_time_s']:.0f} s"
                        + (f", skipped {stats['skipped']} unreadable images" if stats.get("skipped") else ""))
-        self.save("last.pt")
+        self.save("last.pt", best=improved)
 
     def evaluate(self) -> dict:
         """Validation metrics of the model (and its EMA); sets prefer_ema to whichever scored higher."""
