@@ -25,7 +25,8 @@ from warmstart.data.dataset import batch_layout, collate, dataset_for, decoded, 
 from warmstart.data.sampler import TrainSampler
 from warmstart.data.sources import Splits, load_splits
 from warmstart.engine import distributed, runlog
-from warmstart.engine.loop import EpochLoss, LoaderWatch, Position, choose_precision, evaluate, train_one_epoch
+from warmstart.engine.loop import (EpochLoss, LoaderWatch, Position, allow_tf32, choose_precision, evaluate_models,
+                                   train_one_epoch)
 from warmstart.engine.runlog import RunLog
 from warmstart.engine.step import build_step
 from warmstart.errors import UserError, first_line
@@ -186,6 +187,7 @@ class Run:
         # choice; every rank trains as rank 0 chose (nodes may differ)
         choice = choose_precision(cfg.amp, cfg.channels_last, self.device)
         cfg.amp, cfg.channels_last, self.precision = dist.gather(choice)[0]
+        allow_tf32(self.device, cfg.amp)
         if self.device.type == "cpu":  # recorded: a bitwise continuation on a CPU needs the same count (the sums'
             cfg.threads = torch.get_num_threads()  # order), which a resume on another machine may not give
 
@@ -414,10 +416,11 @@ class Run:
         """The model as the step runs it: under DDP across processes, compiled when asked."""
         model = self.model
         if self.dist.enabled:
-            # find_unused_parameters: without it DDP hangs on a model with parameters the loss never reaches
+            # find_unused_parameters: without it DDP hangs on a model with parameters the loss never reaches;
+            # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets (no copy in and out of them)
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=bool(self.step.unused))
+                find_unused_parameters=bool(self.step.unused), gradient_as_bucket_view=True)
         if self.cfg.compile:
             model = torch.compile(model)  # after DDP, so gradient all-reduce overlaps the backward pass
         return model
@@ -442,7 +445,8 @@ class Run:
             if stop:
                 raise Preempted(caught[0] if caught else signal.SIGTERM)
 
-        watch = LoaderWatch(log.print, self.train_loader, cpus=options.cpus_per_process()[1])  # says it once a run
+        watch = LoaderWatch(log.print, self.train_loader, cpus=options.cpus_per_process()[1],
+                            device_type=self.device.type)  # says it once a run
         if self._rng is not None:
             checkpoint.set_rng_state(self._rng)
         else:  # each rank its own dropout, mixup and erasing draws (the data order is one global permutation)
@@ -500,21 +504,24 @@ class Run:
         self.save("last.pt", best=improved)
 
     def evaluate(self) -> dict:
-        """Validation metrics of the model (and its EMA); sets prefer_ema to whichever scored higher."""
+        """Validation metrics of the model (and its EMA, scored on the same batches: each image decoded once); sets
+        prefer_ema to whichever scored higher. Eval runs the bare module, not the compiled one: eval mode, another
+        image size and the last partial batch would each compile anew (and the size ramp recompiles the train graph
+        only)."""
         ema = self.step.ema
         distributed.broadcast_buffers(self.model)
+        models = {"model": unwrap(self.model)}
         if ema is not None:
             distributed.broadcast_buffers(ema.module)
-        model = unwrap(self.model) if self.dist.enabled else self.model
-        m = evaluate(model, self.val_loader, self.step.normalize, self.device, self.cfg.amp,
-                     show_progress=self.dist.is_main)
+            models["ema"] = ema.module
+        scores = evaluate_models(models, self.val_loader, self.step.normalize, self.device, self.cfg.amp,
+                                 show_progress=self.dist.is_main, desc="eval" + (" (model and EMA)" if ema else ""))
+        m = scores["model"]
         if m["count"] == 0:
             raise UserError(f"none of the {m['skipped']} validation images could be read")
         row = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_count": m["count"]}
         self.prefer_ema = False
-        if ema is not None:
-            e = evaluate(ema.module, self.val_loader, self.step.normalize, self.device, self.cfg.amp,
-                         show_progress=self.dist.is_main, desc="eval ema")
+        if e := scores.get("ema"):
             row.update({"ema_val_loss": e["loss"], "ema_val_top1": e["top1"], "ema_val_top5": e["top5"]})
             self.prefer_ema = e["top1"] > m["top1"]
         return row
