@@ -6,6 +6,7 @@ import hashlib
 import multiprocessing
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ class ImageDataset(Dataset):
             torch.random.default_generator.manual_seed(seed)  # CPU only: leave CUDA generators alone
             scale = (self.min_scale, 1.0)
             try:
-                if self.decoder == "gpu":  # box and flip drawn here, from the same seed; gpu_batch cuts on the device
+                if self.decoder == "gpu":  # box and flip drawn here, from the same seed; GpuLoader cuts on the device
                     return gpu_decode.gpu_item(path, size, scale), label
                 img = crop.random_resized_crop(self.decoder, path, size, scale)
             except DECODE_ERRORS as e:
@@ -121,7 +122,8 @@ def dataset_for(root: Path | None, samples, **kw) -> ImageDataset:
 
 def collate(batch, channels_last: bool = False):
     """Stack the readable samples; the third item counts the unreadable ones that were dropped. (--decoder gpu: the
-    samples stay a list of encoded files, which GpuLoader decodes.)
+    samples are packed into one gpu_decode.Encoded, a handful of tensors whatever the batch size, which GpuLoader
+    decodes.)
 
     channels_last: the (N, 3, H, W) batch in channels-last memory, as the crop's resize and PIL write each image, so
     stacking is a plain copy; else in contiguous memory, which turns every image here (~0.2 ms at 224 px, uint8)."""
@@ -129,7 +131,9 @@ def collate(batch, channels_last: bool = False):
     if not good:
         return torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long), len(batch)
     images = [x for x, _ in good]
-    if torch.is_tensor(images[0]):
+    if isinstance(images[0], gpu_decode.Item):
+        images = gpu_decode.pack(images)
+    elif torch.is_tensor(images[0]):
         # default_collate stacks straight into shared memory in a data worker; torch.stack would need a second copy
         images = (default_collate([x.permute(1, 2, 0) for x in images]).permute(0, 3, 1, 2) if channels_last
                   else default_collate(images))
@@ -200,16 +204,71 @@ def worker_message(text: str) -> str:
 
 
 class GpuLoader(Loader):
-    """--decoder gpu: the workers hand over encoded files with their boxes; each batch is decoded on the device."""
+    """--decoder gpu: the workers hand over encoded batches (gpu_decode.Encoded); each is decoded on `decode_device`
+    (the current CUDA device; "cpu" runs the same steps with libjpeg-turbo, as the tests do) by `decoding_ahead`: the
+    next batch in a thread while the caller trains on the current one. A file that does not decode is dropped with its
+    label and counted in the batch's third item, as collate counts the CPU path's."""
+
+    decode_device = "cuda"
 
     def __iter__(self):
-        for items, labels, bad in super().__iter__():
-            yield decoded(items), labels, bad
+        return decoding_ahead(super().__iter__(), self.decode_device)
 
 
-def decoded(images):
-    """A collated batch's images as a tensor: --decoder gpu's encoded files are decoded on the device here."""
-    return gpu_decode.gpu_batch(images) if isinstance(images, list) else images
+def decoding_ahead(batches, device):
+    """collate's (Encoded, labels, skipped) batches -> (uint8 images on `device`, labels, skipped), batch N+1 decoded
+    in a thread while the caller holds batch N. The batches are fetched here, in the caller's thread (the loader's
+    iterator, its signals and, with -j 0, the dataset's seeded RNG stay there); only gpu_decode.decode runs in the
+    thread, on its own CUDA stream. The caller's stream waits for that batch's decode (an event recorded after it,
+    rather than wait_stream, which would also wait for the next batch's work queued since) and the images are
+    record_stream-ed to it, so the allocator does not reuse their memory before the caller's kernels are done. The
+    thread lives as long as this generator: closed, exhausted or garbage-collected, it stops the thread (after the
+    batch in hand); an exception there is re-raised here, as it was raised."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda and device.index is None:  # the caller's device: a new thread's current device is cuda:0
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = torch.cuda.Stream(device) if cuda else None
+
+    def decode(batch):
+        images, labels, bad = batch
+        if not isinstance(images, gpu_decode.Encoded):  # collate's empty batch: every file unreadable
+            return batch, None
+        if not cuda:
+            x, kept, done = *gpu_decode.decode(images, device), None
+        else:
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                x, kept = gpu_decode.decode(images, device)
+                done = torch.cuda.Event()
+                done.record(stream)
+        return (x, labels if kept.all() else labels[kept], bad + int((~kept).sum())), done
+
+    def take(future):
+        (x, labels, bad), done = future.result()
+        if done is not None:
+            consumer = torch.cuda.current_stream(device)
+            consumer.wait_event(done)
+            if x.numel():
+                x.record_stream(consumer)
+        return x, labels, bad
+
+    pool, pending = ThreadPoolExecutor(1, thread_name_prefix="gpu-decode"), None
+    try:
+        for batch in batches:
+            following = pool.submit(decode, batch)
+            if pending is not None:
+                yield take(pending)
+            pending = following
+        if pending is not None:
+            yield take(pending)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decoded(images, device="cuda"):
+    """A collated batch's images as a tensor: --decoder gpu's Encoded batch is decoded here, on the current CUDA
+    device (the images that decode: for a probe, not for training, whose labels must follow; see GpuLoader)."""
+    return gpu_decode.decode(images, device)[0] if isinstance(images, gpu_decode.Encoded) else images
 
 
 def make_loader(dataset, sampler, *, batch_size: int, workers: int, train: bool, pin_memory: bool = False,
