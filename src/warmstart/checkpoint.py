@@ -7,6 +7,7 @@ Every checkpoint read goes through load(), which brings older formats up to date
 a command relies on, so a malformed file is one line, never a traceback deep in a command.
 """
 
+import math
 import pickle
 import random
 import threading
@@ -312,6 +313,23 @@ def _check_train_state(train, path) -> None:
         raise _malformed(path, "train_state.layout", "needs world_size, batch_size, accum_steps, seed and train_images")
     if not _is_optimizer_state(train.get("optimizer")):
         raise _malformed(path, "train_state.optimizer", "not an optimizer state_dict")
+    if not _is_budget(train.get("budget")):
+        raise _malformed(path, "train_state.budget", "needs a kind (time or images), finite non-negative amounts, "
+                         "progress from 0 to 1 and rates by image size")
+
+
+def _is_budget(b) -> bool:
+    """None (no budget), or engine/budget.py's Budget as a dict of plain numbers."""
+    if b is None:
+        return True
+    numbers = ("amount", "progress", "total", "used", "warmup", "overhead", "reserve")
+    return (isinstance(b, dict) and not set(b) - {"kind", "images", "rates", *numbers} and b.get("kind") in ("time", "images")
+            and all(type(b.get(k, 0.0)) in (int, float) and math.isfinite(b.get(k, 0.0)) and b.get(k, 0.0) >= 0
+                    for k in numbers)
+            and b.get("progress", 0.0) <= 1 and whole_number(b.get("images", 0))
+            and isinstance(b.get("rates", {}), dict)
+            and all(whole_number(k, 1) and type(v) in (int, float) and math.isfinite(v) and v > 0
+                    for k, v in b.get("rates", {}).items()))
 
 
 def _is_position(pos) -> bool:

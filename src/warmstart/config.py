@@ -76,7 +76,17 @@ class TrainConfig:
                                "stops with an error (a rank that died or hangs); the processes' first meeting waits "
                                "at most 5 of them and names the ranks that did not come", metavar="MINUTES")
     # schedule and optimiser
-    epochs: int = _opt(40, "number of epochs")
+    epochs: int = _opt(40, "number of epochs (with --time-budget or --budget-images the budget plans them instead)")
+    time_budget: str | None = _opt(None, "train for this long, the whole command's wall time (45s, 90m, 6h, 1h30m; "
+                                   "start-up and the final evaluation included): the LR decays to zero and the image "
+                                   "size ramps as the budget is spent, planned from the throughput measured as the run "
+                                   "goes; without --config, the fast recipe's settings (BUDGET_DEFAULTS)",
+                                   metavar="DURATION")
+    budget_images: int | None = _opt(None, "train on this many images in all (e.g. 16 epochs x 1.28M = 20480000), "
+                                     "scheduled as --time-budget is", metavar="N")
+    plan: bool = _opt(False, "measure the step and the loader a few seconds per image size on this machine, print the "
+                      "schedule (epochs per size, LR curve, expected time per epoch and in total, what bounds each "
+                      "phase) and exit without training", only="train")
     batch_size: int = _opt(64, options.HELP["batch_size"] + " (global batch = this x processes x --accum-steps)", "-b")
     accum_steps: int = _opt(1, "gradient accumulation: batches per optimiser update")
     global_batch: int | None = _opt(None, "the global batch (all processes, all accumulation steps): derives "
@@ -95,7 +105,8 @@ class TrainConfig:
                                 "adaptive optimisers, as timm does)", choices=["linear", "sqrt", "none"])
     momentum: float = _opt(0.9, "SGD/LARS momentum")
     weight_decay: float = _opt(5e-4, "weight decay (never applied to norms and biases)", "--wd")
-    sched: str = _opt("cosine", "learning-rate schedule, stepped every update", choices=["cosine", "step", "constant"])
+    sched: str = _opt("cosine", "learning-rate schedule, stepped every update (linear: to zero at the last update, "
+                      "the default under a budget)", choices=["cosine", "linear", "step", "constant"])
     warmup_epochs: float = _opt(2.0, "linear warmup length in epochs")
     warmup_lr: float = _opt(1e-5, "learning rate at the start of warmup")
     min_lr: float = _opt(0.0, "floor of the cosine schedule")
@@ -229,7 +240,7 @@ def _coerce(name: str, value, source: str):
 # never read from YAML: trust is granted on the command line only (trust.py), a run folder or recipe is data; and a
 # YAML file must not choose where or whether this machine writes (a recipe someone sent naming `out: ~/runs/mine`
 # and `resume: auto` would continue and rewrite a run the command line never named)
-CLI_ONLY = ("trust_code", "cache_dir", "out", "resume", "evaluate")
+CLI_ONLY = ("trust_code", "cache_dir", "out", "resume", "evaluate", "plan")
 
 
 def load_yaml(path: str, saved: bool = False) -> dict:
@@ -258,6 +269,16 @@ COMMAND_DEFAULTS = {
     "finetune": {"epochs": 10, "warmup_epochs": 1.0, "weight_decay": 1e-4, "min_scale": 0.35, "label_smoothing": 0.1,
                  "zero_init_last": False},
 }
+
+
+# The fast recipe for short budgets (examples/recipes/fast.yaml is the same at ImageNet sizes): what --time-budget and
+# --budget-images use for the settings neither a --config recipe nor a flag gives. Linear decay to zero at the
+# budget's end, a short warmup, low resolution for most of the run then ramped (engine/budget.py: size_at), label
+# smoothing, no weight decay on norms (recipe.param_groups). Tuned at CPU sizes on imagenette-dev and
+# tinyimagenet-100 (benchmarks/RESULTS.md, "time to accuracy").
+BUDGET_DEFAULTS = {"sched": "linear", "warmup_epochs": 1.0, "label_smoothing": 0.1, "weight_decay": 5e-5,
+                   "lr_base": 0.5, "min_scale": 0.25}
+BUDGET_START = 0.84  # the first size, as a fraction of --img-size, rounded to 8 (FFCV: 160 of 192)
 
 
 # how this invocation starts its processes, not what the run is: a resumed run may be launched another way
@@ -289,6 +310,10 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
         values.update(loaded)
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     given |= flags.keys()
+    budget_given = flags.get("time_budget") or flags.get("budget_images") or values.get("time_budget") or \
+        values.get("budget_images")
+    if budget_given and not getattr(args, "config", None):  # under the budget recipe: what nothing else set
+        values = {**BUDGET_DEFAULTS, **values}
     from_yaml = {k: v for k, v in from_yaml.items() if k not in flags}
     values.update(flags)
     recipe = load_yaml(args.config) if getattr(args, "config", None) else {}
@@ -300,8 +325,12 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
                 values[k] = max(8, int(round(recipe[k] * factor / 8) * 8))
     if getattr(args, "data_pos", None):
         values["data"] = args.data_pos
+    if budget_given and "img_size_start" not in values and not getattr(args, "config", None):
+        img = values.get("img_size", TrainConfig.img_size)
+        values["img_size_start"] = max(8, min(img, int(round(BUDGET_START * img / 8) * 8)))
     cfg = TrainConfig(**values)
     cfg.given, cfg.from_yaml = given, from_yaml
+    check_budget(cfg, flags, recipe)
     options.check_threads(cfg.threads)
     check_values(cfg)
     if cfg.img_size_start and cfg.img_size_start > cfg.img_size:
@@ -331,7 +360,19 @@ RANGES = {
     "warmup_lr": (0, 10_000), "min_lr": (0, 10_000), "momentum": (0, 1), "weight_decay": (0, 10),
     "warmup_epochs": (0, 100_000), "decay_epochs": (1e-3, 100_000), "decay_rate": (0, 10), "clip_grad": (1e-9, None),
     "save_every_minutes": (0, None), "head_lr_mult": (0, 10_000), "layer_decay": (1e-3, 1), "val_split": (0, 0.9),
+    "budget_images": (1, 2**50),
 }
+
+
+def check_budget(cfg: TrainConfig, flags: dict, recipe: dict) -> None:
+    """--time-budget / --budget-images: one of them, not with an explicit --epochs; the duration parsed now."""
+    if cfg.time_budget and cfg.budget_images:
+        raise UserError("--time-budget and --budget-images both set: give one budget")
+    if (cfg.time_budget or cfg.budget_images) and ("epochs" in flags or "epochs" in recipe):
+        raise UserError(f"--epochs {cfg.epochs} and a budget both set: a budget plans the epochs itself; drop "
+                        f"{'--epochs' if 'epochs' in flags else 'epochs from the recipe'} or the budget")
+    if cfg.time_budget:
+        options.duration(cfg.time_budget)
 
 
 def check_values(cfg: TrainConfig) -> None:

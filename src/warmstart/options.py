@@ -7,6 +7,7 @@ TrainConfig takes its help text for the same settings from HELP so train's flags
 import argparse
 import math
 import os
+import re
 from typing import NamedTuple
 
 from warmstart import launch
@@ -270,3 +271,18 @@ def set_threads(workers: int, threads: int | None = None, device: str = "cuda") 
     if n is not None:
         torch.set_num_threads(n)
     return line
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def duration(text: str) -> float:
+    """'45s', '90m', '6h', '1h30m' -> seconds, or one line saying what is wrong."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not text.strip() or not match or not any(match.groups()):
+        raise UserError(f"--time-budget {text!r}: give a duration such as 45s, 90m, 6h or 1h30m")
+    h, m, s = (float(g) if g else 0.0 for g in match.groups())
+    seconds = 3600 * h + 60 * m + s
+    if seconds <= 0:
+        raise UserError(f"--time-budget {text}: must be more than zero")
+    return seconds

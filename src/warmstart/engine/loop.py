@@ -170,7 +170,8 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
     keeps its pretrained BatchNorm statistics). Each step the ranks agree, in one collective (`agree`, Dist.any: an
     OR over ranks), on three flags: a batch that could not be read anywhere (all stop, none waits), and the caller's
     `poll()` = (save due, stop asked). `on_update(save, stop)` runs after every optimiser update with those agreed
-    since the last one (the caller saves there, where the position is exact). `watch` times every batch's wait for
+    since the last one (the caller saves there, where the position is exact); when it returns True the epoch
+    ends at that update (a spent budget). `watch` times every batch's wait for
     data against the whole batch (LoaderWatch: a warning when the loader bounds the run). `epoch_loss` sums the
     loss (the caller's, to save it mid-epoch; the returned train_loss is its average over the whole epoch)."""
     model.train()
@@ -178,7 +179,7 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
         m.eval()
     epoch_loss = epoch_loss or EpochLoss(device)
     progress = _Progress(pos.batch_in_epoch + len(loader), pos.batch_in_epoch, desc, show_progress, device)
-    seen, skipped, data_wait, pending = 0, 0, 0.0, [False, False]
+    seen, skipped, data_wait, pending, stop_epoch = 0, 0, 0.0, [False, False], False
     t_start = t_last = time.perf_counter()
     for images, labels, n_bad in to_device(loader, device):
         wait = time.perf_counter() - t_last
@@ -203,8 +204,7 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
         epoch_loss.add(loss, len(x), pos.step + 1)  # before on_update: a save there counts this batch as trained
         if update:
             _update(model, optimizer, scheduler, pos, scaler, ema, clip_grad)
-            if on_update is not None:
-                on_update(*pending)
+            stop_epoch = on_update is not None and on_update(*pending)  # True: a budget is spent, the epoch ends
             pending = [False, False]
         seen += len(x)
         progress.batch(epoch_loss, seen, data_wait, time.perf_counter() - t_start, optimizer.param_groups[0]["lr"])
@@ -212,6 +212,8 @@ def train_one_epoch(*, model, loader, normalize, loss_fn, optimizer, scheduler, 
         if watch is not None:
             watch.batch(wait, now - t_last)
         t_last = now
+        if update and stop_epoch:
+            break
     progress.close()
     if watch is not None:
         watch.judge()  # an epoch shorter than the window: judge on what was measured (once per run)

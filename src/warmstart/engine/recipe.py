@@ -8,6 +8,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from warmstart.config import TrainConfig
+from warmstart.engine.budget import PROGRESS_UNITS
 from warmstart.errors import UserError
 from warmstart.lr_rules import FINETUNE_LR_FACTOR, LR_RULES
 
@@ -86,13 +87,20 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float, head: s
         raise UserError(f"--opt {cfg.opt!r}: {e}; try sgd, adamw, lamb or lars") from None
 
 
-def build_scheduler(cfg: TrainConfig, optimizer, updates_per_epoch: int):
-    """Stepped per update (step_on_epochs=False): timm converts the epoch figures into update counts."""
-    sched = {"cosine": "cosine", "step": "step", "constant": "constant"}[cfg.sched]
+def build_scheduler(cfg: TrainConfig, optimizer, updates_per_epoch: int, budget_warmup: float | None = None):
+    """Stepped per update (step_on_epochs=False): timm converts the epoch figures into update counts. linear is
+    timm's poly schedule of power 1 (to zero at the end). Under a budget (budget_warmup: the warmup's fraction of it)
+    the schedule's clock is progress through the budget in PROGRESS_UNITS, one "epoch" long (engine/budget.py)."""
+    sched = {"cosine": "cosine", "linear": "poly", "step": "step", "constant": "constant"}[cfg.sched]
+    epochs, warmup, per_epoch = cfg.epochs, cfg.warmup_epochs, updates_per_epoch
+    decay_epochs = cfg.decay_epochs
+    if budget_warmup is not None:
+        epochs, warmup, per_epoch = 1, budget_warmup, PROGRESS_UNITS
+        decay_epochs = cfg.decay_epochs / max(cfg.epochs, 1)  # a step schedule: the same fraction of the run
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
-        min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, cooldown_epochs=0,
-        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+        optimizer, sched=sched, num_epochs=epochs, decay_epochs=decay_epochs,
+        decay_rate=1.0 if sched == "poly" else cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
+        warmup_epochs=warmup, cooldown_epochs=0, step_on_epochs=False, updates_per_epoch=per_epoch)
     return scheduler
 
 

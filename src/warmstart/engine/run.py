@@ -24,7 +24,8 @@ from warmstart.data import decode
 from warmstart.data.dataset import batch_layout, collate, dataset_for, decoded, eval_loader, make_loader
 from warmstart.data.sampler import TrainSampler
 from warmstart.data.sources import Splits, load_splits
-from warmstart.engine import distributed, runlog
+from warmstart.engine import budget, distributed, plan, recipe, runlog
+from warmstart.engine.budget import size_for_epoch
 from warmstart.engine.loop import (EpochLoss, LoaderWatch, Position, allow_tf32, choose_precision, evaluate_models,
                                    train_one_epoch)
 from warmstart.engine.runlog import RunLog
@@ -37,18 +38,6 @@ from warmstart.models import unwrap
 SETTINGS_SAID_ON_RESUME = ("lr", "lr_base", "lr_scale", "sched", "epochs", "warmup_epochs", "weight_decay", "momentum", "head_lr_mult",
            "layer_decay", "img_size", "img_size_start", "min_scale", "mixup", "cutmix", "label_smoothing", "seed",
            "amp")  # a resume from a checkpoint path (not --resume auto's config.yaml) takes this machine's --amp auto
-
-
-def size_for_epoch(cfg: config.TrainConfig, epoch: int) -> int:
-    """Progressive resizing (FFCV-style): ramp from img_size_start at epoch 0 to img_size at 85% of the run,
-    in steps of 8 pixels."""
-    if not cfg.img_size_start:
-        return cfg.img_size
-    end = max(1, round(0.85 * (cfg.epochs - 1)))
-    if epoch >= end:
-        return cfg.img_size
-    size = cfg.img_size_start + (cfg.img_size - cfg.img_size_start) * epoch / end
-    return int(round(size / 8) * 8)
 
 
 def seed_everything(seed: int) -> None:
@@ -172,6 +161,7 @@ class Run:
                       "use --amp bf16 on CPUs")
         self.pos, self.metrics, self.prefer_ema, self._rng = Position(), {}, False, None
         self.epoch_loss = EpochLoss(self.device)
+        self.clock, self._budget_state = None, None  # a budget's Clock, made in _fit (after a resume restored it)
 
     def _settle_settings(self) -> None:
         """Determinism, the batch arithmetic and the precision: what the config leaves to the machine, decided
@@ -241,7 +231,8 @@ class Run:
             "train_state": {"optimizer": step.optimizer.state_dict(),
                             "scaler": step.scaler.state_dict() if step.scaler else None,
                             "position": {**asdict(self.pos), "loss_sum": loss_sum, "loss_images": loss_images},
-                            "layout": self.layout()},
+                            "layout": self.layout(),
+                            "budget": self.clock.state() if self.clock else self._budget_state},
             "rng": self.dist.gather(checkpoint.rng_state()),
         }
 
@@ -270,6 +261,7 @@ class Run:
         self.pos, self.metrics, self.prefer_ema = pos, state.get("metrics") or {}, bool(state.get("prefer_ema"))
         self.epoch_loss = EpochLoss(self.device, *((pos.loss_sum, pos.loss_images) if self.dist.is_main else (0, 0)))
         self._restore_rng(state.get("rng") or [], where)
+        self._budget_state = train.get("budget")
         into = "its training done, evaluation next" if done else f"{samples} samples into it"
         self.log.print(f"resuming from {where}: epoch {pos.epoch + 1}, {into}, update {pos.step}")
 
@@ -376,6 +368,9 @@ class Run:
     def start(self, what: str) -> int:
         """Resume when asked (--resume CKPT, or --resume auto and RUN/checkpoints/last.pt exists), say what will
         run, and train: the end of start-up that train and finetune share."""
+        if self.cfg.plan:  # measure and say what the run would cost; train nothing, write no checkpoint
+            plan.show(self)
+            return 0
         path = resume_path(self.cfg, self.run_dir)
         if path:
             res = resumable(path, self.cfg, self.model_spec, self.class_info["names"])
@@ -429,14 +424,16 @@ class Run:
         cfg, dist, log, step = self.cfg, self.dist, self.log, self.step
         if dist.is_main:
             config.save_yaml(cfg, self.run_dir / "config.yaml")
-        step.scheduler.step_update(self.pos.step)
+        self.clock = self._budget_clock()
+        scheduler = self.clock or step.scheduler
+        scheduler.step_update(self.pos.step)
         self.model = self._wrap_model()
         last_save = time.monotonic()
 
         def poll() -> tuple[bool, bool]:  # this rank's view; the loop makes every rank agree on it
             return time.monotonic() - last_save >= cfg.save_every_minutes * 60, bool(caught)
 
-        def on_update(due: bool, stop: bool) -> None:
+        def on_update(due: bool, stop: bool) -> bool:
             nonlocal last_save
             # agreed: all ranks save, or none; a signal to any rank stops them all at this same update
             if due or stop:
@@ -444,6 +441,7 @@ class Run:
                 last_save = time.monotonic()
             if stop:
                 raise Preempted(caught[0] if caught else signal.SIGTERM)
+            return self.clock is not None and self.clock.done()  # the budget is spent: the epoch ends here
 
         watch = LoaderWatch(log.print, self.train_loader, cpus=options.cpus_per_process()[1],
                             device_type=self.device.type)  # says it once a run
@@ -452,20 +450,21 @@ class Run:
         else:  # each rank its own dropout, mixup and erasing draws (the data order is one global permutation)
             seed_everything(cfg.seed + dist.rank)
         pos = self.pos
-        while pos.epoch < cfg.epochs:
+        while not self.clock.done() if self.clock else pos.epoch < cfg.epochs:
             t0 = time.perf_counter()
-            size = size_for_epoch(cfg, pos.epoch)
+            size = self.clock.epoch_started() if self.clock else size_for_epoch(cfg, pos.epoch)
             self.sampler.set_epoch(pos.epoch, size, start=pos.batch_in_epoch * cfg.batch_size * dist.world_size)
             trained = pos.batch_in_epoch >= self.batches_per_epoch  # resumed from a save at the epoch's last update
             stats = self._carried_loss() if trained else train_one_epoch(
                 model=self.model, loader=self.train_loader, normalize=step.normalize, loss_fn=step.loss_fn,
-                optimizer=step.optimizer, scheduler=step.scheduler, pos=pos, device=self.device,
+                optimizer=step.optimizer, scheduler=scheduler, pos=pos, device=self.device,
                 accum_steps=cfg.accum_steps, amp=cfg.amp, scaler=step.scaler, mixup=step.mixup, erasing=step.erasing,
                 ema=step.ema, clip_grad=cfg.clip_grad, on_update=on_update, show_progress=dist.is_main,
                 frozen_norms=self.frozen_norms, agree=dist.any, poll=poll, epoch_loss=self.epoch_loss,
-                desc=f"epoch {pos.epoch + 1}/{cfg.epochs} @{size}px", watch=watch)
-            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-            self.epoch_loss = EpochLoss(self.device)
+                desc=f"epoch {pos.epoch + 1}{self._of_epochs()} @{size}px", watch=watch)
+            if pos.batch_in_epoch >= self.batches_per_epoch:  # else the budget ended it: the position stays exact
+                pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+                self.epoch_loss = EpochLoss(self.device)
             self._end_epoch(size, stats, t0)
             last_save = time.monotonic()
             if dist.any(bool(caught))[0]:
@@ -481,12 +480,19 @@ class Run:
 
     def _end_epoch(self, size: int, stats: dict, t0: float) -> None:
         """After an epoch's training: evaluate when due, record and say the epoch, save last.pt (and best.pt, the
-        same state at this epoch's end: a hard link of last.pt's file, written once)."""
-        cfg, pos, improved = self.cfg, self.pos, False
-        row = {"epoch": pos.epoch, "lr": max(g["lr"] for g in self.step.optimizer.param_groups), "img_size": size,
+        same state at this epoch's end: a hard link of last.pt's file, written once). Under a budget the epoch may
+        end early (spent), and evaluation is at the end unless --eval-every was given: the time goes to training."""
+        cfg, pos, improved, t_end = self.cfg, self.pos, False, time.perf_counter()
+        epoch = pos.epoch + (pos.batch_in_epoch > 0)  # an epoch the budget ended counts as the one it was in
+        row = {"epoch": epoch, "lr": max(g["lr"] for g in self.step.optimizer.param_groups), "img_size": size,
                **stats}
-        if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
+        last = self.clock.done() if self.clock else pos.epoch == cfg.epochs
+        every = cfg.eval_every if not self.clock or "eval_every" in getattr(cfg, "given", ()) else 0
+        if last or (every and pos.epoch % every == 0):
+            t_eval = time.perf_counter()
             row.update(self.evaluate())
+            if self.clock:
+                self.clock.evaluated(time.perf_counter() - t_eval)
             self.metrics = dict(row)
             top1 = max(row["val_top1"], row.get("ema_val_top1", -1))
             if top1 > pos.best_top1:
@@ -499,9 +505,37 @@ class Run:
         loss_txt = f"train loss {stats['train_loss']:.3f}" if "train_loss" in stats else ""
         train_txt = (f"{loss_txt}, {stats['img_per_s']:.0f} img/s, data wait {100 * stats['data_wait']:.0f}%"
                      if "img_per_s" in stats else "trained before the resume" + (f", {loss_txt}" if loss_txt else ""))
-        self.log.print(f"epoch {pos.epoch}/{cfg.epochs} @{size}px: {train_txt}{val_txt} | {row['epoch_time_s']:.0f} s"
-                       + (f", skipped {stats['skipped']} unreadable images" if stats.get("skipped") else ""))
+        self.log.print(f"epoch {epoch}{self._of_epochs()} @{size}px: {train_txt}{val_txt} | "
+                       f"{row['epoch_time_s']:.0f} s" + (f", skipped {stats['skipped']} unreadable images"
+                                                         if stats.get("skipped") else ""))
         self.save("last.pt", best=improved)
+        if self.clock:
+            self.clock.epoch_ended(time.perf_counter() - t_end)
+
+    def _of_epochs(self) -> str:
+        """'/40' after an epoch number; under a budget, how much of it is spent."""
+        if not self.clock:
+            return f"/{self.cfg.epochs}"
+        b = self.clock.budget
+        return f" (budget {100 * b.progress:.0f}% spent)" if b.total else " (measuring the step for the plan)"
+
+    def _budget_clock(self) -> budget.Clock | None:
+        """Under --time-budget / --budget-images: the Clock over this run's scheduler, its plan restored from the
+        checkpoint when resumed (the time that run spent carried, the time in between not counted)."""
+        cfg = self.cfg
+        if not (cfg.time_budget or cfg.budget_images):
+            return None
+        kind, amount = ("time", options.duration(cfg.time_budget)) if cfg.time_budget else ("images", cfg.budget_images)
+        state = budget.restored(self._budget_state, kind, float(amount))
+        epoch_images = self.updates_per_epoch * self.global_batch
+        start = cfg.img_size_start or cfg.img_size
+        # until an evaluation is timed: the val set at the eval size, forward only (~1/3 of a training step)
+        eval_images = len(self.val_loader.dataset) * (cfg.eval_size / start) ** 2 / 3
+        return budget.Clock(
+            state, lambda warmup: recipe.build_scheduler(cfg, self.step.optimizer, self.updates_per_epoch, warmup),
+            step=self.pos.step, images_per_update=self.global_batch, epoch_images=epoch_images,
+            warmup_images=cfg.warmup_epochs * epoch_images, start=start, final=cfg.img_size,
+            eval_images=eval_images, agree=lambda x: self.dist.gather(x)[0])
 
     def evaluate(self) -> dict:
         """Validation metrics of the model (and its EMA, scored on the same batches: each image decoded once); sets

@@ -1,0 +1,240 @@
+"""--time-budget / --budget-images: the schedule as a function of progress through a budget, not of epochs.
+
+Progress p runs from 0 to 1 as images are trained. The LR (timm's scheduler, stepped in PROGRESS_UNITS of p), the
+image size and the end of the run all follow p. With an image budget the plan is fixed: p = images / budget. With a
+time budget the plan is the number of images the time left can train, from the throughput measured so far at each
+image size; it is re-estimated as the run goes without jumps: a new estimate changes how fast p moves from here on,
+never p itself, so progress never goes back and a decaying LR never rises again ("budgeted training", Li et al.
+2020: decay to zero exactly when the budget ends).
+
+The time a budget counts is this command's wall time from its process's start, plus what earlier processes of the
+same run spent (a resume carries it in the checkpoint; the time the job spent dead does not count). The final
+evaluation and checkpoint are kept aside (`reserve`), measured from the last ones.
+"""
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from warmstart.errors import UserError
+
+
+PROGRESS_UNITS = 100_000  # the scheduler's clock under a budget: one unit is 1/100,000 of the budget
+RAMP = (0.70, 0.85)  # low resolution until 70% of the budget, ramped to the final size by 85% (FFCV's 16-epoch ramp)
+def process_started() -> float:
+    """time.time() when this process started (the command's wall time counts from there: Python and torch's start-up
+    included); Linux's /proc, else the time warmstart was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+def size_for_epoch(cfg, epoch: int) -> int:
+    """Progressive resizing (FFCV-style): ramp from img_size_start at epoch 0 to img_size at 85% of the run,
+    in steps of 8 pixels."""
+    if not cfg.img_size_start:
+        return cfg.img_size
+    end = max(1, round(0.85 * (cfg.epochs - 1)))
+    if epoch >= end:
+        return cfg.img_size
+    size = cfg.img_size_start + (cfg.img_size - cfg.img_size_start) * epoch / end
+    return int(round(size / 8) * 8)
+
+
+def size_at(progress: float, start: int, final: int) -> int:
+    """The training image size at this progress: `start` until RAMP[0], then ramped in steps of 8 to `final` at
+    RAMP[1]."""
+    if not start or start == final or progress >= RAMP[1]:
+        return final
+    if progress <= RAMP[0]:
+        return start
+    size = start + (final - start) * (progress - RAMP[0]) / (RAMP[1] - RAMP[0])
+    return int(round(size / 8) * 8)
+
+
+@dataclass
+class Budget:
+    """Where a budgeted run stands; saved in every checkpoint (position.budget), so --resume continues the plan."""
+    kind: str                 # "time" (amount: seconds of wall time) or "images" (amount: training images)
+    amount: float
+    progress: float = 0.0     # 0..1
+    images: int = 0           # images trained so far, all ranks
+    total: float = 0.0        # the images planned for the whole budget (re-estimated under a time budget)
+    used: float = 0.0         # seconds earlier processes of this run spent (a resume adds theirs)
+    warmup: float = 0.0       # the LR warmup as a fraction of the budget (fixed at the first plan)
+    rates: dict = field(default_factory=dict)  # training images/s at each size measured so far (all ranks)
+    overhead: float = 0.0     # seconds per epoch end (evaluation, checkpoint), measured
+    reserve: float = 0.0      # seconds kept for the final evaluation and checkpoint
+
+    @property
+    def unit(self) -> int:
+        """The scheduler's step at this progress."""
+        return min(PROGRESS_UNITS, int(self.progress * PROGRESS_UNITS))
+
+    def done(self) -> bool:
+        return self.total > 0 and self.images >= self.total
+
+    def advance(self, images: int) -> None:
+        """`images` more trained (one update, all ranks): p moves by their share of what the plan has left."""
+        left = self.total - self.images
+        self.progress = 1.0 if images >= left else self.progress + (1.0 - self.progress) * images / left
+        self.images += images
+
+    def state(self) -> dict:
+        return asdict(self)
+
+    # ------------------------------------------------------------ time
+
+    def seconds_left(self, started: float, now: float | None = None) -> float:
+        """Of the budget, what this process has not spent (time.time() values)."""
+        return self.amount - self.used - ((now or time.time()) - started)
+
+    def rate(self, size: int) -> float | None:
+        """Training images/s at `size`: measured, or scaled from the nearest measured size by pixel count."""
+        if size in self.rates:
+            return self.rates[size]
+        if not self.rates:
+            return None
+        near = min(self.rates, key=lambda s: abs(s - size))
+        return self.rates[near] * (near / size) ** 2
+
+    def replan(self, seconds_left: float, start: int, final: int, epoch_images: int) -> float:
+        """Under a time budget: the total images that fit in `seconds_left` (less the reserve and the epoch ends on
+        the way), from the rates at the sizes the rest of the run will train at. Never below what is trained (+1
+        image: the plan always has an update left until it says done). Returns the new total."""
+        if self.kind != "time" or not self.rates:
+            return self.total
+        # R remaining images take R x mean(1/rate) over the progress still to come (p moves linearly in images
+        # under one estimate), plus an epoch end every epoch_images
+        steps = 64
+        per_image = sum(1.0 / self.rate(size_at(self.progress + (1 - self.progress) * (i + 0.5) / steps, start, final))
+                        for i in range(steps)) / steps
+        per_image += self.overhead / max(epoch_images, 1)
+        remaining = max(0.0, seconds_left - self.reserve) / per_image
+        self.total = max(self.images + 1.0, self.images + remaining)
+        return self.total
+
+    def plan_images(self, images: float, warmup_images: float) -> None:
+        """The first plan (an image budget, or a time budget's first estimate): the warmup becomes a fixed fraction
+        of the budget."""
+        self.total = max(float(images), 1.0)
+        self.warmup = min(0.25, warmup_images / self.total)
+
+
+def restored(saved: dict | None, kind: str, amount: float) -> Budget:
+    """The budget a checkpoint carried (its progress, plan and time used), under this command's budget amount; or a
+    fresh one."""
+    if not saved:
+        return Budget(kind, amount)
+    fields = {k: saved[k] for k in Budget.__dataclass_fields__ if k in saved}
+    b = Budget(**{**fields, "kind": kind, "amount": amount})
+    b.rates = {int(k): float(v) for k, v in b.rates.items() if math.isfinite(float(v)) and float(v) > 0}
+    return b
+
+
+PROBE_UPDATES = 8  # a time budget's first plan comes after this many updates (their LR: the warmup's start)
+
+
+class Clock:
+    """A budget as the training loop meets it. It stands in for the LR scheduler (`step_update(step)`: progress
+    advances by the images of the updates since the last call, then timm's scheduler is stepped in progress units),
+    says the image size of the next epoch and when the budget is spent, and re-plans a time budget after the probe,
+    every `replan_every` updates and at each epoch end. Every rank calls it at the same updates; rank 0's plan binds
+    them all (`agree`: Dist.gather's first item), so all stop at the same update.
+
+    make_scheduler(warmup_fraction) builds timm's scheduler on progress units (recipe.build_scheduler);
+    warmup_images: the warmup the config asks for (--warmup-epochs x epoch images), a fraction of the first plan.
+    eval_images: an evaluation's cost in training images (until one is timed, it is priced at the training rate)."""
+
+    def __init__(self, budget: Budget, make_scheduler, *, step: int, images_per_update: int, epoch_images: int,
+                 warmup_images: float, start: int, final: int, eval_images: float, agree=lambda x: x,
+                 replan_every: int = 50):
+        self.budget, self.make_scheduler, self.step = budget, make_scheduler, step
+        self.images_per_update, self.epoch_images, self.warmup_images = images_per_update, epoch_images, warmup_images
+        self.start, self.final, self.eval_images, self.eval_seconds = start, final, eval_images, None
+        self.agree, self.replan_every = agree, replan_every
+        self.started = process_started()
+        self.epoch_t0, self.epoch_images_done, self.size = time.perf_counter(), 0, self.next_size()
+        if budget.kind == "images" and not budget.total:
+            budget.plan_images(budget.amount, warmup_images)
+        # until a time budget's first plan (after the probe) progress stays 0: the LR is the warmup's start
+        self.scheduler = make_scheduler(budget.warmup if budget.total else 0.25)
+
+    # ---------------------------------------------------------------- the scheduler's interface
+
+    def step_update(self, step: int) -> None:
+        if step > self.step:
+            done = self.images_per_update * (step - self.step)
+            self.epoch_images_done += done
+            if self.budget.total:
+                self.budget.advance(done)
+            else:
+                self.budget.images += done
+            self.step = step
+            if not self.budget.total and self.epoch_images_done >= PROBE_UPDATES * self.images_per_update:
+                self.replan(first=True)
+            elif self.budget.kind == "time" and step % self.replan_every == 0 and not self.budget.done():
+                self.replan()
+        self.scheduler.step_update(self.budget.unit)
+
+    # ---------------------------------------------------------------- epochs
+
+    def next_size(self) -> int:
+        return size_at(self.budget.progress, self.start, self.final)
+
+    def epoch_started(self) -> int:
+        """The size of the epoch about to train; its clock starts now."""
+        self.size, self.epoch_t0, self.epoch_images_done = self.next_size(), time.perf_counter(), 0
+        return self.size
+
+    def epoch_ended(self, overhead: float) -> None:
+        """After an epoch end's evaluation and save (`overhead` seconds): measured, and the plan re-estimated."""
+        self.budget.overhead = overhead if not self.budget.overhead else 0.5 * (self.budget.overhead + overhead)
+        if self.budget.kind == "time" and not self.budget.done():
+            self.replan(first=not self.budget.total)  # an epoch shorter than the probe: the first plan is here
+
+    def evaluated(self, seconds: float) -> None:
+        """An evaluation took this long: the final one will too (the reserve)."""
+        self.eval_seconds = seconds
+
+    def done(self) -> bool:
+        return self.budget.done()
+
+    # ---------------------------------------------------------------- the plan
+
+    def measure(self) -> None:
+        """This epoch's training rate so far at its size (images/s, all ranks, data waits included)."""
+        seconds = time.perf_counter() - self.epoch_t0
+        if self.epoch_images_done and seconds > 0:
+            self.budget.rates[self.size] = self.epoch_images_done / seconds
+
+    def replan(self, first: bool = False) -> None:
+        self.measure()
+        b = self.budget
+        # kept aside: the final evaluation and checkpoint, and the exit (workers joined, curves drawn)
+        eval_cost = self.eval_seconds if self.eval_seconds is not None else self.eval_images / b.rate(self.size)
+        b.reserve = eval_cost + max(1.0, b.overhead) + 0.01 * b.amount
+        total = b.replan(b.seconds_left(self.started), self.start, self.final, self.epoch_images)
+        total = float(self.agree(total))  # rank 0's plan for everyone
+        if first and total < b.images + self.images_per_update:
+            spent = b.amount - b.seconds_left(self.started)
+            raise UserError(f"the time budget ({b.amount:g} s) is spent before training could start: start-up and the "
+                            f"first {PROBE_UPDATES} updates took {spent:.0f} s and the final evaluation needs "
+                            f"~{b.reserve:.0f} s more; give a budget several times that")
+        if first:
+            b.plan_images(total, self.warmup_images)
+            self.scheduler = self.make_scheduler(b.warmup)
+        b.total = max(total, b.images + 1.0)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the plan, and the time this run has spent so far (a resume adds to it)."""
+        return {**self.budget.state(), "used": self.budget.used + (time.time() - self.started)}

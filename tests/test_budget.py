@@ -1,0 +1,104 @@
+"""--time-budget / --budget-images: the schedule follows progress through a budget (engine/budget.py)."""
+
+import pytest
+import torch
+
+from synth import QUICK, TINY
+from userside import cli, one_line_error
+from warmstart import checkpoint, options
+from warmstart.cli import main
+from warmstart.config import TrainConfig
+from warmstart.engine import budget, recipe
+from warmstart.errors import UserError
+
+
+@pytest.mark.parametrize("text, seconds", [("45s", 45), ("90m", 5400), ("6h", 21600), ("1h30m", 5400),
+                                           ("2m30s", 150), ("1.5h", 5400)])
+def test_durations(text, seconds):
+    assert options.duration(text) == seconds
+
+
+@pytest.mark.parametrize("text, said", [("0", "give a duration"), ("0s", "more than zero"), ("-5m", "give a duration"),
+                                        ("soon", "give a duration"), ("", "give a duration"), ("5m5h", "give a duration")])
+def test_bad_durations_are_one_line(text, said):
+    with pytest.raises(UserError, match=said):
+        options.duration(text)
+
+
+def test_the_size_stays_low_then_ramps_to_the_final_size():
+    sizes = [budget.size_at(p / 100, 48, 64) for p in range(101)]
+    assert sizes[0] == sizes[70] == 48 and sizes[85] == sizes[100] == 64
+    assert sizes == sorted(sizes) and all(s % 8 == 0 for s in sizes)
+
+
+def _lrs_through(b: budget.Budget, replans: dict, images_per_update: int = 10) -> list[float]:
+    """The LR at every update of a budget run whose plan is changed to replans[update] on the way."""
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    sched = recipe.build_scheduler(TrainConfig(sched="linear"), opt, 1, budget_warmup=b.warmup)
+    lrs, update = [], 0
+    while not b.done():
+        update += 1
+        if update in replans:
+            b.total = max(replans[update], b.images + 1.0)
+        b.advance(images_per_update)
+        sched.step_update(b.unit)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_progress_never_goes_back_and_the_lr_never_rises_after_warmup_when_the_plan_changes():
+    b = budget.Budget("time", 60.0)
+    b.plan_images(1000, warmup_images=50)  # a 5% warmup
+    lrs = _lrs_through(b, {20: 600, 40: 2000, 60: 900})  # estimates that shrink, grow, shrink
+    peak = lrs.index(max(lrs))
+    assert all(a >= c for a, c in zip(lrs[peak:], lrs[peak + 1:])), "the LR rose again after a re-plan"
+    assert lrs[-1] == 0.0 and b.progress == 1.0 and b.images == 900  # decayed to zero exactly at the planned end
+
+
+def test_an_image_budget_ends_at_its_images():
+    b = budget.Budget("images", 500.0)
+    b.plan_images(500, warmup_images=0)
+    lrs = _lrs_through(b, {})
+    assert len(lrs) == 50 and lrs[-1] == 0.0 and lrs[0] > lrs[-2] > 0
+
+
+def test_replan_from_measured_rates_fits_the_time_left():
+    b = budget.Budget("time", 100.0, rates={48: 100.0})  # 100 img/s at 48 px: 64 px is priced by pixels (56 img/s)
+    total = b.replan(seconds_left=50.0, start=48, final=64, epoch_images=1000)
+    # 70% of the images at 48 px, the ramp, then 64 px: between all-64 (2812) and all-48 (5000) images
+    assert 2812 < total < 5000
+    b.overhead, b.reserve = 10.0, 5.0  # an epoch end costs 10 s; 5 s kept for the last evaluation
+    assert b.replan(50.0, 48, 64, epoch_images=1000) < total
+
+
+def test_a_checkpoint_budget_is_checked(tmp_path):
+    good = budget.Budget("time", 60.0, progress=0.5, images=100, total=200.0, rates={48: 10.0}).state()
+    assert checkpoint._is_budget(good) and checkpoint._is_budget(None)
+    for bad in ({**good, "kind": "forever"}, {**good, "progress": 2.0}, {**good, "used": float("nan")},
+                {**good, "rates": {"48": 10.0}}, {**good, "rates": {48: -1.0}}, {**good, "code": "x"}):
+        assert not checkpoint._is_budget(bad), bad
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--time-budget", "soon"], "give a duration"),
+    (["--time-budget", "0"], "give a duration"),
+    (["--time-budget=-5m"], "give a duration"),  # (with a space argparse reads -5m as a flag)
+    (["--time-budget", "5m", "--epochs", "3"], "a budget plans the epochs itself"),
+    (["--time-budget", "5m", "--budget-images", "100"], "give one budget"),
+    (["--time-budget", "1s"], "spent before training could start"),
+])
+def test_bad_budgets_are_one_line(flags, said, data, tmp_path):
+    one_line_error(cli("train", data, *TINY, *QUICK, "--out", tmp_path / "run", *flags), said)
+
+
+def test_an_image_budget_trains_its_images_and_ends_with_lr_zero(data, tmp_path):
+    run = tmp_path / "run"
+    # 96 training images, batch 16: 6 updates an epoch; 200 images = 13 updates (12.5, the last one whole)
+    assert main(["train", str(data), *TINY, *QUICK, "--out", str(run), "--budget-images", "200"]) == 0
+    ckpt = checkpoint.load(run / "checkpoints" / "last.pt")
+    b = ckpt["train_state"]["budget"]
+    assert b["kind"] == "images" and b["progress"] == 1.0 and b["images"] == 208 and ckpt["train_state"]["position"]["step"] == 13
+    assert ckpt["train_state"]["optimizer"]["param_groups"][0]["lr"] == 0.0
+    assert ckpt["config"]["sched"] == "linear"  # the budget recipe, no --config given
+    lines = (run / "log.txt").read_text()
+    assert "epoch 3 (budget 100% spent)" in lines and "val loss" in lines
