@@ -1,9 +1,17 @@
 """--time-budget / --budget-images: the schedule follows progress through a budget (engine/budget.py)."""
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
-from synth import QUICK, TINY
+from synth import QUICK, TINY, slow_model_source
 from userside import cli, one_line_error
 from warmstart import checkpoint, options
 from warmstart.cli import main
@@ -102,3 +110,39 @@ def test_an_image_budget_trains_its_images_and_ends_with_lr_zero(data, tmp_path)
     assert ckpt["config"]["sched"] == "linear"  # the budget recipe, no --config given
     lines = (run / "log.txt").read_text()
     assert "epoch 3 (budget 100% spent)" in lines and "val loss" in lines
+
+
+def test_a_budget_run_killed_and_resumed_ends_as_the_uninterrupted_one(data, tmp_path):
+    """SIGKILL mid-budget (data workers on), --resume auto: the same plan continues (the checkpoint carries it), the
+    LR never rises again, and the end is bitwise the uninterrupted run's."""
+    model = tmp_path / "slow.py"
+    model.write_text(slow_model_source(0.1))
+    env = {**os.environ, "WARMSTART_CACHE": str(tmp_path / "cache")}
+
+    def cmd(run, *extra):
+        return [sys.executable, "-m", "warmstart", "train", str(data), "--model", f"{model}:Slow", "--out", str(run),
+                "--budget-images", "300", "--save-every-minutes", "0", *QUICK, "-j", "2", *extra]
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(cmd(full), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd(killed), env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last, deadline, progress = killed / "checkpoints" / "last.pt", time.time() + 120, 0.0
+    try:
+        while time.time() < deadline and not 0.3 < progress < 0.8:
+            with contextlib.suppress(Exception):  # a file being replaced
+                progress = torch.load(last, weights_only=True)["train_state"]["budget"]["progress"]
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 0.3 < progress < 0.8, progress
+    r = subprocess.run(cmd(killed, "--resume", "auto"), env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (torch.load(run / "checkpoints" / "last.pt", weights_only=True) for run in (full, killed))
+    assert a["train_state"]["position"]["step"] == b["train_state"]["position"]["step"] == 19  # 300 / 16, whole
+    assert b["train_state"]["budget"]["progress"] == 1.0
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    lrs = [json.loads(line)["lr"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == 0.0  # after the 1-epoch warmup: only down
