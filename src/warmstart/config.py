@@ -330,7 +330,7 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
         values["img_size_start"] = max(8, min(img, int(round(BUDGET_START * img / 8) * 8)))
     cfg = TrainConfig(**values)
     cfg.given, cfg.from_yaml = given, from_yaml
-    check_budget(cfg, flags, recipe)
+    check_budget(cfg, flags)
     options.check_threads(cfg.threads)
     check_values(cfg)
     if cfg.img_size_start and cfg.img_size_start > cfg.img_size:
@@ -364,13 +364,13 @@ RANGES = {
 }
 
 
-def check_budget(cfg: TrainConfig, flags: dict, recipe: dict) -> None:
-    """--time-budget / --budget-images: one of them, not with an explicit --epochs; the duration parsed now."""
+def check_budget(cfg: TrainConfig, flags: dict) -> None:
+    """--time-budget / --budget-images: one of them, not with --epochs on the command line (a recipe's epochs, as
+    fast.yaml's, yield to the budget); the duration parsed now."""
     if cfg.time_budget and cfg.budget_images:
         raise UserError("--time-budget and --budget-images both set: give one budget")
-    if (cfg.time_budget or cfg.budget_images) and ("epochs" in flags or "epochs" in recipe):
-        raise UserError(f"--epochs {cfg.epochs} and a budget both set: a budget plans the epochs itself; drop "
-                        f"{'--epochs' if 'epochs' in flags else 'epochs from the recipe'} or the budget")
+    if (cfg.time_budget or cfg.budget_images) and "epochs" in flags:  # a recipe's epochs yield to the budget
+        raise UserError(f"--epochs {cfg.epochs} and a budget both set: a budget plans the epochs itself; drop one")
     if cfg.time_budget:
         options.duration(cfg.time_budget)
 
