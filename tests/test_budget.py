@@ -146,3 +146,23 @@ def test_a_budget_run_killed_and_resumed_ends_as_the_uninterrupted_one(data, tmp
         assert torch.equal(a["model"][k], b["model"][k]), k
     lrs = [json.loads(line)["lr"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == 0.0  # after the 1-epoch warmup: only down
+
+
+def test_flip_tta_averages_each_image_with_its_mirror(trained, data, capsys):
+    from warmstart.engine import loop
+
+    class LeftMinusRight(torch.nn.Module):  # logits that change sign when the image is mirrored
+        def forward(self, x):
+            d = x[..., : x.shape[-1] // 2].mean((1, 2, 3)) - x[..., x.shape[-1] // 2:].mean((1, 2, 3))
+            return torch.stack([d, -d, torch.zeros_like(d)], 1)
+
+    x = torch.rand(6, 3, 8, 8)
+    batches = [(x, torch.zeros(6, dtype=torch.long), 0)]
+    plain = loop.evaluate(LeftMinusRight(), batches, torch.nn.Identity(), torch.device("cpu"), show_progress=False)
+    flip = loop.evaluate(LeftMinusRight(), batches, torch.nn.Identity(), torch.device("cpu"), show_progress=False,
+                         tta="flip")
+    assert flip["loss"] == pytest.approx(torch.log(torch.tensor(3.0)).item())  # the mirror cancels: uniform logits
+    assert plain["loss"] != pytest.approx(flip["loss"])
+    ckpt = str(trained / "checkpoints" / "best.pt")
+    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(data), "-j", "0", "--tta", "flip", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["count"] == 32

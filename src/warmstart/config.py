@@ -127,6 +127,8 @@ class TrainConfig:
     eval_img_size: int | None = _opt(None, "evaluation resolution (default: 1.25 x --img-size, rounded to 8: random-resized "
                                      "crops make objects look larger in training, so evaluating larger scores higher, as in "
                                      "FixRes and the torchvision/FFCV recipes)")
+    tta: str | None = _opt(None, "test-time augmentation in evaluation: flip averages each image's logits with its "
+                           "mirror image's (twice the evaluation compute)", choices=["flip"])
     crop_pct: float = _opt(0.875, "evaluation centre-crop fraction: resize to size/crop_pct, then crop size")
     min_scale: float = _opt(0.25, "RandomResizedCrop smallest area fraction")
     auto_augment: str | None = _opt(None, "trivialaugment, randaugment or randaugment-M (magnitude M)")

@@ -36,10 +36,12 @@ def add_arguments(parser):
     options.add(parser, "batch_size", "workers", "device", "amp", "weights", "json", "trust_code", "decoder", "cache",
                 "max_image_pixels")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help=options.THREADS_HELP)
+    parser.add_argument("--tta", choices=["flip"], default=None, help="flip: average each image's logits with its "
+                        "mirror image's (twice the compute; often a few tenths of a point)")
 
 
 def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, amp="fp32", weights="auto",
-                        as_json=False, trust_code=False, out=None, threads=None,
+                        as_json=False, trust_code=False, out=None, threads=None, tta=None,
                         decoder=None, cache_dir=None, cache_limit=options.DEFAULT_CACHE_LIMIT) -> dict:
     """Metrics as engine.loop.evaluate computes them during training (there in the run's precision: a bf16 run's
     figures come back with amp="bf16"; the fp32 default scores exactly); with `out`, the report files in that folder."""
@@ -76,7 +78,7 @@ def evaluate_checkpoint(path, data, *, batch_size=128, workers=4, device=None, a
                              report="warmstart evaluate")  # a line per skipped file, as predict gives
         normalize = Normalize(spec["mean"], spec["std"]).to(dist.device)
         metrics = evaluate(model, loader, normalize, dist.device, amp, show_progress=dist.is_main,
-                           num_classes=len(classes) if out else None)
+                           num_classes=len(classes) if out else None, tta=tta)
         confusion = metrics.pop("confusion", None)  # the report's; metrics stay the plain numbers
     finally:
         distributed.cleanup()
@@ -102,6 +104,6 @@ def run(args) -> int:
     with torch.inference_mode():
         evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, amp=args.amp, weights=args.weights, as_json=args.json,
-                            trust_code=args.trust_code, out=args.out, threads=args.threads,
+                            trust_code=args.trust_code, out=args.out, threads=args.threads, tta=args.tta,
                             decoder=args.decoder, cache_dir=args.cache_dir, cache_limit=args.cache_limit)
     return 0

@@ -278,18 +278,21 @@ class _Progress:
         self.bar.close()
 
 
-def evaluate(model, loader, normalize, device, amp=None, show_progress=True, desc="eval", num_classes=None) -> dict:
+def evaluate(model, loader, normalize, device, amp=None, show_progress=True, desc="eval", num_classes=None,
+             tta=None) -> dict:
     """Loss, top-1 and top-5 (percent) of one model over the whole loader: evaluate_models for one."""
-    return evaluate_models({"model": model}, loader, normalize, device, amp, show_progress, desc, num_classes)["model"]
+    return evaluate_models({"model": model}, loader, normalize, device, amp, show_progress, desc, num_classes,
+                           tta)["model"]
 
 
 @torch.no_grad()
 def evaluate_models(models: dict, loader, normalize, device, amp=None, show_progress=True, desc="eval",
-                    num_classes=None) -> dict:
+                    num_classes=None, tta=None) -> dict:
     """{name: metrics} for every model of `models` scored on the same batches: one pass over the loader decodes each
     image once however many models (the model and its EMA). Metrics: loss, top-1 and top-5 (percent), count,
     skipped; sums are reduced over ranks so each sample, sharded by EvalSampler, counts exactly once. With
     num_classes, also "confusion": a (true, predicted) count matrix (int64 tensor, CPU) for per-class reports.
+    tta="flip": each image's logits averaged with its mirror image's (FFCV's test-time flip; twice the compute).
     Nothing in the loop waits for the device: the sums stay there, the counts are the host's."""
     for model in models.values():
         model.eval()
@@ -305,8 +308,9 @@ def evaluate_models(models: dict, loader, normalize, device, amp=None, show_prog
         count += len(y)
         for name, model in models.items():
             with autocast(device, amp):
-                logits = model(x)
-            logits = logits.float()
+                logits = model(x).float()
+                if tta == "flip":
+                    logits = (logits + model(x.flip(3)).float()) / 2
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top == y[:, None]
             # per-sample losses summed in float64: the total does not depend on how batches or ranks split the set

@@ -549,7 +549,8 @@ class Run:
             distributed.broadcast_buffers(ema.module)
             models["ema"] = ema.module
         scores = evaluate_models(models, self.val_loader, self.step.normalize, self.device, self.cfg.amp,
-                                 show_progress=self.dist.is_main, desc="eval" + (" (model and EMA)" if ema else ""))
+                                 show_progress=self.dist.is_main, desc="eval" + (" (model and EMA)" if ema else ""),
+                                 tta=self.cfg.tta)
         m = scores["model"]
         if m["count"] == 0:
             raise UserError(f"none of the {m['skipped']} validation images could be read")
