@@ -166,3 +166,13 @@ def test_flip_tta_averages_each_image_with_its_mirror(trained, data, capsys):
     ckpt = str(trained / "checkpoints" / "best.pt")
     assert main(["evaluate", "--checkpoint", ckpt, "--data", str(data), "-j", "0", "--tta", "flip", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["count"] == 32
+
+
+def test_fast_yaml_is_the_budget_recipe_at_imagenet_sizes():
+    from pathlib import Path
+
+    from warmstart import config
+
+    recipe = config.load_yaml(str(Path(__file__).resolve().parents[1] / "examples" / "recipes" / "fast.yaml"))
+    assert {k: recipe[k] for k in config.BUDGET_DEFAULTS} == config.BUDGET_DEFAULTS
+    assert recipe["img_size_start"] == round(config.BUDGET_START * recipe["img_size"] / 8) * 8  # 160 of 192

@@ -153,14 +153,15 @@ class Clock:
 
     make_scheduler(warmup_fraction) builds timm's scheduler on progress units (recipe.build_scheduler);
     warmup_images: the warmup the config asks for (--warmup-epochs x epoch images), a fraction of the first plan.
-    eval_images: an evaluation's cost in training images (until one is timed, it is priced at the training rate)."""
+    time_eval: seconds an evaluation will take, estimated from a few val batches (called once, at the first plan of a
+    time budget, until an evaluation is timed whole)."""
 
     def __init__(self, budget: Budget, make_scheduler, *, step: int, images_per_update: int, epoch_images: int,
-                 warmup_images: float, start: int, final: int, eval_images: float, agree=lambda x: x,
+                 warmup_images: float, start: int, final: int, time_eval, agree=lambda x: x,
                  replan_every: int = 50):
         self.budget, self.make_scheduler, self.step = budget, make_scheduler, step
         self.images_per_update, self.epoch_images, self.warmup_images = images_per_update, epoch_images, warmup_images
-        self.start, self.final, self.eval_images, self.eval_seconds = start, final, eval_images, None
+        self.start, self.final, self.time_eval, self.eval_seconds = start, final, time_eval, None
         self.agree, self.replan_every = agree, replan_every
         self.started = process_started()
         self.epoch_t0, self.epoch_images_done, self.size = time.perf_counter(), 0, self.next_size()
@@ -221,8 +222,9 @@ class Clock:
         self.measure()
         b = self.budget
         # kept aside: the final evaluation and checkpoint, and the exit (workers joined, curves drawn)
-        eval_cost = self.eval_seconds if self.eval_seconds is not None else self.eval_images / b.rate(self.size)
-        b.reserve = eval_cost + max(1.0, b.overhead) + 0.01 * b.amount
+        if self.eval_seconds is None:
+            self.eval_seconds = self.time_eval()
+        b.reserve = self.eval_seconds + max(1.0, b.overhead) + 0.01 * b.amount
         total = b.replan(b.seconds_left(self.started), self.start, self.final, self.epoch_images)
         total = float(self.agree(total))  # rank 0's plan for everyone
         if first and total < b.images + self.images_per_update:

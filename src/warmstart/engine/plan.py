@@ -9,6 +9,7 @@ import time
 from warmstart import options
 from warmstart.engine import budget as budgets
 from warmstart.engine.loop import EpochLoss, Position, evaluate_models, train_one_epoch
+from warmstart.models import unwrap
 
 SECONDS = 3.0  # timed per size and part (after a warm-up)
 
@@ -61,19 +62,24 @@ def loader_rate(run, size: int) -> tuple[float, tuple]:
     return (images / seconds if images and seconds > 0 else float("inf")), first
 
 
-def eval_seconds(run) -> float:
-    """One evaluation of the val set, estimated from a few batches."""
-    loader, t0, n = run.val_loader, time.perf_counter(), 0
-    models = {"model": run.model, **({"ema": run.step.ema.module} if run.step.ema is not None else {})}
-    batches = []
+def eval_seconds(run, batches: int = 3) -> float:
+    """One evaluation of the val set (this rank's share), estimated from its first few batches: their loading (the
+    workers starting included, as at every evaluation) and the models' forward passes, scaled to the whole share."""
+    loader, t0, got = run.val_loader, time.perf_counter(), []
+    models = {"model": unwrap(run.model), **({"ema": run.step.ema.module} if run.step.ema is not None else {})}
     for batch in loader:
-        batches.append(batch)
-        if len(batches) >= 3:
+        got.append(batch)
+        if len(got) >= batches:
             break
-    t0 = time.perf_counter()
-    evaluate_models(models, batches, run.step.normalize, run.device, run.cfg.amp, show_progress=False)
-    n = sum(len(b[1]) for b in batches)
-    return (time.perf_counter() - t0) / max(n, 1) * len(loader.dataset)
+    modes = [(m, m.training) for model in models.values() for m in model.modules()]
+    try:  # called mid-epoch by a time budget's first plan: training goes on in the modes it had (frozen norms too)
+        evaluate_models(models, got, run.step.normalize, run.device, run.cfg.amp, show_progress=False,
+                        tta=run.cfg.tta)
+    finally:
+        for m, training in modes:
+            m.training = training
+    seconds, n = time.perf_counter() - t0, sum(len(b[1]) for b in got)
+    return seconds / max(n, 1) * len(loader.sampler)
 
 
 def sizes_of(run) -> list[int]:

@@ -529,13 +529,11 @@ class Run:
         state = budget.restored(self._budget_state, kind, float(amount))
         epoch_images = self.updates_per_epoch * self.global_batch
         start = cfg.img_size_start or cfg.img_size
-        # until an evaluation is timed: the val set at the eval size, forward only (~1/3 of a training step)
-        eval_images = len(self.val_loader.dataset) * (cfg.eval_size / start) ** 2 / 3
         return budget.Clock(
             state, lambda warmup: recipe.build_scheduler(cfg, self.step.optimizer, self.updates_per_epoch, warmup),
             step=self.pos.step, images_per_update=self.global_batch, epoch_images=epoch_images,
             warmup_images=cfg.warmup_epochs * epoch_images, start=start, final=cfg.img_size,
-            eval_images=eval_images, agree=lambda x: self.dist.gather(x)[0])
+            time_eval=lambda: plan.eval_seconds(self), agree=lambda x: self.dist.gather(x)[0])
 
     def evaluate(self) -> dict:
         """Validation metrics of the model (and its EMA, scored on the same batches: each image decoded once); sets
