@@ -17,6 +17,7 @@ import torch
 from synth import QUICK, TINY, slow_model_source
 from userside import one_line_error
 from warmstart import checkpoint
+from warmstart.errors import UserError
 from warmstart.cli import main
 from warmstart.engine.run import Run
 
@@ -35,7 +36,7 @@ def note(text):
         f.write(text + "\n")
 
 def chosen(obj, f):
-    if not Path(f).name.startswith(".last.pt.tmp"):
+    if not Path(f).name.startswith((".last.pt.tmp", ".best.pt.tmp")):  # an improved epoch writes best.pt first
         return False
     pos = obj["train_state"]["position"]
     if hook.get("mid_epoch"):  # a timed save or a signal's
@@ -120,7 +121,7 @@ def test_sigkill_during_a_background_write_leaves_the_previous_last_pt(data, tmp
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
     assert notes(marker)[0] == "background", notes(marker)  # the killed write was the writer thread's
     ckpts = run / "checkpoints"
-    temps = list(ckpts.glob(".last.pt.tmp*"))
+    temps = list(ckpts.glob(".last.pt.tmp*")) + list(ckpts.glob(".best.pt.tmp*"))
     assert len(temps) == 1 and temps[0].stat().st_size > 0, temps  # killed with half a file in the temp
     with pytest.raises(Exception):
         checkpoint.load(temps[0])
@@ -184,17 +185,17 @@ def test_best_pt_is_a_hard_link_of_last_pt_and_keeps_its_epoch(data, tmp_path, m
     assert not list(last.parent.glob(".*.tmp*"))
 
 
-@pytest.mark.parametrize("epochs", [2, 3], ids=["raised-at-the-end", "raised-at-the-next-save"])
+@pytest.mark.parametrize("epochs", [2, 3], ids=["raised-at-the-end", "raised-at-the-next-update"])
 def test_a_failed_background_write_is_one_line_and_keeps_last_pt(epochs, data, tmp_path):
     run = tmp_path / "run"
     cmd, env, marker = wrapped(tmp_path, train_argv(data, run, "--epochs", epochs), mode="fail", epoch=2)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    one_line_error(r, "no space left", "last.pt", "the previous checkpoint is intact")
+    one_line_error(r, "no space left", "checkpoints/", "the previous checkpoint is intact")
     assert notes(marker) == ["background"], notes(marker)
     assert position(run / "checkpoints" / "last.pt")["epoch"] == 1
     assert not list((run / "checkpoints").glob(".*.tmp*"))
     trained = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert trained == list(range(1, epochs + 1))  # epoch 3 trained while epoch 2's write failed; its save said so
+    assert trained == [1, 2]  # epoch 2's failed write is said at the next update (polled), not after epoch 3
 
 
 def test_sigterm_waits_for_the_write_before_saying_last_pt_holds_the_step(data, tmp_path):
@@ -266,3 +267,35 @@ def test_a_stale_link_temp_is_removed(tmp_path):
     os.link(ckpts / "last.pt", stale)
     checkpoint.remove_stale_temps(tmp_path)
     assert not stale.exists() and (ckpts / "last.pt").stat().st_nlink == 1
+
+
+def test_best_pt_is_whole_before_last_pt_records_it(tmp_path, monkeypatch):
+    """A kill between the two leaves the new best.pt and the previous last.pt (whose resume retrains the epoch and
+    finds it best again), never a last.pt recording a best that best.pt does not hold."""
+    from warmstart import fileio
+
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    checkpoint.save({"v": 1}, last)  # the previous epoch's
+    between, real_link = [], fileio.atomic_link
+
+    def link(src, path, **kw):
+        between.append((torch.load(best, weights_only=True)["v"], torch.load(last, weights_only=True)["v"]))
+        return real_link(src, path, **kw)
+
+    monkeypatch.setattr(fileio, "atomic_link", link)
+    writer = checkpoint.BackgroundWriter()
+    writer.save({"v": 2}, last, link=best)
+    writer.wait()
+    assert between == [(2, 1)] and os.path.samefile(last, best)
+
+
+def test_a_write_torch_refuses_is_one_line_and_said_without_waiting_for_the_next_save(tmp_path, monkeypatch):
+    def refuse(obj, f, *a, **k):  # torch.save says a failed open or write (read-only file system) so
+        raise RuntimeError("File x cannot be opened. open file failed with strerror: Read-only file system")
+
+    monkeypatch.setattr(torch, "save", refuse)
+    writer = checkpoint.BackgroundWriter()
+    writer.save({"v": 1}, tmp_path / "last.pt")
+    writer._thread.join()
+    with pytest.raises(UserError, match="cannot write checkpoint .*last.pt: File x cannot be opened.*intact"):
+        writer.check()  # polled every update: no wait for the next save

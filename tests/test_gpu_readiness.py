@@ -10,7 +10,6 @@ import torch.distributed as tdist
 
 from synth import QUICK, TINY
 from userside import cli, one_line_error
-from warmstart import launch
 from warmstart.cli import main
 from warmstart.data import dataset
 from warmstart.engine import distributed, loop
@@ -38,18 +37,42 @@ def two_processes_one_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
 
 
-def test_more_processes_than_gpus_is_one_line_before_anyone_waits(two_processes_one_gpu, monkeypatch):
-    # before: local_rank % device_count put both processes on GPU 0, and NCCL failed later ("Duplicate GPU")
-    monkeypatch.setattr(distributed, "rendezvous", lambda *a: pytest.fail("met the other ranks first"))
-    with pytest.raises(UserError, match="2 processes on this node but 1 GPU.*--nproc-per-node 1"):
+class _Props:
+    def __init__(self, uuid):
+        self.uuid = uuid
+
+
+def _world_of_two(monkeypatch, my_gpu: str, other_gpu: str) -> list:
+    """Rank 0 of two on one host; rank 1 (already met) counted `other_gpu` in the rendezvous store."""
+    store = tdist.HashStore()
+    store.add(f"warmstart/gpu/{distributed.socket.gethostname()}/{other_gpu}", 1)
+    store.set("warmstart/gpu_seen/1", "1")
+    monkeypatch.setattr(distributed, "rendezvous", lambda *a: store)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: _Props(my_gpu))
+    inits = []
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend, **kw: inits.append(backend))
+    monkeypatch.setattr(tdist, "new_group", lambda **kw: None)
+    return inits
+
+
+def test_more_processes_than_gpus_is_one_line_before_nccl_starts(two_processes_one_gpu, monkeypatch):
+    # before: local_rank % device_count put both processes on GPU 0, and NCCL failed at the first collective
+    # ("Duplicate GPU"), read as a lost peer
+    inits = _world_of_two(monkeypatch, "GPU-aaaa", other_gpu="GPU-aaaa")
+    with pytest.raises(UserError, match="2 processes on .* got the same GPU.*--nproc-per-node") as e:
         distributed.setup("cuda")
-    # Gloo may share a GPU (gpu_check.sh runs two processes on one GPU so)
-    assert distributed.gpu_for(launch.detect(), "gloo") == 0
+    assert inits == [] and "\n" not in str(e.value)
+    assert distributed.setup("cuda", backend="gloo").world_size == 2  # Gloo may share (gpu_check.sh does so)
+
+
+def test_one_gpu_shown_to_each_process_is_fine(two_processes_one_gpu, monkeypatch):
+    # srun --gpus-per-task=1 or a per-rank CUDA_VISIBLE_DEVICES: 2 processes, each sees 1 GPU (index 0), distinct
+    inits = _world_of_two(monkeypatch, "GPU-aaaa", other_gpu="GPU-bbbb")
+    assert distributed.setup("cuda").device == CUDA and inits == ["nccl"]
 
 
 def test_an_nccl_set_up_error_is_named_as_nccl(two_processes_one_gpu, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(distributed, "rendezvous", lambda *a: tdist.HashStore())
+    _world_of_two(monkeypatch, "GPU-aaaa", other_gpu="GPU-bbbb")
 
     def init(backend, **kw):
         assert kw.get("device_id") == CUDA  # NCCL sets up its communicator now, not at the first collective

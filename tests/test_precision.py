@@ -52,8 +52,9 @@ def test_auto_takes_bf16_and_channels_last_where_the_hardware_has_it(amx, monkey
     amx(False)
     amp, cl, line = choose_precision("auto", None, CPU)
     assert (amp, cl) == (None, False) and line.startswith("precision: fp32, NCHW") and "no native bf16" in line
-    # V100, T4: no bf16, but fp16 tensor cores (engine/step.py adds the grad scaler for fp16); A100, H100: bf16
-    for capability, want in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+    # V100, T4: no bf16, but fp16 tensor cores (engine/step.py adds the grad scaler for fp16); A100, H100: bf16;
+    # a P100 or older: no tensor cores, fp32
+    for capability, want in (((6, 0), None), ((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         amp, cl, line = choose_precision("auto", None, CUDA)
         assert amp == want and cl  # a GPU wants NHWC in any precision

@@ -9,6 +9,7 @@ a command relies on, so a malformed file is one line, never a traceback deep in 
 
 import math
 import pickle
+from collections import OrderedDict
 import random
 import threading
 import zipfile
@@ -58,7 +59,10 @@ def cpu_copy(obj, _copies: dict | None = None):
             copies[key] = obj.detach().to("cpu", copy=True)
         return copies[key]
     if isinstance(obj, dict):
-        return {k: cpu_copy(v, copies) for k, v in obj.items()}
+        out = (OrderedDict if isinstance(obj, OrderedDict) else dict)((k, cpu_copy(v, copies)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state_dict's module versions: load_state_dict reads them
+            out._metadata = obj._metadata
+        return out
     if isinstance(obj, (list, tuple)):
         items = [cpu_copy(v, copies) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # a namedtuple takes fields
@@ -86,19 +90,30 @@ class BackgroundWriter:
         self._thread.start()
 
     def _write(self, state: dict, path: Path, link: Path | None) -> None:
-        target = path
+        # with a link (best.pt) that file is written whole first, then `path` (last.pt) becomes its hard link: a kill
+        # in between leaves the previous last.pt, whose resume retrains the epoch and finds it best again, never a
+        # last.pt that records a best its best.pt does not hold
+        first, second = (link, path) if link is not None else (path, None)
+        target = first
         try:
-            save(state, path)
-            target = link
-            if link is not None and not fileio.atomic_link(path, link):
-                save(state, link)
-        except OSError as e:  # not the space (save says that): permissions, an I/O error, a read-only file system
+            save(state, first)
+            if second is not None:
+                target = second
+                if not fileio.atomic_link(first, second):
+                    save(state, second)
+        except (OSError, RuntimeError) as e:  # torch.save says a failed open or write with a RuntimeError
             self._error = (fileio.out_of_space_error(target, None, "; the previous checkpoint is intact")
-                           if fileio.is_out_of_space(e) else
-                           UserError(f"cannot write checkpoint {target}: {e.strerror or first_line(e)}; the "
-                                     f"previous checkpoint is intact"))
+                           if isinstance(e, OSError) and fileio.is_out_of_space(e) else
+                           UserError(f"cannot write checkpoint {target}: {getattr(e, 'strerror', None) or first_line(e)}; "
+                                     f"the previous checkpoint is intact"))
         except BaseException as e:  # UserError (out of space) or a bug: raised in the training thread
             self._error = e
+
+    def check(self) -> None:
+        """Raise the error of a write that already failed, without waiting (polled every update: a failed write is
+        said at once, not after another epoch)."""
+        if self._error is not None and (self._thread is None or not self._thread.is_alive()):
+            self.wait()
 
     def wait(self, *, raise_error: bool = True) -> None:
         """Until the write in flight is on disk; then its error, if it failed (raise_error=False keeps it: for a

@@ -126,14 +126,12 @@ def atomic_write(path, write: Callable[[Path], None], *, durable: bool = True, w
 
 # os.link's answers where the file system has no hard links (another device, FAT, some network and FUSE mounts,
 # a file with too many links): the caller writes a copy instead
-NO_HARD_LINKS = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
-
-
 def atomic_link(src, path, *, durable: bool = True) -> bool:
     """Make `path` a hard link of the file `src` (which must be durable already): linked under a temp name beside
     `path` (atomic_write's, so a killed process's is removed as its are), renamed over `path`, the directory fsynced.
     `path` is at every moment its old file or `src`'s, whole; a later replace of `src` leaves `path` the file it
-    linked. False, with nothing changed, where the file system has no hard links (NO_HARD_LINKS)."""
+    linked. False, with nothing changed, where no hard link can be made (another file system, one without links
+    (EPERM, ENOTSUP), too many links, a policy that refuses them)."""
     src, path = Path(src), Path(path)
     remove_stale_temps(path)
     tmp = temp_path(path)
@@ -141,10 +139,8 @@ def atomic_link(src, path, *, durable: bool = True) -> bool:
         tmp.unlink()
     try:
         os.link(src, tmp)
-    except OSError as e:
-        if e.errno in NO_HARD_LINKS:
-            return False
-        raise
+    except OSError:  # the caller writes a copy
+        return False
     try:
         os.replace(tmp, path)
     finally:  # gone after a rename; left where the rename failed, or did nothing (`path` already was `src`'s file)

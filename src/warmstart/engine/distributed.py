@@ -127,7 +127,7 @@ def setup(device: str | None = None, timeout_minutes: float = 30, backend: str |
             raise UserError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
         # one GPU per process: the local rank among the visible ones (srun --gpus-per-task shows each task one GPU,
         # as index 0); a lone process may name one (cuda:N)
-        index = gpu_for(found, backend) if world > 1 or dev.index is None else dev.index
+        index = local_rank % torch.cuda.device_count() if world > 1 or dev.index is None else dev.index
         dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True  # fastest conv algorithms for fixed input sizes (TF32: loop.allow_tf32)
@@ -144,6 +144,8 @@ def setup(device: str | None = None, timeout_minutes: float = 30, backend: str |
                 chosen = "gloo"
             os.environ.update(launch.rendezvous_env(found))  # one line when unknown; what libraries read (torchrun's)
             store = rendezvous(found, min(timeout_minutes, RENDEZVOUS_MINUTES))
+            if chosen == "nccl":
+                check_one_gpu_each(store, found, dev)
             timeout = datetime.timedelta(minutes=timeout_minutes)
             store.set_timeout(timeout)  # the meeting is over: the group's own store reads wait like collectives
             # device_id: NCCL sets up its communicator now, so a broken NCCL is said here, not at the first collective
@@ -151,23 +153,32 @@ def setup(device: str | None = None, timeout_minutes: float = 30, backend: str |
             try:
                 dist.init_process_group(chosen, store=store, rank=rank, world_size=world, timeout=timeout, **nccl)
             except (RuntimeError, dist.DistError) as e:
-                if chosen != "nccl":
+                if chosen != "nccl" or lost_peer(e):  # run() says a lost peer as such
                     raise
                 raise UserError(nccl_failed(rank, e)) from None
         control = dist.new_group(backend="gloo") if dev.type == "cuda" else None  # None: the (Gloo) default group
     return Dist(rank, world, local_rank, dev, control)
 
 
-def gpu_for(found: launch.Launch, backend: str | None) -> int:
-    """This process's GPU: its local rank among the visible ones. More processes on the node than GPUs would share
-    one: NCCL refuses that ("Duplicate GPU") at the first collective, so it is one line here; Gloo (--dist-backend
-    gloo) may share a GPU, as a check on a one-GPU machine does."""
-    gpus = torch.cuda.device_count()
-    if found.local_world_size > gpus and (backend or "nccl") == "nccl":
-        raise UserError(f"{found.local_world_size} processes on this node but {gpus} GPU(s) visible to them: NCCL "
-                        f"needs a GPU per process; start {gpus} per node (--nproc-per-node {gpus}, srun "
-                        f"--ntasks-per-node={gpus}), check CUDA_VISIBLE_DEVICES, or share with --dist-backend gloo")
-    return found.local_rank % gpus
+def check_one_gpu_each(store, found: launch.Launch, dev: torch.device) -> None:
+    """Under NCCL every process needs a GPU of its own; NCCL itself says "Duplicate GPU" only at the first
+    collective. Each process counts its GPU's UUID per host in the rendezvous store, then all compare: one line when
+    several got the same one (more processes than GPUs; srun --gpus-per-task or an MPI wrapper that shows each
+    process one GPU gives distinct UUIDs at index 0, which is fine). Gloo may share a GPU."""
+    uuid = getattr(torch.cuda.get_device_properties(dev), "uuid", None)
+    if uuid is None:
+        return
+    host = socket.gethostname()
+    key = f"warmstart/gpu/{host}/{uuid}"
+    store.add(key, 1)
+    store.set(f"warmstart/gpu_seen/{found.rank}", "1")
+    store.wait([f"warmstart/gpu_seen/{r}" for r in range(found.world_size)])
+    sharing = store.add(key, 0)
+    if sharing > 1:
+        raise UserError(f"rank {found.rank}: {sharing} processes on {host} got the same GPU (cuda:{dev.index}, "
+                        f"{torch.cuda.device_count()} visible): NCCL needs a GPU per process; start as many processes "
+                        f"per node as GPUs (--nproc-per-node, srun --ntasks-per-node with --gpus-per-task=1), check "
+                        f"CUDA_VISIBLE_DEVICES, or share GPUs with --dist-backend gloo")
 
 
 def nccl_failed(rank: int, e: BaseException) -> str:
@@ -207,7 +218,7 @@ def lost_peer(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, dist.DistError) and not nccl_error(e) or any(k in text for k in (
         "connection closed", "connection reset", "timed out", "timeout", "broken pipe", "peer", "ncclremoteerror",
-        "remote process", "aborted"))
+        "remote process", "communicator was aborted"))
 
 
 def nccl_error(e: BaseException) -> bool:

@@ -122,19 +122,20 @@ def choose_precision(amp: str | None, channels_last: bool | None, device: torch.
     (None: fp32, as configs saved before auto existed say) and --channels-last on/off/unset (None).
 
     auto takes bf16 autocast where native_bf16 says the hardware does it: the step then runs several times faster
-    (TinyNet on an AMX CPU: ~3x, benchmarks/RESULTS.md) and, unlike fp16, needs no loss scaling. A GPU without bf16
-    (compute capability below 8: V100, T4) has fp16 tensor cores: auto takes fp16 there, with the grad scaler
-    (engine/step.py builds one for fp16), 2-3x faster than fp32 on those cards. Unset channels_last follows: NHWC is
+    (TinyNet on an AMX CPU: ~3x, benchmarks/RESULTS.md) and, unlike fp16, needs no loss scaling. A GPU of compute
+    capability 7.x (V100, T4) has fp16 tensor cores but no bf16: auto takes fp16 there, with the grad scaler
+    (engine/step.py builds one for fp16), 2-3x faster than fp32 on those cards; older GPUs (no tensor cores, fp16 at a
+    fraction of fp32's rate on most) stay fp32. Unset channels_last follows: NHWC is
     the layout the fast bf16 kernels of oneDNN and cuDNN want, and a GPU's fp32/TF32 convolutions too; a CPU in fp32
     stays NCHW."""
     auto, why = amp == "auto", None
     if auto:
         why = native_bf16(device)
         amp = "bf16" if why else None
-        if not why and device.type == "cuda":
+        if not why and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 7:
             major, minor = torch.cuda.get_device_capability(device)
-            amp, why = "fp16", (f"this GPU has no native bf16 (compute capability {major}.{minor}): fp16 with loss "
-                                f"scaling")
+            amp, why = "fp16", (f"this GPU has fp16 tensor cores but no bf16 (compute capability {major}.{minor}): "
+                                f"fp16 with loss scaling")
     elif amp == "fp32":
         amp = None
     if channels_last is None:

@@ -431,6 +431,8 @@ class Run:
         last_save = time.monotonic()
 
         def poll() -> tuple[bool, bool]:  # this rank's view; the loop makes every rank agree on it
+            if getattr(self, "_writer", None) is not None:
+                self._writer.check()  # a background write that failed: said now, not after another epoch
             return time.monotonic() - last_save >= cfg.save_every_minutes * 60, bool(caught)
 
         def on_update(due: bool, stop: bool) -> bool:
