@@ -340,6 +340,12 @@ def to_device(loader, device: torch.device):
         return
     stream, pending = torch.cuda.Stream(device), None
     for images, labels, n_bad in loader:
+        if images.is_cuda:  # --decoder gpu: GpuLoader already decoded it ahead on its own stream; a second look-ahead
+            if pending is not None:  # would make this batch's step wait for the next batch's decode
+                yield _handed_over(*pending)
+                pending = None
+            yield images, labels.to(device, non_blocking=True), n_bad
+            continue
         with torch.cuda.stream(stream):
             batch = images.to(device, non_blocking=True), labels.to(device, non_blocking=True), n_bad
             copied = torch.cuda.Event()
