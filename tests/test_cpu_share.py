@@ -46,6 +46,7 @@ def machine(monkeypatch):
                             raising=False)
         monkeypatch.setattr(os, "cpu_count", lambda: node or cpus)
         monkeypatch.setattr(options, "_mem_available", lambda: memory, raising=False)
+        monkeypatch.setattr(options, "CGROUP", "/nonexistent-cgroup")  # no quota (CI may run in a container)
         for k, v in (env or {}).items():
             monkeypatch.setenv(k, v)
 
@@ -191,3 +192,24 @@ def test_malformed_variables_do_not_crash_the_default(machine, env):
 def test_the_help_says_the_rule():
     text = options.HELP["workers"]
     assert "minus one" in text and "SLURM_CPUS_PER_TASK" in text and "MemAvailable" in text and "up to 8" not in text
+
+
+def test_a_container_cpu_quota_and_memory_limit_hold_the_default(tmp_path, monkeypatch):
+    # docker --cpus=2 on a 64-CPU host: the affinity shows all 64 and /proc/meminfo the host's memory; before, 63
+    # workers (and no cap of 8 any more)
+    (tmp_path / "cpu.max").write_text("200000 100000\n")
+    (tmp_path / "memory.max").write_text(str(3 * GIB))
+    (tmp_path / "memory.current").write_text(str(2 * GIB))
+    for k in list(os.environ):
+        if LAUNCHER_VARS.fullmatch(k):
+            monkeypatch.delenv(k)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(options, "CGROUP", str(tmp_path))
+    assert options.cpu_share().cpus == 2 and options.default_workers() == 1
+    assert options._mem_available() <= 1 * GIB  # the limit's rest, not the host's MemAvailable
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # no quota: the affinity
+    (tmp_path / "memory.max").write_text("max\n")
+    assert options.cpu_share().cpus == 64 and options._cgroup_memory() is None
+    (tmp_path / "cpu.max").write_text("1200000 100000\n")
+    monkeypatch.setattr(options, "_mem_available", lambda: 2 * GIB)  # 2 GiB: 4 workers of 512 MiB, not 11
+    assert options.default_workers() == 4

@@ -25,14 +25,61 @@ class CpuShare(NamedTuple):
     source: str  # where the share came from, for the start-up line
 
 
+CGROUP = "/sys/fs/cgroup"  # where a container's or a job's limits are read (v2 files, else v1's)
+
+
+def _cgroup_file(*names: str) -> str | None:
+    """The first of these files under CGROUP that reads, stripped; None if none does."""
+    for name in names:
+        try:
+            with open(os.path.join(CGROUP, name)) as f:
+                return f.read().strip()
+        except OSError:
+            continue
+    return None
+
+
+def _cgroup_cpus() -> int | None:
+    """The CPUs a cgroup's quota allows (docker --cpus, Kubernetes limits), rounded up; None without one. The
+    affinity still shows every CPU of the host there: 63 workers in a 2-CPU container."""
+    text = _cgroup_file("cpu.max")  # v2: "QUOTA PERIOD" or "max PERIOD"
+    if text is None:
+        quota, period = _cgroup_file("cpu/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_quota_us"), \
+            _cgroup_file("cpu/cpu.cfs_period_us", "cpu,cpuacct/cpu.cfs_period_us")
+        text = f"{quota} {period}" if quota and period else None
+    try:
+        quota, period = (int(v) for v in (text or "").split()[:2])
+    except ValueError:  # "max", missing, malformed: no quota
+        return None
+    return max(1, -(-quota // period)) if quota > 0 and period > 0 else None
+
+
+def _cgroup_memory() -> int | None:
+    """Bytes this cgroup may still allocate (limit - usage); None without a limit."""
+    for limit_name, usage_name in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit, usage = _cgroup_file(limit_name), _cgroup_file(usage_name)
+        if limit is None:
+            continue
+        try:
+            limit_n, usage_n = int(limit), int(usage or 0)
+        except ValueError:  # "max": no limit
+            return None
+        return max(0, limit_n - usage_n) if limit_n < 2**60 else None  # v1 says "none" with ~2^63
+    return None
+
+
 def _affinity(pid: int = 0) -> int | None:
-    """How many CPUs process `pid` (0: this one) may run on; None where that cannot be read."""
+    """How many CPUs process `pid` (0: this one) may run on, held to a cgroup CPU quota; None where that cannot be
+    read."""
     if not hasattr(os, "sched_getaffinity"):
         return None
     try:
-        return len(os.sched_getaffinity(pid)) or None
+        n = len(os.sched_getaffinity(pid)) or None
     except OSError:  # the process is gone (a reparented orphan's launcher), or not ours to read
         return None
+    quota = _cgroup_cpus()
+    return min(n, quota) if n and quota else n
 
 
 def _count(env, name: str) -> int | None:
@@ -106,15 +153,18 @@ def cpus_per_process() -> tuple[int, int]:
 
 
 def _mem_available() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes; None where there is none (not Linux) or it does not read."""
+    """MemAvailable of /proc/meminfo in bytes, held to what a cgroup memory limit leaves (a container's
+    /proc/meminfo shows the host's); None where neither reads."""
+    available = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # kB
+                    available = int(line.split()[1]) * 1024  # kB
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    limit = _cgroup_memory()
+    return min(v for v in (available, limit) if v is not None) if available or limit is not None else None
 
 
 def default_workers(processes: int | None = None) -> int:
