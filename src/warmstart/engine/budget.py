@@ -15,6 +15,7 @@ evaluation and checkpoint are kept aside (`reserve`), measured from the last one
 import math
 import os
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from warmstart.errors import UserError
@@ -142,6 +143,10 @@ def restored(saved: dict | None, kind: str, amount: float) -> Budget:
 
 
 PROBE_UPDATES = 8  # a time budget's first plan comes after this many updates (their LR: the warmup's start)
+# The rate is the last WINDOW updates' (a slow start or a busy spell ages out); an estimate too low makes progress
+# run ahead, and progress never goes back: the rest of the budget would train at a near-zero LR. Re-planned every
+# 10 updates (one float gathered from rank 0), so a wrong estimate lives briefly.
+WINDOW = 30
 
 
 class Clock:
@@ -158,13 +163,14 @@ class Clock:
 
     def __init__(self, budget: Budget, make_scheduler, *, step: int, images_per_update: int, epoch_images: int,
                  warmup_images: float, start: int, final: int, time_eval, agree=lambda x: x,
-                 replan_every: int = 50):
+                 replan_every: int = 10):
         self.budget, self.make_scheduler, self.step = budget, make_scheduler, step
         self.images_per_update, self.epoch_images, self.warmup_images = images_per_update, epoch_images, warmup_images
         self.start, self.final, self.time_eval, self.eval_seconds = start, final, time_eval, None
         self.agree, self.replan_every = agree, replan_every
         self.started = process_started()
         self.epoch_t0, self.epoch_images_done, self.size = time.perf_counter(), 0, self.next_size()
+        self.window: deque = deque(maxlen=WINDOW)  # (time, images this epoch) at the recent updates
         if budget.kind == "images" and not budget.total:
             budget.plan_images(budget.amount, warmup_images)
         # until a time budget's first plan (after the probe) progress stays 0: the LR is the warmup's start
@@ -176,6 +182,7 @@ class Clock:
         if step > self.step:
             done = self.images_per_update * (step - self.step)
             self.epoch_images_done += done
+            self.window.append((time.perf_counter(), self.epoch_images_done))
             if self.budget.total:
                 self.budget.advance(done)
             else:
@@ -195,6 +202,7 @@ class Clock:
     def epoch_started(self) -> int:
         """The size of the epoch about to train; its clock starts now."""
         self.size, self.epoch_t0, self.epoch_images_done = self.next_size(), time.perf_counter(), 0
+        self.window.clear()
         return self.size
 
     def epoch_ended(self, overhead: float) -> None:
@@ -214,6 +222,11 @@ class Clock:
 
     def measure(self) -> None:
         """This epoch's training rate so far at its size (images/s, all ranks, data waits included)."""
+        if len(self.window) >= 3:  # the steady rate: the epoch's first update (workers starting) left out
+            (t0, n0), (t1, n1) = self.window[0], self.window[-1]
+            if t1 > t0:
+                self.budget.rates[self.size] = (n1 - n0) / (t1 - t0)
+                return
         seconds = time.perf_counter() - self.epoch_t0
         if self.epoch_images_done and seconds > 0:
             self.budget.rates[self.size] = self.epoch_images_done / seconds

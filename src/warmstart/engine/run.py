@@ -357,7 +357,7 @@ class Run:
                        f"{len(self.val_loader.dataset)} val images")
         self.log.print(f"global batch {self.global_batch} ({cfg.batch_size} x {dist.world_size} process(es) x "
                        f"{cfg.accum_steps} accum), {cfg.opt} lr {self.step.lr:.4g} ({self.step.lr_how}), {cfg.sched} "
-                       f"schedule, {cfg.epochs} epochs x {self.updates_per_epoch} updates -> {self.run_dir}")
+                       f"schedule, {self._length()} -> {self.run_dir}")
         if left := len(self.train_set) - self.sampler.epoch_len:  # never padded with repeats: exactly once, or not
             self.log.print(f"each epoch trains {self.sampler.epoch_len} of the {len(self.train_set)} training images "
                            f"(whole global batches); the other {left}, a different {left} each epoch, wait for the next")
@@ -513,6 +513,17 @@ class Run:
         self.save("last.pt", best=improved)
         if self.clock:
             self.clock.epoch_ended(time.perf_counter() - t_end)
+
+    def _length(self) -> str:
+        """How long the run is, for the start line."""
+        cfg = self.cfg
+        if cfg.time_budget:
+            return (f"a time budget of {cfg.time_budget} (the LR reaches zero and the size {cfg.img_size} px as it "
+                    f"ends; planned from the throughput measured as it goes), {self.updates_per_epoch} updates an epoch")
+        if cfg.budget_images:
+            return (f"a budget of {cfg.budget_images:,} images (~{cfg.budget_images / max(self.sampler.epoch_len, 1):.1f}"
+                    f" epochs of {self.updates_per_epoch} updates)")
+        return f"{cfg.epochs} epochs x {self.updates_per_epoch} updates"
 
     def _of_epochs(self) -> str:
         """'/40' after an epoch number; under a budget, how much of it is spent."""
