@@ -1,7 +1,8 @@
 """--decoder gpu's batch path (data/gpu_decode.py, dataset.GpuLoader), checked on the CPU: device="cpu" runs the same
 steps with libjpeg-turbo and torch's CPU kernels in place of nvJPEG and CUDA. A batch crosses from a worker as a
-handful of tensors, what does not decode is skipped and counted with its label, the boxes are resized in batches, and
-the next batch decodes in a thread while the caller holds the current one."""
+handful of tensors, what the device refuses is cut on the CPU and what fails there too is skipped and counted with
+its label (a CUDA error is not a file's), the boxes are resized in batches within a memory budget, and the next batch
+decodes in a thread while the caller holds the current one."""
 
 import gc
 import io
@@ -9,6 +10,7 @@ import multiprocessing
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,11 @@ import torch
 import torch.multiprocessing.reductions as reductions
 from PIL import Image
 from torchvision.io import decode_jpeg
+from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as F
 
 from synth import make_image_folder
-from warmstart.data import crop, dataset, gpu_decode
+from warmstart.data import crop, dataset, decode, gpu_decode
 from warmstart.errors import UserError
 
 
@@ -49,6 +52,14 @@ def open_fds(pid="self") -> int:
 
 def decode_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("gpu-decode")]
+
+
+def threads_end(timeout: float = 5.0) -> bool:
+    """Whether the decode threads end within `timeout` seconds: an early close or an error does not wait for them."""
+    deadline = time.monotonic() + timeout
+    while decode_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return decode_threads() == []
 
 
 # --- a batch is a handful of tensors, whatever its size -------------------------------------------------------------
@@ -167,31 +178,146 @@ def test_a_batch_with_no_rgb_jpeg_decodes_nothing_on_the_device(mixed, monkeypat
     assert torch.equal(probe[0], grey.data.flip(-1) if grey.flip else grey.data)
 
 
+def cpu_cut(item: gpu_decode.Item) -> torch.Tensor:
+    """What the CPU path makes of a gpu_item sample: its box cut at a reduced DCT scale, flipped as drawn."""
+    x = crop.crop(decode.Gpu(item.data), item.box, item.out)
+    return x.flip(-1) if item.flip else x
+
+
 def test_an_undecodable_file_is_skipped_and_counted_with_its_label(mixed, monkeypatch):
     ds, index = mixed
     keys = [(i, 7 + i, 32) for i in range(len(index))]
     spy = Spy()
     monkeypatch.setattr(gpu_decode, "decode_jpeg", spy)
     (images, labels, bad), = list(cpu_loader(ds, keys, batch_size=len(keys), workers=0))
-    # the garbage one fails the batched call; each of the five JPEGs is retried alone and only it fails again
-    assert spy.calls == [5, 1, 1, 1, 1, 1]
+    # the garbage one (the 5th JPEG) fails the batched call; halves are retried, down to it alone (before: each of the
+    # five alone, [5, 1, 1, 1, 1, 1]: N calls for a batch of N); the CPU path fails on it too: skipped and counted
+    assert spy.calls == [5, 2, 3, 1, 2, 1, 1]
     assert bad == 1 and labels.tolist() == [i for n, i in index.items() if n != "broken.jpg"]
     kept = [ds[k][0] for k in keys if k[0] != index["broken.jpg"]]
     assert torch.equal(images, gpu_decode.gpu_batch(kept, device="cpu"))
 
-    # a file only the device refuses (the decode patched to fail on it): skipped the same way
+    # a file only the device refuses (the decode patched to fail on it: nvJPEG and an unusual chroma subsampling):
+    # cut on the CPU as the CPU path cuts it, kept with its label, nothing skipped (before: skipped and counted)
     refused = (Path(ds.root) / "rgb2.jpg").read_bytes()
     monkeypatch.setattr(gpu_decode, "decode_jpeg", Spy(lambda data: data == refused))
-    keys = [(index[n], 11, 32) for n in ("rgb0.jpg", "rgb1.jpg", "rgb2.jpg", "rgb3.jpg", "rgb.png")]
+    names = ("rgb0.jpg", "rgb1.jpg", "rgb2.jpg", "rgb3.jpg", "rgb.png")
+    keys = [(index[n], 11, 32) for n in names]
     (images, labels, bad), = list(cpu_loader(ds, keys, batch_size=len(keys), workers=0))
-    assert bad == 1 and labels.tolist() == [index[n] for n in ("rgb0.jpg", "rgb1.jpg", "rgb3.jpg", "rgb.png")]
-    assert len(images) == 4
+    assert bad == 0 and labels.tolist() == [index[n] for n in names] and len(images) == 5
+    assert torch.equal(images[2], cpu_cut(ds[keys[2]][0]))
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", decode_jpeg)
+    others = [0, 1, 3, 4]
+    assert torch.equal(images[others], gpu_decode.gpu_batch([ds[keys[k]][0] for k in others], device="cpu"))
 
-    # nothing decodes: an empty batch and the count (train_one_epoch's agreement stops on it)
+    # the device refuses everything: the JPEGs are cut on the CPU, the broken one is skipped there too
     monkeypatch.setattr(gpu_decode, "decode_jpeg", Spy(lambda data: True))
     keys = [(index[n], 5, 32) for n in ("rgb0.jpg", "rgb1.jpg", "broken.jpg")]
     (images, labels, bad), = list(cpu_loader(ds, keys, batch_size=len(keys), workers=0))
+    assert bad == 1 and labels.tolist() == [index["rgb0.jpg"], index["rgb1.jpg"]]
+    assert torch.equal(images, torch.stack([cpu_cut(ds[k][0]) for k in keys[:2]]))
+
+    # nothing decodes anywhere: an empty batch and the count (train_one_epoch's agreement stops on it)
+    keys = [(index["broken.jpg"], seed, 32) for seed in (5, 6, 7)]
+    (images, labels, bad), = list(cpu_loader(ds, keys, batch_size=len(keys), workers=0))
     assert images.shape == (0, 3, 32, 32) and labels.shape == (0,) and bad == 3
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB"),
+    torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+    RuntimeError("Error while decoding JPEG images: Failed to synchronize CUDA stream: 700"),
+    ValueError("Input list must contain tensors on CPU."),
+    MemoryError(),
+], ids=lambda e: type(e).__name__)
+def test_a_device_error_surfaces_rather_than_skipping_the_batch(error, monkeypatch):
+    # the device's failure (or a misuse) is not the files': before, the catch-all took each for a bad file and the
+    # batch came back empty, every sample "skipped"
+    rng = np.random.default_rng(0)
+    items = [gpu_decode.Item(jpeg(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)), (0, 0, 40, 40), False, 32)
+             for _ in range(4)]
+
+    def failing(*args, **kw):
+        raise error
+
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", failing)
+    with pytest.raises(type(error)):
+        gpu_decode.decode(gpu_decode.pack(items), "cpu")
+
+
+def test_an_image_decoded_at_another_size_than_its_header_is_cut_on_the_cpu(mixed, monkeypatch):
+    # the box was drawn from PIL's reading of the header: a decoder that sees another frame (a file with two frame
+    # headers) decodes an image the box does not belong to. Patched: the device decodes rgb1.jpg 8 rows short.
+    ds, index = mixed
+    odd = (Path(ds.root) / "rgb1.jpg").read_bytes()
+
+    def short(data, **kw):
+        images = decode_jpeg(data, **kw)
+        return [img[:, 8:] if bytes(d.numpy()) == odd else img for d, img in zip(data, images)]
+
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", short)
+    keys = [(index[n], 3, 32) for n in ("rgb0.jpg", "rgb1.jpg", "rgb2.jpg")]
+    (images, labels, bad), = list(cpu_loader(ds, keys, batch_size=len(keys), workers=0))
+    assert bad == 0 and len(images) == 3
+    assert torch.equal(images[1], cpu_cut(ds[keys[1]][0]))  # before: roi_align of the short image
+
+    # and a file whose two header parsers disagree goes to the CPU path in the worker, which refuses it here: PIL
+    # reads the last of two frame headers (64 x 64), libjpeg the first (8000 x 8000)
+    base = jpeg(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    at = base.find(b"\xff\xc0")
+    sof = bytearray(base[at:at + 2 + int.from_bytes(base[at + 2:at + 4], "big")])
+    sof[5:9] = (8000).to_bytes(2, "big") * 2
+    (Path(ds.root) / "two.jpg").write_bytes(base[:at] + bytes(sof) + base[at:])
+    two = gpu_dataset(Path(ds.root), [("two.jpg", 0)], monkeypatch)
+    with Image.open(Path(ds.root) / "two.jpg") as img:
+        assert img.size == (64, 64)
+    assert two[(0, 1, 32)][0] is None  # before: its bytes, and a box drawn from 64 x 64
+
+
+# --- a batch's memory is bounded, whatever its images' sizes ----------------------------------------------------------
+
+def test_a_batch_of_large_images_holds_a_bounded_amount_of_full_size_pixels(monkeypatch):
+    # budgets scaled down 128x (2 MiB decoded, 2 MiB of roi_align input), 16 images of 400 x 300 (360 KB decoded,
+    # 1.4 MB in float): the decoded images alive (counted by weakref) and each roi_align input, checked at each call.
+    # Before: all 16 decoded at once (5.8 MB) and one 23 MB float stack, ~8x the decoded pixels with the uint8 stack.
+    monkeypatch.setattr(gpu_decode, "DECODE_BUDGET", 2 << 20, raising=False)
+    monkeypatch.setattr(gpu_decode, "RESIZE_BUDGET", 2 << 20, raising=False)
+    rng = np.random.default_rng(0)
+    files = [jpeg(photo_like(rng, 300, 400).permute(1, 2, 0).numpy()) for _ in range(4)]
+    torch.manual_seed(0)
+    items = [gpu_decode.Item(files[k % 4], crop.sample_box(400, 300, (0.08, 1.0)), k % 3 == 0, 32) for k in range(16)]
+    live, peak = [0], {"decoded": 0, "input": 0, "held": 0}
+
+    def released(n):
+        live[0] -= n
+
+    def decoding(data, **kw):
+        images = decode_jpeg(data, **kw)
+        for img in images:
+            live[0] += img.nbytes
+            weakref.finalize(img, released, img.nbytes)
+        peak["decoded"] = max(peak["decoded"], live[0])
+        return images
+
+    def resizing(x, *args, **kw):
+        peak["input"] = max(peak["input"], x.nbytes)
+        peak["held"] = max(peak["held"], x.nbytes + live[0])
+        return roi_align(x, *args, **kw)
+
+    reference = gpu_decode.gpu_batch(items, device="cpu")  # before any patch: what the batch decodes to
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", decoding)
+    monkeypatch.setattr(gpu_decode, "roi_align", resizing)
+    x, kept = gpu_decode.decode(gpu_decode.pack(items), "cpu")
+    assert kept.all() and torch.equal(x, reference)
+    assert peak["decoded"] <= 2 << 20 and peak["input"] <= 2 << 20, peak
+    assert peak["held"] <= 4 << 20 and live[0] == 0, peak
+
+    # a file over GPU_MAX_PIXELS is cut in the worker, as the CPU path cuts it (a reduced DCT scale), not decoded whole
+    monkeypatch.setattr(gpu_decode, "GPU_MAX_PIXELS", 400 * 300 - 1, raising=False)
+    torch.manual_seed(1)
+    item = gpu_decode.gpu_item(files[0], 32, (0.08, 1.0))
+    torch.manual_seed(1)
+    assert item.box is None and torch.equal(item.data, crop.random_resized_crop("gpu", files[0], 32, (0.08, 1.0)))
 
 
 # --- the boxes are resized in batches --------------------------------------------------------------------------------
@@ -220,7 +346,7 @@ def test_boxes_resized_in_batches_stay_close_to_the_per_image_antialiased_resize
     torch.manual_seed(0)
     for out, bound, worst in ((224, 1.0, 2.0), (64, 3.5, 4.5)):
         boxes = [crop.sample_box(img.shape[2], img.shape[1], (0.08, 1.0)) for img in images]
-        resized, order = gpu_decode.resize_boxes(images, boxes, out)
+        resized, order = gpu_decode.resize_boxes(list(images), boxes, out)  # it drops the images it has resized
         assert sorted(order) == list(range(len(images))) and resized.shape == (len(images), 3, out, out)
         ours = resized.round().to(torch.uint8)
         reference = torch.stack([F.resize(images[i][:, t:b, l:r], [out, out], antialias=True)
@@ -232,7 +358,7 @@ def test_boxes_resized_in_batches_stay_close_to_the_per_image_antialiased_resize
     # enlarging (a box smaller than the output): both are plain bilinear, the same pixels away from the box's edges
     # (where roi_align reads the pixels outside the box and the CPU path repeats the edge)
     boxes = [(10, 20, 10 + 50, 20 + 40), (100, 30, 100 + 64, 30 + 64)]
-    resized, order = gpu_decode.resize_boxes(images[:2], boxes, 96)
+    resized, order = gpu_decode.resize_boxes(images[:2], boxes, 96)  # a copy of the list: it empties it
     for k, i in enumerate(order):
         l, t, r, b = boxes[i]
         reference = F.resize(images[i][:, t:b, l:r].float(), [96, 96], antialias=True)
@@ -278,13 +404,13 @@ def test_the_decode_thread_ends_with_its_iteration(small):
     it = iter(loader)
     next(it)
     assert len(decode_threads()) == 1
-    it.close()  # a loop left early (break, an error in the step)
-    assert decode_threads() == []
+    it.close()  # a loop left early (break, an error in the step): the decode under way ends on its own
+    assert threads_end()
     it = iter(loader)
     next(it)
     del it  # dropped without closing
     gc.collect()
-    assert decode_threads() == []
+    assert threads_end()
 
 
 def test_an_error_in_the_decode_thread_surfaces_in_the_caller_as_it_was_raised(small, monkeypatch):
@@ -304,4 +430,56 @@ def test_an_error_in_the_decode_thread_surfaces_in_the_caller_as_it_was_raised(s
             got.append(batch)
     assert str(raised.value) == "cannot decode batch 2: the device is out of memory (try a smaller --batch-size)"
     assert len(got) == 1 and calls[1] is not threading.main_thread()
-    assert decode_threads() == []
+    assert threads_end()
+
+
+def test_an_early_close_or_an_error_does_not_wait_for_a_decode_stuck_in_the_device(small, monkeypatch):
+    # a decode stuck in CUDA (a hung kernel, a lost device) must not hang the caller's close or its error: before,
+    # shutdown(wait=True) waited for it (here 10 s, the patched decode's own timeout)
+    release, calls, decode_batch = threading.Event(), [], gpu_decode.decode
+    plan = {2: "fails", 3: "sticks"}  # what the n-th decode of the iteration does
+
+    def stuck(batch, device):
+        calls.append(batch)
+        if plan.get(len(calls)) == "fails":
+            raise UserError("batch 2 cannot decode")
+        if plan.get(len(calls)) == "sticks":
+            release.wait(10)
+        return decode_batch(batch, device)
+
+    monkeypatch.setattr(gpu_decode, "decode", stuck)
+    keys = [(i % len(small), i, 32) for i in range(4 * 2)]
+    it = iter(cpu_loader(small, keys, batch_size=2, workers=0))
+    next(it)
+    start = time.perf_counter()
+    with pytest.raises(UserError):  # batch 2's error, while batch 3's decode is stuck
+        next(it)
+    raised = time.perf_counter() - start
+    release.set()
+    assert raised < 2, raised
+    assert threads_end()
+
+    release.clear()
+    calls[:], plan = [], {2: "sticks"}
+    it = iter(cpu_loader(small, keys, batch_size=2, workers=0))
+    next(it)  # batch 2 is decoding, stuck
+    start = time.perf_counter()
+    it.close()
+    closed = time.perf_counter() - start
+    release.set()
+    assert closed < 2, closed
+    assert threads_end()
+
+
+def test_the_probe_names_the_device_training_decodes_on(monkeypatch):
+    # "cuda" and "cuda:N" are two devices to torchvision, which rebuilds its nvJPEG decoder (leaking the first) when
+    # the probe (dataset.decoded, plain "cuda" before) and training's thread ("cuda:N") alternate
+    names = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(gpu_decode, "decode", lambda batch, device: (names.append(device), (None, None))[1])
+    rng = np.random.default_rng(0)
+    batch = gpu_decode.pack([gpu_decode.Item(jpeg(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)), (0, 0, 8, 8),
+                                             False, 8)])
+    dataset.decoded(batch)
+    dataset.decoded(batch, "cuda:0")
+    assert names == [torch.device("cuda", 1), torch.device("cuda", 0)]

@@ -223,11 +223,10 @@ def decoding_ahead(batches, device):
     rather than wait_stream, which would also wait for the next batch's work queued since) and the images are
     record_stream-ed to it, so the allocator does not reuse their memory before the caller's kernels are done. The
     thread lives as long as this generator: closed, exhausted or garbage-collected, it stops the thread (after the
-    batch in hand); an exception there is re-raised here, as it was raised."""
-    device = torch.device(device)
+    batch in hand, or on an error or an early close, without waiting for it); an exception there is re-raised here,
+    as it was raised."""
+    device = gpu_decode.resolve(device)  # the caller's device: a new thread's current device is cuda:0
     cuda = device.type == "cuda"
-    if cuda and device.index is None:  # the caller's device: a new thread's current device is cuda:0
-        device = torch.device("cuda", torch.cuda.current_device())
     stream = torch.cuda.Stream(device) if cuda else None
 
     def decode(batch):
@@ -252,7 +251,7 @@ def decoding_ahead(batches, device):
                 x.record_stream(consumer)
         return x, labels, bad
 
-    pool, pending = ThreadPoolExecutor(1, thread_name_prefix="gpu-decode"), None
+    pool, pending, finished = ThreadPoolExecutor(1, thread_name_prefix="gpu-decode"), None, False
     try:
         for batch in batches:
             following = pool.submit(decode, batch)
@@ -261,14 +260,21 @@ def decoding_ahead(batches, device):
             pending = following
         if pending is not None:
             yield take(pending)
+        finished = True
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        # At the end of the epoch every batch has been taken: the thread is idle and joining it costs nothing (and
+        # leaves no thread behind). On an error or an early close it may be inside a decode, perhaps stuck in CUDA:
+        # not waiting for it keeps the caller's error or close from hanging; its batch is dropped when it ends.
+        pool.shutdown(wait=finished, cancel_futures=True)
 
 
 def decoded(images, device="cuda"):
     """A collated batch's images as a tensor: --decoder gpu's Encoded batch is decoded here, on the current CUDA
-    device (the images that decode: for a probe, not for training, whose labels must follow; see GpuLoader)."""
-    return gpu_decode.decode(images, device)[0] if isinstance(images, gpu_decode.Encoded) else images
+    device (the images that decode: for a probe, not for training, whose labels must follow; see GpuLoader), named
+    with its index as training's thread names it (gpu_decode.resolve: else torchvision rebuilds its nvJPEG decoder)."""
+    if not isinstance(images, gpu_decode.Encoded):
+        return images
+    return gpu_decode.decode(images, gpu_decode.resolve(device))[0]
 
 
 def make_loader(dataset, sampler, *, batch_size: int, workers: int, train: bool, pin_memory: bool = False,
