@@ -43,37 +43,43 @@ START=$SECONDS
 DEADLINE=450
 echo "gpu_check: $GPU, $WORKERS data workers, results in $RES"
 
-# a check: its name, a time limit in seconds, the command; output in $RES/NAME.out and .err; status in $RES/status
 # the time a check may take: its own limit, or what is left of DEADLINE (0: skip it)
 allowed() {
     local left=$((DEADLINE - (SECONDS - START)))
     if [ "$left" -lt 15 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
 }
 
-check() {
+# a command under its share of the deadline, output in $RES/NAME.out and .err; its exit status, or 200 when it was
+# skipped for time (the status file then says so)
+timed() {
     local name=$1 limit
     limit=$(allowed "$2")
     shift 2
-    if [ "$limit" -eq 0 ]; then echo "$name skipped" >>"$RES/status"; echo "== $name: skipped (out of time)"; return; fi
-    echo "== $name  [$((SECONDS - START)) s]: $*"
+    if [ "$limit" -eq 0 ]; then echo "$name skipped" >>"$RES/status"; echo "== $name: skipped (out of time)"; return 200; fi
+    echo "== $name  [$((SECONDS - START)) s, at most ${limit} s]: $*"
     timeout -k 10 "$limit" "$@" >"$RES/$name.out" 2>"$RES/$name.err"
-    local rc=$?
+}
+
+# a check: its name, a time limit in seconds, the command; passes when the command exits 0
+check() {
+    local name=$1 rc
+    timed "$@"
+    rc=$?
+    [ $rc -eq 200 ] && return
     echo "$name $rc" >>"$RES/status"
     tail -n 2 "$RES/$name.out"
-    [ $rc -eq 0 ] || { echo "   FAILED (exit $rc; 124 = over ${limit}s):"; tail -n 5 "$RES/$name.err"; }
+    [ $rc -eq 0 ] || { echo "   FAILED (exit $rc; 124 = over its time limit):"; tail -n 5 "$RES/$name.err"; }
 }
 
 # a refusal: its name, a time limit, the words its one-line error must hold, the command; passes (status 0) when the
 # command fails (not by the time limit) saying the words, with no traceback through warmstart's code (torchrun adds
 # its own report and traceback when a child fails: those frames are torch's)
 refusal() {
-    local name=$1 limit words=$3
-    limit=$(allowed "$2")
+    local name=$1 limit=$2 words=$3 rc
     shift 3
-    if [ "$limit" -eq 0 ]; then echo "$name skipped" >>"$RES/status"; echo "== $name: skipped (out of time)"; return; fi
-    echo "== $name  [$((SECONDS - START)) s]: $*  (must refuse: $words)"
-    timeout -k 10 "$limit" "$@" >"$RES/$name.out" 2>"$RES/$name.err"
-    local rc=$?
+    timed "$name" "$limit" "$@"
+    rc=$?
+    [ $rc -eq 200 ] && return
     if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q -- "$words" "$RES/$name.err" \
         && ! grep -Eq 'File ".*(/src/warmstart/|site-packages/warmstart/)' "$RES/$name.err"; then
         echo "$name 0" >>"$RES/status"
