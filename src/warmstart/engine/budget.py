@@ -142,7 +142,8 @@ def restored(saved: dict | None, kind: str, amount: float) -> Budget:
     return b
 
 
-PROBE_UPDATES = 8  # a time budget's first plan comes after this many updates (their LR: the warmup's start)
+PROBE_UPDATES = 10  # a time budget's first plan comes after this many updates (their LR: the warmup's start)
+SETTLE_UPDATES = 3  # an epoch's first updates, left out of its rate once later ones are measured
 # The rate is the last WINDOW updates' (a slow start or a busy spell ages out); an estimate too low makes progress
 # run ahead, and progress never goes back: the rest of the budget would train at a near-zero LR. Re-planned every
 # 10 updates (one float gathered from rank 0), so a wrong estimate lives briefly.
@@ -222,8 +223,12 @@ class Clock:
 
     def measure(self) -> None:
         """This epoch's training rate so far at its size (images/s, all ranks, data waits included)."""
-        if len(self.window) >= 3:  # the steady rate: the epoch's first update (workers starting) left out
-            (t0, n0), (t1, n1) = self.window[0], self.window[-1]
+        # the steady rate: an epoch's first updates (workers refilling, new kernels for a new size) left out when
+        # there are enough others; before that, what there is
+        settled = [w for w in self.window if w[1] > SETTLE_UPDATES * self.images_per_update]
+        points = settled if len(settled) >= 3 else list(self.window)
+        if len(points) >= 3:
+            (t0, n0), (t1, n1) = points[0], points[-1]
             if t1 > t0:
                 self.budget.rates[self.size] = (n1 - n0) / (t1 - t0)
                 return

@@ -63,12 +63,15 @@ def loader_rate(run, size: int) -> tuple[float, tuple]:
 
 
 def eval_seconds(run, batches: int = 3) -> float:
-    """One evaluation of the val set (this rank's share), estimated from its first few batches: their loading (the
-    workers starting included, as at every evaluation) and the models' forward passes, scaled to the whole share."""
+    """One evaluation of the val set (this rank's share), estimated from its first few batches: their loading and
+    the models' forward passes, scaled to the whole share. The wait for the first batch (the workers starting) is
+    left out: the loader's workers persist, so the evaluations after this one do not pay it."""
     loader, t0, got = run.val_loader, time.perf_counter(), []
     models = {"model": unwrap(run.model), **({"ema": run.step.ema.module} if run.step.ema is not None else {})}
     for batch in loader:
         got.append(batch)
+        if len(got) == 1:
+            t0 = time.perf_counter()
         if len(got) >= batches:
             break
     modes = [(m, m.training) for model in models.values() for m in model.modules()]
