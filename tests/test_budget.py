@@ -178,3 +178,18 @@ def test_fast_yaml_is_the_budget_recipe_at_imagenet_sizes():
     recipe = config.load_yaml(str(Path(__file__).resolve().parents[1] / "examples" / "recipes" / "fast.yaml"))
     assert {k: recipe[k] for k in config.BUDGET_DEFAULTS} == config.BUDGET_DEFAULTS
     assert recipe["img_size_start"] == round(config.BUDGET_START * recipe["img_size"] / 8) * 8  # 160 of 192
+
+
+def test_plan_measures_prints_the_schedule_and_trains_nothing(data, tmp_path, capsys, monkeypatch):
+    from warmstart.engine import plan
+
+    monkeypatch.setattr(plan, "SECONDS", 0.3)  # a short look at each size
+    run = tmp_path / "run"
+    assert main(["train", str(data), *TINY, *QUICK, "--out", str(run), "--budget-images", "480",
+                 "--img-size-start", "24", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "size  epochs" in out and "LR by progress: 0% " in out and "expected wall time" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("24", "32")]
+    assert [r[0] for r in rows] == ["24", "32"]  # the low size, then the final one (the ramp's steps in between)
+    assert sum(float(r[1]) for r in rows) == pytest.approx(480 / 96, rel=0.05)  # 5 epochs of 96 images
+    assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
