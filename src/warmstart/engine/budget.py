@@ -44,27 +44,27 @@ def size_for_epoch(cfg, epoch: int) -> int:
     in steps of 8 pixels."""
     if not cfg.img_size_start:
         return cfg.img_size
-    end = max(1, round(0.85 * (cfg.epochs - 1)))
-    if epoch >= end:
-        return cfg.img_size
-    size = cfg.img_size_start + (cfg.img_size - cfg.img_size_start) * epoch / end
-    return int(round(size / 8) * 8)
+    return _ramped(cfg.img_size_start, cfg.img_size, epoch / max(1, round(0.85 * (cfg.epochs - 1))))
 
 
 def size_at(progress: float, start: int, final: int) -> int:
     """The training image size at this progress: `start` until RAMP[0], then ramped in steps of 8 to `final` at
     RAMP[1]."""
-    if not start or start == final or progress >= RAMP[1]:
+    if not start:
         return final
-    if progress <= RAMP[0]:
-        return start
-    size = start + (final - start) * (progress - RAMP[0]) / (RAMP[1] - RAMP[0])
-    return int(round(size / 8) * 8)
+    return _ramped(start, final, (progress - RAMP[0]) / (RAMP[1] - RAMP[0]))
+
+
+def _ramped(start: int, final: int, t: float) -> int:
+    """`start` at t <= 0, `final` at t >= 1, in steps of 8 pixels between."""
+    if t >= 1:
+        return final
+    return start if t <= 0 else int(round((start + (final - start) * t) / 8) * 8)
 
 
 @dataclass
 class Budget:
-    """Where a budgeted run stands; saved in every checkpoint (position.budget), so --resume continues the plan."""
+    """Where a budgeted run stands; saved in every checkpoint (train_state.budget), so --resume continues the plan."""
     kind: str                 # "time" (amount: seconds of wall time) or "images" (amount: training images)
     amount: float
     progress: float = 0.0     # 0..1
@@ -95,9 +95,9 @@ class Budget:
 
     # ------------------------------------------------------------ time
 
-    def seconds_left(self, started: float, now: float | None = None) -> float:
-        """Of the budget, what this process has not spent (time.time() values)."""
-        return self.amount - self.used - ((now or time.time()) - started)
+    def seconds_left(self, started: float) -> float:
+        """Of the budget, what is left now (`started`: this process's start, a time.time() value)."""
+        return self.amount - self.used - (time.time() - started)
 
     def rate(self, size: int) -> float | None:
         """Training images/s at `size`: measured, or scaled from the nearest measured size by pixel count."""

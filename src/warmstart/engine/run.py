@@ -162,6 +162,7 @@ class Run:
         self.pos, self.metrics, self.prefer_ema, self._rng = Position(), {}, False, None
         self.epoch_loss = EpochLoss(self.device)
         self.clock, self._budget_state = None, None  # a budget's Clock, made in _fit (after a resume restored it)
+        self._writer = checkpoint.BackgroundWriter()  # rank 0's checkpoint writes (no thread until one is saved)
 
     def _settle_settings(self) -> None:
         """Determinism, the batch arithmetic and the precision: what the config leaves to the machine, decided
@@ -335,15 +336,12 @@ class Run:
         state = self.state_dict()
         if self.dist.is_main:
             ckpt = checkpoint.build(state, self.model_spec, self.class_info, self.eval_spec, self.cfg.to_dict())
-            if getattr(self, "_writer", None) is None:
-                self._writer = checkpoint.BackgroundWriter()
             folder = self.run_dir / "checkpoints"
             self._writer.save(ckpt, folder / name, link=folder / "best.pt" if best else None)
 
     def wait_for_saves(self, *, raise_error: bool = True) -> None:
         """Until the checkpoint being written is on disk; then its write's error (a full disk), if it failed."""
-        if getattr(self, "_writer", None) is not None:
-            self._writer.wait(raise_error=raise_error)
+        self._writer.wait(raise_error=raise_error)
 
     # ------------------------------------------------------------------ training
 
@@ -431,8 +429,7 @@ class Run:
         last_save = time.monotonic()
 
         def poll() -> tuple[bool, bool]:  # this rank's view; the loop makes every rank agree on it
-            if getattr(self, "_writer", None) is not None:
-                self._writer.check()  # a background write that failed: said now, not after another epoch
+            self._writer.check()  # a background write that failed: said now, not after another epoch
             return time.monotonic() - last_save >= cfg.save_every_minutes * 60, bool(caught)
 
         def on_update(due: bool, stop: bool) -> bool:
