@@ -1,25 +1,33 @@
-"""Mini ILSVRC2012 archives in the official (or Kaggle) structure, for tests, the demo and benchmarks.
+"""Mini ILSVRC2012 archives in the layouts people download ImageNet in, for tests, the demo and benchmarks.
 
 Official layout: ILSVRC2012_img_train.tar (an outer tar of per-class `<wnid>.tar` holding
 `<wnid>_<n>.JPEG`), ILSVRC2012_img_val.tar (flat, official file names, so the shipped ground
 truth labels them), ILSVRC2012_devkit_t12.tar.gz (real data/meta.mat and validation ground
-truth in devkit class IDs), optionally a test tar, and MD5SUMS. Images come from the real JPEGs
-in shared/data/imagenet-sample when present (one per class, varied by crop/flip/re-encode), else
-they are drawn, so the demo works on a clone without shared data. With --drawn (drawn=True) every image
-is drawn on its own by warmstart.synthetic instead: class i of the archive is shape class i (circle,
+truth in devkit class IDs), optionally a test tar, and MD5SUMS. The other layouts (--layout: Kaggle's zip or its
+unzipped folder, Hugging Face ILSVRC/imagenet-1k as tars or parquet, timm/imagenet-1k-wds) hold the very same images
+with the same bytes, so a tree prepared from any of them equals one prepared from the official tars.
+
+Images come from the real JPEGs in shared/data/imagenet-sample when present (one per class, varied by
+crop/flip/re-encode), else they are drawn, so the demo works on a clone without shared data. With --drawn (drawn=True)
+every image is drawn on its own by warmstart.synthetic instead: class i of the archive is shape class i (circle,
 square, triangle, ...), so a network has something to learn and does not score 100%.
 
     python -m warmstart.prepare.fixtures --out DIR --classes 10 --per-class 3 --val 20
     python -m warmstart.prepare.fixtures --out DIR --classes 10 --per-class 150 --val 400 --drawn
+    python -m warmstart.prepare.fixtures --out DIR --layout hf-parquet
 """
 
 import argparse
+import gzip
+import hashlib
 import io
+import json
 import os
 import random
 import tarfile
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +191,10 @@ def hostile_member(kind: str) -> tuple[tarfile.TarInfo, bytes]:
 
 
 def write_tar(path: Path, files: list[tuple[str, bytes]], hostile: str | None = None) -> None:
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+    """A tar of (name, bytes); gzip-compressed when `path` ends in .gz, with a fixed mtime in the gzip header so the
+    same fixture has the same checksum on every run."""
+    raw = gzip.GzipFile(path, "wb", mtime=MTIME) if path.name.endswith(".gz") else open(path, "wb")
+    with raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for name, data in files:
             add_file(tar, name, data)
         if hostile:
@@ -270,6 +281,125 @@ def build_kaggle(out: Path, classes: list[str], per_class: int, val: int, test: 
     return out
 
 
+def dataset_splits(classes: list[str], per_class: int, val: int, test: int, bad_files: bool, drawn: bool):
+    """make_dataset as {split: [(official name, wnid or None for test, bytes)]}. Train is shuffled (seeded by the class
+    list) because the HF and wds archives are: a class spans several parts and a reader must gather it."""
+    train, val_files, test_files = make_dataset(classes, per_class, val, test, bad_files, drawn=drawn)
+    records = [(name, w, data) for w, files in train.items() for name, data in files]
+    random.Random(",".join(classes)).shuffle(records)
+    labels = facts.val_labels()
+    return {"train": records, "validation": [(n, labels[n], d) for n, d in val_files],
+            "test": [(n, None, d) for n, d in test_files]}
+
+
+def hf_name(name: str, wnid: str | None) -> str:
+    """The file name in ILSVRC/imagenet-1k: the official stem + _<wnid>; test images keep theirs (no label)."""
+    return name if wnid is None else f"{name[:-5]}_{wnid}.JPEG"
+
+
+def class_label(wnid: str | None) -> int:
+    """The class index HF and timm use (position in the sorted wnids); -1 for an unlabelled test image."""
+    return -1 if wnid is None else facts.wnids().index(wnid)
+
+
+def chunks(items: list, n: int) -> list[list]:
+    return [items[k * len(items) // n:(k + 1) * len(items) // n] for k in range(n)]
+
+
+HF_README = "---\nlicense: other\npretty_name: ImageNet\n---\n\n# ILSVRC/imagenet-1k (a warmstart fixture)\n"
+
+
+def hf_folder(out: Path, data_dir: bool) -> Path:
+    folder = out / "data" if data_dir else out
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def hf_download_dir(out: Path, folder: Path, classes: list[str]) -> Path:
+    """With data/ under `out`, the rest of what `huggingface-cli download ILSVRC/imagenet-1k --local-dir out` leaves:
+    README.md and .cache/huggingface/download/<file>.metadata (with its .lock, .gitignore and CACHEDIR.TAG), written by
+    huggingface_hub's own writer so the format is the real one; the etag is the sha256 of an LFS file, the git blob
+    hash of README.md. Without data/ the user pointed at the data folder itself, which holds only the archives."""
+    if folder == out:
+        return out
+    from huggingface_hub._local_folder import write_download_metadata
+
+    readme = HF_README.encode()
+    (out / "README.md").write_bytes(readme)
+    commit = hashlib.sha1(",".join(classes).encode()).hexdigest()  # stands in for the repo revision
+    write_download_metadata(out, "README.md", commit, hashlib.sha1(b"blob %d\0" % len(readme) + readme).hexdigest())
+    for path in sorted(folder.iterdir()):
+        write_download_metadata(out, f"data/{path.name}", commit, file_digest(path, "sha256"))
+    return out
+
+
+def build_hf_tars(out: Path, classes: list[str], per_class: int, val: int, test: int = 0, bad_files: bool = True,
+                  drawn: bool = False, parts: int = 5, data_dir: bool = True) -> Path:
+    """Hugging Face ILSVRC/imagenet-1k as tars: data/train_images_{0..parts-1}.tar.gz, val_images.tar.gz and (test > 0)
+    test_images.tar.gz, each a flat tar of <image id>_<wnid>.JPEG. data_dir=False: the archives directly in `out`."""
+    splits = dataset_splits(classes, per_class, val, test, bad_files, drawn)
+    tars = {f"train_images_{k}.tar.gz": part for k, part in enumerate(chunks(splits["train"], parts))}
+    tars["val_images.tar.gz"] = splits["validation"]
+    if splits["test"]:
+        tars["test_images.tar.gz"] = splits["test"]
+    folder = hf_folder(out, data_dir)
+    for name, files in tars.items():
+        write_tar(folder / name, [(hf_name(n, w), d) for n, w, d in files])
+    return hf_download_dir(out, folder, classes)
+
+
+def build_hf_parquet(out: Path, classes: list[str], per_class: int, val: int, test: int = 0, bad_files: bool = True,
+                     drawn: bool = False, shards: tuple[int, int, int] = (2, 1, 1), data_dir: bool = True,
+                     row_group: int = 64) -> Path:
+    """ILSVRC/imagenet-1k as the Hub serves it now: data/{train,validation,test}-0000K-of-0000N.parquet (N from
+    `shards`, in that split order; test only if test > 0), columns image struct<bytes, path> (path the name in the HF
+    tars) and label int64 (sorted-wnid index, -1 for test), with the `huggingface` schema metadata `datasets` writes
+    (features Image and ClassLabel). row_group: rows per parquet row group."""
+    import pyarrow as pa  # only this layout needs pyarrow: the `parquet` extra
+    import pyarrow.parquet as pq
+
+    features = {"image": {"_type": "Image"}, "label": {"names": list(facts.synsets().values()), "_type": "ClassLabel"}}
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())],
+                       metadata={"huggingface": json.dumps({"info": {"features": features}})})
+    folder = hf_folder(out, data_dir)
+    for (split, files), n in zip(dataset_splits(classes, per_class, val, test, bad_files, drawn).items(), shards):
+        for k, part in enumerate(chunks(files, n) if files else []):
+            rows = [{"image": {"bytes": d, "path": hf_name(name, w)}, "label": class_label(w)} for name, w, d in part]
+            table = pa.Table.from_pylist(rows, schema)
+            pq.write_table(table, folder / f"{split}-{k:05d}-of-{n:05d}.parquet", row_group_size=row_group)
+    return hf_download_dir(out, folder, classes)
+
+
+def build_wds(out: Path, classes: list[str], per_class: int, val: int, test: int = 0, bad_files: bool = True,
+              drawn: bool = False, train_shards: int = 3, val_shards: int = 2) -> Path:
+    """timm/imagenet-1k-wds: imagenet1k-train-{0000..}.tar and imagenet1k-validation-{00..}.tar, each sample KEY.jpg,
+    KEY.cls (sorted-wnid index) and KEY.json (filename, label, class_name), KEY the official name less .JPEG, plus the
+    _info.json timm's reader takes split sizes from. wds has no test split: `test` only keeps the images identical to
+    build_official's with the same arguments (the images drawn depend on the count)."""
+    splits = dataset_splits(classes, per_class, val, test, bad_files, drawn)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"name": "imagenet1k", "splits": {}}
+    for split, n, digits in (("train", train_shards, 4), ("validation", val_shards, 2)):
+        parts = chunks(splits[split], n)
+        names = [f"imagenet1k-{split}-{k:0{digits}d}.tar" for k in range(n)]
+        for name, part in zip(names, parts):
+            write_tar(out / name, [m for sample in part for m in wds_sample(*sample)])
+        info["splits"][split] = {"name": split, "filenames": names, "shard_lengths": [len(p) for p in parts],
+                                 "num_samples": len(splits[split])}
+    (out / "_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def wds_sample(name: str, wnid: str, data: bytes) -> list[tuple[str, bytes]]:
+    key, label = name[:-5], class_label(wnid)
+    meta = {"filename": name, "label": label, "class_name": facts.synsets()[wnid]}
+    return [(f"{key}.jpg", data), (f"{key}.cls", str(label).encode()), (f"{key}.json", json.dumps(meta).encode())]
+
+
+LAYOUTS = {"official": build_official, "kaggle": build_kaggle, "kaggle-unzipped": partial(build_kaggle, zipped=False),
+           "hf-tars": build_hf_tars, "hf-parquet": build_hf_parquet, "wds": build_wds}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder to write the archives into")
@@ -277,8 +407,9 @@ def main(argv=None) -> None:
     p.add_argument("--per-class", type=int, default=3, help="train images per class")
     p.add_argument("--val", type=int, default=20, help="validation images in total (at most 50 per class)")
     p.add_argument("--test", type=int, default=0, help="test images (0: no test tar)")
-    p.add_argument("--kaggle", action="store_true", help="write the Kaggle layout instead of the official tars")
-    p.add_argument("--unzipped", action="store_true", help="with --kaggle: the unzipped folder instead of the zip")
+    p.add_argument("--layout", choices=list(LAYOUTS), help="the layout to write (default: official)")
+    p.add_argument("--kaggle", action="store_true", help="same as --layout kaggle")
+    p.add_argument("--unzipped", action="store_true", help="with --kaggle: same as --layout kaggle-unzipped")
     p.add_argument("--no-bad-files", action="store_true", help="skip the PNG, CMYK and greyscale files")
     p.add_argument("--drawn", action="store_true",
                    help=f"draw every image independently with warmstart.synthetic: class i is shape i "
@@ -288,12 +419,12 @@ def main(argv=None) -> None:
         p.error(f"--drawn: at most {len(synthetic.NAMES)} classes")
     bad = not args.no_bad_files
     classes = pick_classes(args.classes, (PNG_CLASS, CMYK_CLASS) if bad else ())
-    if args.kaggle:
-        build_kaggle(args.out, classes, args.per_class, args.val, args.test, bad, zipped=not args.unzipped,
-                     drawn=args.drawn)
-    else:
-        build_official(args.out, classes, args.per_class, args.val, args.test, bad, drawn=args.drawn)
-    print(f"wrote {len(classes)} classes x {args.per_class} train, {args.val} val, {args.test} test images to {args.out}")
+    layout = args.layout or ("kaggle" if args.kaggle else "official")
+    if layout == "kaggle" and args.unzipped:
+        layout = "kaggle-unzipped"
+    LAYOUTS[layout](args.out, classes, args.per_class, args.val, args.test, bad, drawn=args.drawn)
+    print(f"wrote {len(classes)} classes x {args.per_class} train, {args.val} val, {args.test} test images "
+          f"to {args.out} ({layout} layout)")
     if args.drawn:
         print("drawn classes: " + ", ".join(f"{w}={name}" for w, name in drawn_names(classes).items()))
 
