@@ -21,7 +21,16 @@ def unverified_reasons(checksums: list[dict]) -> list[str]:
     """Official archives (train, val, devkit) whose MD5 is not the published one: only --partial accepts them.
     Judged from the computed MD5 and OFFICIAL_MD5, so a record journaled by an older version counts too."""
     return [f"{c['file']} does not match its official MD5" for c in checksums
-            if c.get("md5") and OFFICIAL_MD5.get(c["file"], c["md5"]) != c["md5"]]
+            if c.get("md5") and OFFICIAL_MD5.get(c["file"], c["md5"]) != c["md5"]] + [
+        f"{c['file']} does not match the SHA-256 {c.get('published_by')} lists" for c in checksums
+        if c.get("sha256") and c.get("published_sha256") and c["sha256"] != c["published_sha256"]]
+
+
+def unhashed_reasons(checksums: list[dict]) -> list[str]:
+    """Files whose checksum was never computed: a rerun resumed them where a killed run stopped, without reading
+    their first bytes again. Not a mismatch (no --partial needed), but not verified either: said as it is."""
+    return [f"{c['file']}: checksum not computed (a rerun resumed it at byte {c.get('resumed_at')}); only the "
+            "per-class counts and each image's header were checked" for c in checksums if c.get("one_pass") is False]
 
 
 def reason(record: dict) -> str | None:

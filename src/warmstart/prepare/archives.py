@@ -1,20 +1,17 @@
-"""Find the ILSVRC2012 inputs (official archives or the Kaggle layout, zipped or not) and read
-them front to back exactly once, hashing while reading and refusing anything unsafe."""
+"""Reading archives safely: a file streamed front to back exactly once, hashed while read (HashingReader), and
+every tar or zip member checked before anything is extracted (no path escapes, no links, no devices)."""
 
 import hashlib
 import io
-import os
 import queue
 import re
 import stat
 import tarfile
 import threading
+import time
 import zipfile
-from collections.abc import Iterator
-from pathlib import Path
 
 from warmstart.errors import UserError
-from warmstart.prepare import facts
 
 TRAIN_NAME = re.compile(r"(n\d{8})_\d+\.JPEG")
 TEST_NAME = re.compile(r"ILSVRC2012_test_\d{8}\.JPEG")
@@ -24,37 +21,43 @@ Files = list[tuple[str, bytes | memoryview]]
 
 
 class HashingReader:
-    """A file read once, front to back: a thread reads 4 MiB chunks and feeds MD5 (hashlib drops
-    the GIL), so disk reads and hashing overlap the tar parsing in the caller's thread."""
+    """A file read once, front to back: a thread reads 4 MiB chunks from a store's stream (a local file, or HTTP that
+    resumes dropped connections) and feeds the hash (hashlib drops the GIL), so the download or disk reads and the
+    hashing overlap the parsing in the caller's thread. algorithm None: nothing to check it against."""
 
     CHUNK = 4 << 20
 
-    def __init__(self, path: Path):
-        self.path, self.consumed = path, 0
-        self.md5 = hashlib.md5()
+    def __init__(self, stream, algorithm: str | None = "md5"):
+        self.stream, self.consumed, self.waited = stream, 0, 0.0
+        self.hash = hashlib.new(algorithm) if algorithm else None
         self.chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=8)
         self.buf: bytes | None = b""
-        self.pos = 0
+        self.pos, self.stopped = 0, False
         self.thread = threading.Thread(target=self._read_ahead, daemon=True)
         self.thread.start()
 
     def _read_ahead(self) -> None:
         try:
-            with open(self.path, "rb", buffering=0) as f:
-                while chunk := f.read(self.CHUNK):
-                    self.chunks.put(chunk)  # parse this chunk while it is hashed
-                    self.md5.update(chunk)
+            while not self.stopped and (chunk := self.stream.read(self.CHUNK)):
+                self.chunks.put(chunk)  # parse this chunk while it is hashed
+                if self.hash:
+                    self.hash.update(chunk)
         except BaseException as e:  # surfaced in the reading thread
             self.chunks.put(e)
             return
+        finally:
+            self.stream.close()
         self.chunks.put(b"")
 
     def read(self, n: int) -> bytes:
         if self.buf is None:
             return b""
         if self.pos == len(self.buf):
+            t0 = time.perf_counter()
             item = self.chunks.get()
+            self.waited += time.perf_counter() - t0
             if isinstance(item, BaseException):
+                self.buf = None
                 raise item
             self.buf, self.pos = (item or None), 0
             if not item:
@@ -64,12 +67,22 @@ class HashingReader:
         self.consumed += len(data)
         return data
 
-    def hexdigest(self) -> str:
-        """MD5 of the whole file; reads what the tar parser left (end-of-archive padding)."""
+    def readall(self) -> bytes:
+        return b"".join(iter(lambda: self.read(self.CHUNK), b""))
+
+    def hexdigest(self) -> str | None:
+        """The hash of the whole file; reads what the parser left (a tar's end-of-archive padding)."""
         while self.read(self.CHUNK):
             pass
         self.thread.join()
-        return self.md5.hexdigest()
+        return self.hash.hexdigest() if self.hash else None
+
+    def close(self) -> None:
+        """Stop early (an error in the parser, a restart): the thread ends after its next chunk, which the emptied
+        queue has room for."""
+        self.buf, self.stopped = None, True
+        while not self.chunks.empty():
+            self.chunks.get_nowait()
 
 
 def safe_name(archive: str, info: tarfile.TarInfo | zipfile.ZipInfo) -> str | None:
@@ -104,72 +117,6 @@ def expect(archive: str, name: str, pattern: re.Pattern | dict, what: str) -> st
     return base
 
 
-class Official:
-    """ILSVRC2012_img_{train,val,test}.tar + devkit, as downloaded from image-net.org."""
-
-    layout = "official"
-
-    def __init__(self, root: Path, paths: dict[str, Path], devkit: Path | None):
-        self.root, self.paths, self.devkit = root, paths, devkit
-        self.readers: dict[str, HashingReader] = {}
-
-    def archive(self, split: str) -> Path | None:
-        return self.paths.get(split)
-
-    def _stream(self, split: str) -> tarfile.TarFile:
-        self.readers[split] = reader = HashingReader(self.paths[split])
-        return tarfile.open(fileobj=reader, mode="r|", bufsize=TAR_BUFSIZE)
-
-    def train(self, done: set[str]) -> Iterator[tuple[str, Files | None]]:
-        """(wnid, files) per class in archive order; files is None for classes in `done`,
-        which are still read (the MD5 covers every byte) but not parsed."""
-        name = self.paths["train"].name
-        try:
-            with self._stream("train") as outer:
-                for info in outer:
-                    member = safe_name(name, info)
-                    if member is None:
-                        continue
-                    wnid = expect(name, member, re.compile(r"n\d{8}\.tar"), "<wnid>.tar")[:-4]
-                    if wnid not in facts.synsets():
-                        raise UserError(f"{name}: {member!r} is not one of the 1,000 ILSVRC2012 classes")
-                    data = outer.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise tar_error(name, EOFError("unexpected end of data"))
-                    yield wnid, None if wnid in done else inner_files(f"{name}/{member}", wnid, data)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise tar_error(name, e) from None
-
-    def flat(self, split: str, pattern: re.Pattern | dict, what: str) -> Iterator[tuple[str, bytes]]:
-        name = self.paths[split].name
-        try:
-            with self._stream(split) as tar:
-                for info in tar:
-                    member = safe_name(name, info)
-                    if member is not None:
-                        data = tar.extractfile(info).read()
-                        if len(data) != info.size:
-                            raise tar_error(name, EOFError("unexpected end of data"))
-                        yield expect(name, member, pattern, what), data
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise tar_error(name, e) from None
-
-    def val(self) -> Iterator[tuple[str, bytes]]:
-        return self.flat("val", facts.val_labels(), "ILSVRC2012_val_XXXXXXXX.JPEG")
-
-    def test(self) -> Iterator[tuple[str, bytes]]:
-        return self.flat("test", TEST_NAME, "ILSVRC2012_test_XXXXXXXX.JPEG")
-
-    def size(self, split: str) -> int:
-        return self.paths[split].stat().st_size
-
-    def md5(self, split: str) -> str | None:
-        return self.readers[split].hexdigest() if split in self.readers else None
-
-    def consumed(self, split: str) -> int:
-        return self.readers[split].consumed if split in self.readers else 0
-
-
 def inner_files(archive: str, wnid: str, data: bytes) -> Files:
     """Members of one class tar held in memory: slices of `data`, never copied or written."""
     view = memoryview(data)
@@ -189,101 +136,3 @@ def inner_files(archive: str, wnid: str, data: bytes) -> Files:
     except (tarfile.TarError, EOFError) as e:
         raise tar_error(archive, e) from None
     return files
-
-
-class Kaggle:
-    """The Kaggle 'imagenet-object-localization-challenge' layout: its zip, or the unzipped folder."""
-
-    layout = "kaggle"
-    devkit = None
-
-    def __init__(self, root: Path, zip_path: Path | None):
-        self.root, self.zip_path = root, zip_path
-        self.zip = zipfile.ZipFile(zip_path) if zip_path else None
-        self.members: dict[str, dict[str, str]] = {"train": {}, "val": {}, "test": {}}  # split -> {key: member}
-        self.sizes = {"train": 0, "val": 0, "test": 0}
-        self.read = {"train": 0, "val": 0, "test": 0}
-        where = zip_path.name if zip_path else str(root)
-        if self.zip:
-            names = [(safe_name(where, i), i.compress_size) for i in self.zip.infolist()]
-        else:
-            names = []
-            for dirpath, dirnames, filenames in os.walk(root):
-                for f in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-                    p = os.path.join(dirpath, f)
-                    if os.path.islink(p):
-                        raise UserError(f"{p} is a symbolic link; the Kaggle folder should hold only regular files")
-                    names.append((os.path.relpath(p, root).replace(os.sep, "/"), os.path.getsize(p)))
-        for name, size in names:
-            if name is None or not name.startswith(KAGGLE_ROOT):
-                continue
-            split, _, rest = name[len(KAGGLE_ROOT) :].partition("/")
-            if split == "train":
-                wnid, _, base = rest.partition("/")
-                if wnid not in facts.synsets() or not TRAIN_NAME.fullmatch(base) or not base.startswith(wnid + "_"):
-                    raise UserError(f"{where}: unexpected member {name!r} (want train/<wnid>/<wnid>_<n>.JPEG)")
-                key = rest
-            elif split == "val":
-                key = expect(where, name, facts.val_labels(), "val/ILSVRC2012_val_XXXXXXXX.JPEG")
-            elif split == "test":
-                key = expect(where, name, TEST_NAME, "test/ILSVRC2012_test_XXXXXXXX.JPEG")
-            else:
-                continue
-            self.members[split][key] = name
-            self.sizes[split] += size
-
-    def archive(self, split: str) -> Path | None:
-        return (self.zip_path or self.root / KAGGLE_ROOT / split) if self.members[split] else None
-
-    def _read(self, split: str, member: str) -> bytes:
-        try:
-            data = self.zip.read(member) if self.zip else (self.root / member).read_bytes()
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
-            raise UserError(f"cannot read {member} from {self.zip_path or self.root} ({e}); download it again") from None
-        self.read[split] += len(data)
-        return data
-
-    def text(self, name: str) -> str | None:
-        if self.zip:
-            return self.zip.read(name).decode() if name in self.zip.NameToInfo else None
-        return (self.root / name).read_text() if (self.root / name).is_file() else None
-
-    def train(self, done: set[str]) -> Iterator[tuple[str, Files | None]]:
-        by_class: dict[str, list[str]] = {}
-        for key, member in sorted(self.members["train"].items()):
-            by_class.setdefault(key.split("/")[0], []).append(member)
-        for wnid, members in by_class.items():
-            yield wnid, None if wnid in done else [(m.rsplit("/", 1)[1], self._read("train", m)) for m in members]
-
-    def val(self) -> Iterator[tuple[str, bytes]]:
-        return ((k, self._read("val", m)) for k, m in sorted(self.members["val"].items()))
-
-    def test(self) -> Iterator[tuple[str, bytes]]:
-        return ((k, self._read("test", m)) for k, m in sorted(self.members["test"].items()))
-
-    def size(self, split: str) -> int:
-        return self.sizes[split]
-
-    def md5(self, split: str) -> str | None:
-        return None  # Kaggle publishes no checksums; the zip's CRC-32s are checked on every read
-
-    def consumed(self, split: str) -> int:
-        return self.read[split]
-
-
-def find(root: Path) -> Official | Kaggle:
-    """Recognise what `root` holds: official archives by name, else the Kaggle zip or folder."""
-    if not root.is_dir():
-        raise UserError(f"--archives {root} is not a folder; point it at the folder holding the downloaded archives")
-    paths = {"train": root / facts.TRAIN_TAR, "val": root / facts.VAL_TAR}
-    paths["test"] = next((root / t for t in facts.TEST_TARS if (root / t).is_file()), root / facts.TEST_TARS[0])
-    paths = {split: p for split, p in paths.items() if p.is_file()}
-    if paths:
-        devkit = root / facts.DEVKIT
-        return Official(root, paths, devkit if devkit.is_file() else None)
-    if (root / facts.KAGGLE_ZIP).is_file():
-        return Kaggle(root, root / facts.KAGGLE_ZIP)
-    if (root / KAGGLE_ROOT).is_dir():
-        return Kaggle(root, None)
-    raise UserError(f"{root} holds neither {facts.TRAIN_TAR} / {facts.VAL_TAR} nor the Kaggle layout "
-                    f"({facts.KAGGLE_ZIP} or {KAGGLE_ROOT}); point --archives at the download folder")

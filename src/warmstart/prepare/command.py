@@ -17,7 +17,7 @@ from warmstart.data.shard_store import parse_size
 from warmstart.data.shard_writer import DEFAULT_CHUNK_BYTES
 from warmstart.errors import UserError
 from warmstart.options import in_range
-from warmstart.prepare import archives, facts, images, manifest, verify
+from warmstart.prepare import facts, images, layouts, manifest, stores, verify
 from warmstart.prepare import shards as pack
 from warmstart.prepare.extract import Output
 
@@ -60,12 +60,13 @@ writes train and val as shards instead (LitData's format: a few 64 MB chunk file
 warmstart.json with classes, counts and every chunk's SHA-256), for shared file systems and object
 storage: copy the folder to s3://bucket/prefix and train with --data s3://bucket/prefix.
 """
-BATCH = 256  # flat-split files per writer task
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--archives", type=Path, metavar="DIR", help="folder holding the official archives or the Kaggle zip/folder")
+    src.add_argument("--archives", nargs="+", metavar="WHERE", help="where the download is: a folder (the official "
+                     "archives, Kaggle's zip or folder, Hugging Face's data/ files, WebDataset shards), an http(s):// "
+                     "folder or file URL, or hf://datasets/ILSVRC/imagenet-1k[@REV] or hf://datasets/timm/imagenet-1k-wds; "
+                     "several may be given (e.g. train from one, val from another)")
     src.add_argument("--from-folder", type=Path, metavar="DIR", help="an ImageFolder tree to resize (--resize-short) or "
                      "to write as shards (--shards)")
     dest = p.add_mutually_exclusive_group(required=True)
@@ -122,21 +123,21 @@ def progress(split: str, total: int) -> tqdm:
 
 
 def from_archives(args: argparse.Namespace, out: Path) -> int:
-    src = archives.find(args.archives.expanduser().resolve())
+    src = layouts.find(args.archives)
     n, resized = args.resize_short, f"short{args.resize_short}" if args.resize_short else None
     options = {"layout": src.layout, "resize_short": n, "quality": args.quality if n else None,
                "resized_only": args.resized_only}
-    splits = [s for s in ("val", "train", "test") if src.archive(s)]
     out.mkdir(parents=True, exist_ok=True)
     output = Output(out, options, args.workers, None if args.resized_only else "", resized, n, args.quality)
+    timing = Timing()
     try:
         done_bytes = sum(r["bytes"] + r["resized_bytes"] for r in output.done.values())
-        todo = sum(src.size(s) for s in splits if s not in output.done)
+        todo = sum(p.size for s in src.splits() for p in src.parts[s] if p.key not in output.done)
         factor = min(1.0, (n / 350) ** 2) if n else 0.0  # resized/full size; ImageNet's shorter side averages ~350
         check_space(out, todo * ((0 if args.resized_only else 1) + factor) - done_bytes)
         notes: list[str] = []
         checksums = [r["checksum"] for r in output.done.values() if r.get("checksum")]
-        seconds = extract(args, src, splits, output, notes, checksums)
+        seconds = extract(args, src, output, notes, checksums, timing)
         doc, tally = write_manifest(args, out, src, options, resized, output, checksums, notes)
         output.finish()
     finally:
@@ -148,65 +149,105 @@ def from_archives(args: argparse.Namespace, out: Path) -> int:
         print("partial: " + "; ".join(doc["missing"]))
     if not doc["verified"]:
         print("unverified: " + "; ".join(doc["unverified_reasons"]))
+    if timing.wall:
+        print(timing.summary(output.write_seconds, args.workers))
     print(f"prepared {out}" + (f" (resized copy: {out / resized})" if resized else ""))
     return 0
 
 
-def extract(args: argparse.Namespace, src, splits: list[str], output: Output, notes: list[str],
-            checksums: list[dict]) -> dict[str, float]:
-    """Each split not done yet streamed to the writers and committed once its archive's MD5 is checked (the
-    devkit's too, before the first split commits); appends to notes and checksums; -> seconds per split."""
-    sums = verify.md5sums(src.root)
+def extract(args: argparse.Namespace, src: layouts.Source, output: Output, notes: list[str], checksums: list[dict],
+            timing: "Timing") -> dict[str, float]:
+    """Each part not done yet streamed to the writers and committed once its checksum is checked (the devkit's too,
+    before the first part commits); appends to notes and checksums; -> seconds per split."""
+    sums = verify.md5sums(src.read(src.md5sums).decode(errors="replace"), src.location(src.md5sums)) if src.md5sums else {}
     devkit = None
     if src.devkit and "devkit" not in output.done:  # checked on a thread while val streams; before val commits
-        devkit = ThreadPoolExecutor(1).submit(verify.devkit_labels, src.devkit)
-    elif src.layout == "kaggle" and (text := src.text("LOC_val_solution.csv")):
+        devkit = ThreadPoolExecutor(1).submit(lambda: verify.devkit_labels(src.devkit[1].name, src.read(src.devkit)))
+    elif src.kaggle and (text := src.kaggle.text("LOC_val_solution.csv")):
         labels = verify.kaggle_labels(text)
         verify.cross_check("LOC_val_solution.csv", labels, labels)
     seconds = {}
-    for split in splits:
-        if split in output.done:
-            continue
-        t0, bar = time.perf_counter(), progress(split, src.size(split))
-        futures, _ = stream(src, split, output, bar)
-        output.settle(block=True)
-        record = archive_record(args, src, split, sums, output, notes)
-        if devkit:
-            checksums.append(devkit_record(args, src, devkit.result(), sums, output, notes))
-            devkit = None
-        output.commit(split, [split] if split != "train" else [], futures, checksum=record)
-        output.settle(block=True)
-        bar.close()
-        checksums.append(record)
+    for split in src.splits():
+        t0 = time.perf_counter()
+        for part in src.parts[split]:
+            if part.key in output.done:
+                continue
+            stage = "" if not part.staged else "@" + part.name.replace("/", "@")
+            futures, record = read_part(args, part, output, stage, sums, notes, timing)
+            if devkit:
+                checksums.append(devkit_record(args, src, devkit.result(), sums, output, notes))
+                devkit = None
+            output.commit(part.key, [split] if split != "train" and not part.staged else [], futures, stage,
+                          checksum=record)
+            output.settle(block=True)
+            checksums.append(record)
         seconds[split] = time.perf_counter() - t0
     return seconds
 
 
-def archive_record(args: argparse.Namespace, src, split: str, sums: dict, output: Output, notes: list[str]) -> dict:
-    """The checksum record of a split's archive; a mismatch (without --partial) discards what it wrote."""
-    md5, path = src.md5(split), src.archive(split)
-    if md5 is None:  # Kaggle: none published
-        return verify.checksum_record(path.name, src.size(split), None, None, None)
+RESTARTS = 3  # times a part starts over when a server cannot resume it (ignores Range, the file changed)
+
+
+def read_part(args: argparse.Namespace, part: layouts.Part, output: Output, stage: str, sums: dict, notes: list[str],
+              timing: "Timing") -> tuple[list, dict]:
+    """Stream one part to the writers, starting it over when its server cannot resume it; -> (its writes, its
+    checksum record). A checksum mismatch (without --partial) discards what the part wrote."""
+    for attempt in range(RESTARTS + 1):
+        offset = resume_offset(part, output)
+        show = PartProgress(part, offset)
+        part.open(offset, on_resume=show.resumed)
+        futures: list = []
+        finished = False
+        try:
+            futures = stream(part, output, stage, show, timing)
+            output.settle(block=True)
+            finished = True
+            break
+        except stores.Restart as e:
+            if attempt == RESTARTS:
+                raise UserError(f"{part.name}: {e}; gave up after {RESTARTS} restarts, run the command again") from None
+            show.line(f"{e}; starting {part.name} over ({attempt + 1} of {RESTARTS})")
+            if isinstance(part, (layouts.OfficialTrain, layouts.Kaggle)) and part.split == "train":
+                output.settle(block=True)  # its whole classes stay committed; the rest is read again
+            else:
+                output.drop(futures, [part.split], stage)
+        finally:
+            part.close()
+            show.close(finished)
     try:
-        return verify.check_md5(path, md5, sums, args.partial, notes)
+        return futures, verify.part_record(part, sums, args.partial, notes)
     except UserError as e:
-        output.discard(split)
-        if split == "train":  # its classes were moved into place as they finished, before the MD5 was known
+        if part.staged:
+            output.drop(futures, [], stage)
+        else:
+            output.discard(part.split)
+        if part.split == "train" and not part.staged:  # its classes were moved into place as they finished
             raise UserError(f"{e}; the class folders already extracted from it were removed") from None
         raise
 
 
-def devkit_record(args: argparse.Namespace, src, result: tuple, sums: dict, output: Output, notes: list[str]) -> dict:
+def resume_offset(part: layouts.Part, output: Output) -> int:
+    """Where a rerun starts the official train tar over HTTP: after the last class a killed run finished (classes
+    commit in archive order). Its MD5 is then never computed, and prepared.json says so. Local files are read whole."""
+    if not isinstance(part, layouts.OfficialTrain) or not part.store.remote:
+        return 0
+    ends = [r.get("end") for k, r in output.done.items() if k.startswith("train/n")]
+    return max(ends) if ends and all(type(e) is int for e in ends) else 0
+
+
+def devkit_record(args: argparse.Namespace, src: layouts.Source, result: tuple, sums: dict, output: Output,
+                  notes: list[str]) -> dict:
     """The devkit's checksum record, its val labels cross-checked with the shipped ones, committed."""
     md5, labels = result
-    record = verify.check_md5(src.devkit, md5, sums, args.partial, notes)
-    verify.cross_check(src.devkit.name, labels, facts.val_labels())
+    name = src.devkit[1].name
+    record = verify.check_md5(name, src.devkit[1].size or 0, md5, sums, args.partial, notes)
+    verify.cross_check(name, labels, facts.val_labels())
     output.commit("devkit", [], [], checksum=record)
     return record
 
 
-def write_manifest(args: argparse.Namespace, out: Path, src, options: dict, resized: str | None, output: Output,
-                   checksums: list[dict], notes: list[str]) -> tuple[dict, dict]:
+def write_manifest(args: argparse.Namespace, out: Path, src: layouts.Source, options: dict, resized: str | None,
+                   output: Output, checksums: list[dict], notes: list[str]) -> tuple[dict, dict]:
     """Check the counts, then write synsets.txt and prepared.json (the top-level one last of all); -> (the manifest,
     the per-split tally)."""
     unverified = verified.unverified_reasons(checksums)
@@ -223,43 +264,94 @@ def write_manifest(args: argparse.Namespace, out: Path, src, options: dict, resi
         raise UserError("the archives do not hold ILSVRC2012 as published (see above); "
                         + ("download the damaged archive again" if wrong else "give all archives, or --partial to accept a subset"))
     classes = sorted(set(tally.get("train", {}).get("classes", {})) | set(tally.get("val", {}).get("classes", {})))
-    doc = manifest.manifest({**options, "partial": args.partial, "archives": str(src.root)}, tally, checksums,
-                            missing, notes)
+    notes += verify.unpublished_note(checksums)
+    doc = manifest.manifest({**options, "partial": args.partial, "archives": src.where}, tally, checksums,
+                            missing, notes, verified.unhashed_reasons(checksums))
     for root in ([out / resized] if resized else []) + [out]:
         manifest.write_synsets(root, classes)
         manifest.write_json(root / "prepared.json", doc)
     return doc, tally
 
 
-def stream(src, split: str, output: Output, bar: tqdm) -> tuple[list, int]:
-    """Feed one split to the writers. -> (futures a flat split's commit waits for, files read)."""
-    futures, count, t0 = [], 0, time.perf_counter()
-    if split == "train":
-        done = {k.split("/")[1] for k in output.done if k.startswith("train/")}
-        for wnid, files in src.train(done):
-            if files is not None:
-                future = output.submit([(f"train/{wnid}/{name}", data) for name, data in files], sum(len(d) for _, d in files))
-                output.commit(f"train/{wnid}", [f"train/{wnid}"], [future])
-                count += len(files)
-            bar.update(src.consumed(split) - bar.n)
-            bar.set_postfix_str(f"{count:,} files, {count / (time.perf_counter() - t0):,.0f} files/s", refresh=False)
-        return futures, count
-    labels = facts.val_labels()
-    batch, nbytes = [], 0
-    for name, data in src.val() if split == "val" else src.test():
-        batch.append((f"val/{labels[name]}/{name}" if split == "val" else f"test/{name}", data))
-        nbytes += len(data)
-        if len(batch) == BATCH:
-            futures.append(output.submit(batch, nbytes))
-            count += len(batch)
-            batch, nbytes = [], 0
-            bar.update(src.consumed(split) - bar.n)
-            bar.set_postfix_str(f"{count:,} files, {count / (time.perf_counter() - t0):,.0f} files/s", refresh=False)
-    if batch:
-        futures.append(output.submit(batch, nbytes))
-        count += len(batch)
-    bar.update(src.consumed(split) - bar.n)
-    return futures, count
+def stream(part: layouts.Part, output: Output, stage: str, show: "PartProgress", timing: "Timing") -> list:
+    """Feed one part to the writers: a train class of the official tar or Kaggle commits on its own; other files
+    join the part's stage. -> the writes the part's own commit waits for."""
+    done = {k.split("/")[1] for k in output.done if k.startswith("train/n")}
+    futures, t0 = [], time.perf_counter()
+    try:
+        for unit, files in part.files(done):
+            if files:
+                t = time.perf_counter()
+                future = output.submit(files, sum(len(d) for _, d in files), "" if unit else stage)
+                timing.submit += time.perf_counter() - t
+                if unit:
+                    end = getattr(part, "ends", {}).get(unit.split("/")[1])
+                    output.commit(unit, [unit], [future], **({"end": end} if end is not None else {}))
+                else:
+                    futures.append(future)
+                show.images += len(files)
+            show.update()
+    finally:
+        timing.add(part, time.perf_counter() - t0)
+    return futures
+
+
+class PartProgress:
+    """A part's progress: a tqdm bar on a terminal (bytes, MB/s, ETA, images), else a plain line a minute and one at
+    the end, for logs; resumes are said either way."""
+
+    EVERY = 60.0
+
+    def __init__(self, part: layouts.Part, offset: int):
+        self.part, self.images, self.t0, self.last = part, 0, time.perf_counter(), time.perf_counter()
+        self.bar = progress(part.name.rsplit("/", 1)[-1], part.size or None)
+        self.bar.update(offset)
+        self.offset = offset
+
+    def update(self) -> None:
+        self.bar.update(self.part.consumed - self.bar.n)
+        self.bar.set_postfix_str(f"{self.images:,} images", refresh=False)
+        if self.bar.disable and time.perf_counter() - self.last > self.EVERY:
+            self.last = time.perf_counter()
+            self.line(self.status())
+
+    def status(self) -> str:
+        t, got = time.perf_counter() - self.t0, self.part.consumed - self.offset
+        return (f"{self.part.name}: {fileio.human(self.part.consumed)}" + (f" of {fileio.human(self.part.size)}" if self.part.size else "")
+                + f" in {t:.0f} s ({got / max(t, 1e-9) / 1e6:.1f} MB/s), {self.images:,} images")
+
+    def resumed(self, line: str) -> None:
+        self.line(line)
+
+    def line(self, text: str) -> None:
+        if self.bar.disable:
+            print(text, flush=True)  # a log: the command's own output, one line each
+        else:
+            tqdm.write(text, file=sys.stderr)
+
+    def close(self, finished: bool) -> None:
+        self.bar.close()
+        if self.bar.disable and finished:
+            self.line(self.status())
+
+
+class Timing:
+    """Where the reading time went, over all parts: waiting for bytes (the network or the disk), parsing archives,
+    waiting for the writers (their queue full)."""
+
+    def __init__(self):
+        self.wall = self.waited = self.network = self.submit = 0.0
+
+    def add(self, part: layouts.Part, seconds: float) -> None:
+        self.wall += seconds
+        self.waited += part.reader.waited if part.reader else 0.0
+        self.network += getattr(part.stream, "network_seconds", 0.0) or 0.0
+
+    def summary(self, write_seconds: float, workers: int) -> str:
+        parse = max(0.0, self.wall - self.waited - self.submit)
+        return (f"time: {self.wall:.1f} s reading; waiting for bytes {self.waited:.1f} s (network {self.network:.1f} s), "
+                f"parsing {parse:.1f} s, waiting for the writers {self.submit:.1f} s; writing took {write_seconds:.1f} s "
+                f"over {workers} threads")
 
 
 def output_names(files: list[str]) -> list[str]:

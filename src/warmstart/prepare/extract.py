@@ -7,6 +7,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import threading
+import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -78,17 +80,26 @@ class Output:
         self.made: set[str] = set()  # folders known to exist
         self.tmp_str = str(self.tmp)
         self.log = open(self.journal, "a")
+        self.write_seconds, self.lock = 0.0, threading.Lock()  # the writers' time, for the summary
 
-    def _path(self, prefix: str, rel: str) -> str:
-        path = os.path.join(self.tmp_str, prefix, rel)  # plain strings: this runs once per image
+    def _path(self, prefix: str, rel: str, stage: str) -> str:
+        path = os.path.join(self.tmp_str, stage, prefix, rel)  # plain strings: this runs once per image
         parent = path.rpartition("/")[0]
         if parent not in self.made:
             os.makedirs(parent, exist_ok=True)
             self.made.add(parent)
         return path
 
-    def _write(self, files: list[tuple[str, bytes | memoryview | str]]) -> dict:
+    def _write(self, files: list[tuple[str, bytes | memoryview | str]], stage: str = "") -> dict:
         """Runs on a writer thread. files: (path relative to the output root, bytes or source path)."""
+        t0 = time.perf_counter()
+        try:
+            return self._write_files(files, stage)
+        finally:
+            with self.lock:
+                self.write_seconds += time.perf_counter() - t0
+
+    def _write_files(self, files: list[tuple[str, bytes | memoryview | str]], stage: str) -> dict:
         stats = {"files": 0, "bytes": 0, "resized_bytes": 0, "repairs": [], "unreadable": [], "counts": Counter()}
         jobs = []
         for rel, data in files:
@@ -104,10 +115,10 @@ class Output:
                         continue
                 stats["repairs"].append({"file": rel, "was": kind})
             if self.full_dir is not None:
-                images.write_file(self._path(self.full_dir, rel), data)
+                images.write_file(self._path(self.full_dir, rel, stage), data)
                 stats["bytes"] += len(data)
             if self.resized_dir is not None:
-                jobs.append((rel, bytes(data), self._path(self.resized_dir, rel)))
+                jobs.append((rel, bytes(data), self._path(self.resized_dir, rel, stage)))
             stats["files"] += 1
             stats["counts"][rel.rpartition("/")[0]] += 1
         batches = [jobs[i : i + RESIZE_BATCH] for i in range(0, len(jobs), RESIZE_BATCH)]
@@ -123,21 +134,22 @@ class Output:
                     stats["counts"][rel.rpartition("/")[0]] -= 1
         return stats
 
-    def submit(self, files: list[tuple[str, bytes | memoryview | str]], nbytes: int) -> Future:
-        """Queue files for writing; blocks while too many image bytes are already queued."""
+    def submit(self, files: list[tuple[str, bytes | memoryview | str]], nbytes: int, stage: str = "") -> Future:
+        """Queue files for writing (under .partial/STAGE when given); blocks while too many image bytes are queued."""
         while self.inflight and self.inflight_bytes > INFLIGHT_BYTES:
             future, n = self.inflight.popleft()
             future.result()
             self.inflight_bytes -= n
-        future = self.threads.submit(self._write, files)
+        future = self.threads.submit(self._write, files, stage)
         self.inflight.append((future, nbytes))
         self.inflight_bytes += nbytes
         self.settle()
         return future
 
-    def commit(self, key: str, dirs: list[str], futures: list[Future], **extra) -> None:
-        """Once `futures` are done, rename `dirs` from .partial into place and journal the unit."""
-        self.pending.append((key, dirs, futures, extra))
+    def commit(self, key: str, dirs: list[str], futures: list[Future], stage: str = "", **extra) -> None:
+        """Once `futures` are done, rename `dirs` from .partial into place and journal the unit. With a stage (a part
+        whose files join class folders other parts fill too), every file under .partial/STAGE moves into place."""
+        self.pending.append((key, dirs, futures, stage, extra))
         self.settle()
 
     def settle(self, block: bool = False) -> None:
@@ -150,13 +162,15 @@ class Output:
             self.inflight_bytes = 0
 
     def _commit_first(self) -> None:
-        key, dirs, futures, extra = self.pending.popleft()
+        key, dirs, futures, stage, extra = self.pending.popleft()
         record = {"key": key, "files": 0, "bytes": 0, "resized_bytes": 0, "repairs": [], "unreadable": [],
                   "counts": Counter(), **extra}
         for future in futures:
             for k, v in future.result().items():
                 record[k] += v
-        for prefix in (p for p in (self.full_dir, self.resized_dir) if p is not None):
+        if stage:
+            self._merge(stage)
+        for prefix in (p for p in (self.full_dir, self.resized_dir) if p is not None and not stage):
             for d in dirs:
                 src, dst = self.tmp / prefix / d, self.root / prefix / d
                 if str(dst.parent) not in self.made:
@@ -172,6 +186,30 @@ class Output:
         self.done[key] = record
         self.log.write(json.dumps(record) + "\n")
         self.log.flush()
+
+    def _merge(self, stage: str) -> None:
+        """Move every file of .partial/STAGE into place; a rerun after a kill half-way moves the rest (or rewrites)."""
+        root = os.path.join(self.tmp_str, stage)
+        for dirpath, _, files in os.walk(root):
+            dst = os.path.join(str(self.root), os.path.relpath(dirpath, root))
+            if files and dst not in self.made:
+                os.makedirs(dst, exist_ok=True)
+                self.made.add(dst)
+            for f in files:
+                os.replace(os.path.join(dirpath, f), os.path.join(dst, f))
+        shutil.rmtree(root)
+
+    def drop(self, futures: list[Future], dirs: list[str], stage: str) -> None:
+        """Forget a part that must start over: let its writes end, then remove what they wrote (under .partial/STAGE,
+        or its `dirs` there)."""
+        for f in futures:
+            f.exception()
+        self.inflight = deque(i for i in self.inflight if i[0] not in futures)
+        self.inflight_bytes = sum(n for _, n in self.inflight)
+        prefixes = [p for p in (self.full_dir, self.resized_dir) if p is not None]
+        for path in [self.tmp / stage] if stage else [self.tmp / p / d for p in prefixes for d in dirs]:
+            shutil.rmtree(path, ignore_errors=True)
+        self.made.clear()
 
     def rewrite_journal(self) -> None:
         fileio.write_text(self.journal, "".join(json.dumps(r) + "\n" for r in self.done.values()))

@@ -21,7 +21,7 @@ from warmstart.data import verified
 from warmstart.data.shard_format import META, SPLITS
 from warmstart.data.shard_writer import SplitWriter, write_meta
 from warmstart.errors import UserError
-from warmstart.prepare import archives, facts, images, verify
+from warmstart.prepare import facts, images, layouts, verify
 
 BATCH = 64  # images per resize task
 
@@ -116,37 +116,33 @@ def report(out: Path, doc: dict, seconds: float) -> None:
 
 
 def from_archives(args: argparse.Namespace, out: Path) -> int:
-    src = archives.find(args.archives.expanduser().resolve())
-    splits = [s for s in ("val", "train") if src.archive(s)]
+    src = layouts.find(args.archives)
+    splits = [s for s in ("val", "train") if s in src.splits()]
     if not splits:
-        raise UserError(f"{args.archives} holds no train or val archive")
+        raise UserError(f"{src.where} holds no train or val files")
     tmp, t0 = start(out), time.perf_counter()
-    packer, sums, notes, checksums = Packer(tmp, args), verify.md5sums(src.root), [], []
+    packer, notes, checksums = Packer(tmp, args), [], []
+    sums = verify.md5sums(src.read(src.md5sums).decode(errors="replace"), src.location(src.md5sums)) if src.md5sums else {}
     try:
         for split in splits:
-            progress = bar(src.size(split), split)
-            if split == "train":
-                for wnid, files in src.train(set()):
-                    packer.add("train", [(name, wnid, data) for name, data in files])
-                    progress.update(src.consumed(split) - progress.n)
-            else:
-                labels, batch = facts.val_labels(), []
-                for name, data in src.val():
-                    batch.append((name, labels[name], data))
-                    if len(batch) == 256:
-                        packer.add("val", batch)
-                        batch = []
-                        progress.update(src.consumed(split) - progress.n)
-                packer.add("val", batch)
-            progress.close()
-            md5 = src.md5(split)
-            checksums.append(verify.check_md5(src.archive(split), md5, sums, args.partial, notes) if md5 is not None
-                             else verify.checksum_record(src.archive(split).name, src.size(split), None, None, None))
+            for part in src.parts[split]:
+                progress = bar(part.size, part.name.rsplit("/", 1)[-1])
+                part.open()
+                try:
+                    for _, files in part.files(set()):
+                        packer.add(split, [(rel.rsplit("/", 1)[1], rel.split("/")[1], data) for rel, data in files])
+                        progress.update(part.consumed - progress.n)
+                finally:
+                    part.close()
+                    progress.close()
+                checksums.append(verify.part_record(part, sums, args.partial, notes))
         if src.devkit:
-            md5, labels = verify.devkit_labels(src.devkit)
-            checksums.append(verify.check_md5(src.devkit, md5, sums, args.partial, notes))
-            verify.cross_check(src.devkit.name, labels, facts.val_labels())
+            name = src.devkit[1].name
+            md5, labels = verify.devkit_labels(name, src.read(src.devkit))
+            checksums.append(verify.check_md5(name, src.devkit[1].size or 0, md5, sums, args.partial, notes))
+            verify.cross_check(name, labels, facts.val_labels())
         written = packer.close()
+        notes += verify.unpublished_note(checksums)
     finally:
         if packer.procs:
             packer.procs.shutdown(cancel_futures=True)
@@ -156,10 +152,11 @@ def from_archives(args: argparse.Namespace, out: Path) -> int:
             print(f"  {line}", file=sys.stderr)
         raise UserError("the archives do not hold ILSVRC2012 as published (see above); "
                         + ("download the damaged archive again" if wrong else "give all archives, or --partial to accept a subset"))
-    options = {"layout": src.layout, "archives": str(src.root), "resize_short": args.resize_short,
+    options = {"layout": src.layout, "archives": src.where, "resize_short": args.resize_short,
                "quality": args.quality if args.resize_short else None, "chunk_bytes": args.chunk_bytes,
                "partial": args.partial}
-    doc = finish(out, tmp, written, options=options, unverified=verified.unverified_reasons(checksums),
+    doc = finish(out, tmp, written, options=options,
+                 unverified=verified.unverified_reasons(checksums) + verified.unhashed_reasons(checksums),
                  notes=notes + [f"missing: {m}" for m in missing], checksums=checksums)
     report(out, {**doc, "repairs": packer.repairs}, time.perf_counter() - t0)
     return 0

@@ -16,14 +16,13 @@ from warmstart.prepare.archives import safe_name, tar_error
 MD5SUMS_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")  # as `md5sum` writes it: text or binary mode
 
 
-def md5sums(root: Path) -> dict[str, str]:
+def md5sums(text: str | None, path: str) -> dict[str, str]:
     """file name -> MD5 from an MD5SUMS file next to the archives ({} without one). It is checked in addition to the
     official MD5s, never instead of them: anyone can write a file that matches the archive they have."""
-    path = root / "MD5SUMS"
-    if not path.is_file():
+    if text is None:
         return {}
     sums = {}
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         m = MD5SUMS_LINE.fullmatch(line)
@@ -43,11 +42,12 @@ def checksum_record(name: str, size: int, md5: str | None, official: str | None,
             "md5sums_md5": listed, "md5sums_match": match(listed), "ok": match(official) if official else match(listed)}
 
 
-def check_md5(path: Path, md5: str, sums: dict[str, str], partial: bool, notes: list[str]) -> dict:
+def check_md5(path: Path | str, size: int, md5: str, sums: dict[str, str], partial: bool, notes: list[str]) -> dict:
     """Raise on a mismatch; only --partial accepts an official archive that differs from the published one (a mini
     fixture or a subset): its record says so, and the manifest marks the data unverified."""
+    path = Path(path)
     official, listed = facts.MD5.get(path.name), sums.get(path.name)
-    record = checksum_record(path.name, path.stat().st_size, md5, official, listed)
+    record = checksum_record(path.name, size, md5, official, listed)
     if official and md5 == official:
         if listed and listed != md5:
             notes.append(f"{path.name}: matches the official MD5; MD5SUMS lists {listed}, which is wrong")
@@ -64,14 +64,54 @@ def check_md5(path: Path, md5: str, sums: dict[str, str], partial: bool, notes: 
     return record
 
 
-def devkit_labels(path: Path) -> tuple[str, dict[str, str]]:
-    """(md5, val file name -> wnid) from the devkit's meta.mat and validation ground truth.
+def check_sha256(name: str, size: int, sha256: str | None, published: str | None, by: str, partial: bool,
+                 notes: list[str]) -> dict:
+    """A Hugging Face or WebDataset file against the SHA-256 its source publishes (`by` says who: the hub's file list,
+    or huggingface-cli's record of it). Raise on a mismatch unless --partial, which keeps it as unverified data."""
+    match = None if sha256 is None or published is None else sha256 == published
+    record = {"file": name, "size": size, "sha256": sha256, "published_sha256": published, "published_by": by,
+              "match": match, "ok": match}
+    if match is False and not partial:
+        raise UserError(f"{name}: SHA-256 {sha256} does not match the {published} that {by} lists; the file is "
+                        "corrupt or changed: run the command again to fetch it again, or give --partial to keep it "
+                        "as unverified data")
+    return record
+
+
+def unpublished_note(checksums: list[dict]) -> list[str]:
+    """One note for the files nothing published a SHA-256 for (a local copy without huggingface-cli's records,
+    WebDataset shards from elsewhere): computed and recorded, compared with nothing."""
+    files = [c["file"] for c in checksums if c.get("sha256") and not c.get("published_sha256")]
+    return [f"{len(files)} files had no published SHA-256 to compare with (e.g. {files[0]}); their SHA-256s are "
+            "recorded in prepared.json; the per-class counts vouch for them"] if files else []
+
+
+def unhashed_record(name: str, size: int, offset: int) -> dict:
+    """A file a rerun did not read from its first byte (it resumed at `offset`, where the killed run stopped): its
+    checksum was never computed, so only the per-class counts and each image's header vouch for it."""
+    return {"file": name, "size": size, "md5": None, "one_pass": False, "resumed_at": offset, "ok": None}
+
+
+def part_record(part, sums: dict[str, str], partial: bool, notes: list[str]) -> dict:
+    """The checksum record of a part (layouts.Part) read to its end: what was computed, compared with what."""
+    digest = part.checksum()
+    if part.algorithm is None:  # Kaggle publishes no checksums; the zip's CRC-32s are checked on every read
+        return checksum_record(Path(part.name).name, part.size, None, None, None)
+    if digest is None:
+        return unhashed_record(part.name, part.size, part.offset)
+    if part.algorithm == "md5":
+        return check_md5(part.name, part.size, digest, sums, partial, notes)
+    return check_sha256(part.name, part.size, digest, *part.published(), partial, notes)
+
+
+def devkit_labels(path: Path | str, data: bytes) -> tuple[str, dict[str, str]]:
+    """(md5, val file name -> wnid) from the devkit's meta.mat and validation ground truth (`data`: the devkit's bytes).
 
     The ground truth holds devkit ILSVRC2012_IDs, which are not sorted-wnid indices: meta.mat maps them."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # else numpy's BLAS threads spin beside the writers
     import scipy.io
 
-    data = path.read_bytes()
+    path = Path(path)
     found = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:

@@ -1,0 +1,84 @@
+"""`prepare --archives` reads every layout people download ImageNet in (the official tars, Kaggle's zip, Hugging Face's
+tar.gz and parquet files, WebDataset shards) into the same tree: identical paths, bytes and synsets.txt."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from warmstart.cli import main
+from warmstart.prepare import fixtures
+
+CLASSES = fixtures.pick_classes(10, (fixtures.PNG_CLASS, fixtures.CMYK_CLASS))
+SIZES = dict(per_class=3, val=20, test=4)
+LAYOUTS = ["official", "kaggle", "hf-tars", "hf-parquet", "hf-parquet-data", "wds"]
+
+
+def write(layout: str, out: Path) -> Path:
+    if layout == "hf-parquet-data":  # the user points at the data/ folder itself
+        fixtures.build_hf_parquet(out, CLASSES, **SIZES, data_dir=False)
+        return out
+    fixtures.LAYOUTS[layout](out, CLASSES, **SIZES)
+    return out
+
+
+def tree(root: Path) -> dict[str, str]:
+    """relative path -> SHA-256 of every file but prepared.json (it names its sources)."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "prepared.json"}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict[str, Path]:
+    """Each layout's fixture prepared once."""
+    base, out = tmp_path_factory.mktemp("layouts"), {}
+    for layout in LAYOUTS:
+        src = write(layout, base / f"src-{layout}")
+        assert main(["prepare", "--archives", str(src), "--out", str(base / layout), "--partial"]) == 0
+        out[layout] = base / layout
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+def test_every_layout_prepares_the_same_tree(prepared, layout):
+    want, got = tree(prepared["official"]), tree(prepared[layout])
+    if layout == "wds":  # WebDataset shards hold no test split
+        want = {k: v for k, v in want.items() if not k.startswith("test/")}
+    assert got == want
+    doc = json.loads((prepared[layout] / "prepared.json").read_text())
+    assert doc["splits"]["train"]["images"] == len(CLASSES) * SIZES["per_class"]
+    assert doc["splits"]["val"]["images"] == SIZES["val"]
+    assert doc["options"]["layout"] == {"hf-parquet-data": "hf-parquet"}.get(layout, layout)
+
+
+def test_hugging_face_files_checked_against_the_sha256_the_download_recorded(prepared):
+    doc = json.loads((prepared["hf-tars"] / "prepared.json").read_text())
+    sums = {c["file"]: c for c in doc["checksums"]}
+    assert set(sums) == {f"data/train_images_{i}.tar.gz" for i in range(5)} | {"data/val_images.tar.gz",
+                                                                                  "data/test_images.tar.gz"}
+    assert all(c["match"] is True and c["sha256"] == c["published_sha256"] for c in sums.values())
+    assert all("huggingface-cli" in c["published_by"] for c in sums.values())
+    assert doc["verified"] is True
+
+
+def test_a_file_that_differs_from_its_recorded_sha256_is_refused(tmp_path, capsys):
+    src = write("hf-tars", tmp_path / "src")
+    meta = src / ".cache/huggingface/download/data/val_images.tar.gz.metadata"
+    lines = meta.read_text().splitlines()
+    meta.write_text("\n".join([lines[0], "0" * 64, *lines[2:]]) + "\n")
+    assert main(["prepare", "--archives", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data/val_images.tar.gz: SHA-256" in err and "does not match" in err
+    assert not (tmp_path / "out" / "val").exists() and not (tmp_path / "out" / "prepared.json").exists()
+
+
+def test_splits_may_come_from_two_layouts(tmp_path, prepared):
+    """train from the Hugging Face tars, val from WebDataset shards: two --archives."""
+    hf, wds = write("hf-tars", tmp_path / "hf"), write("wds", tmp_path / "wds")
+    for p in (hf / "data").glob("*_images.tar.gz"):  # keep only the train parts
+        p.unlink()
+    assert main(["prepare", "--archives", str(hf), str(wds), "--out", str(tmp_path / "out"), "--partial"]) == 0
+    want = {k: v for k, v in tree(prepared["official"]).items() if not k.startswith("test/")}
+    assert tree(tmp_path / "out") == want
+    assert json.loads((tmp_path / "out" / "prepared.json").read_text())["options"]["layout"] == "wds+hf-tars"
