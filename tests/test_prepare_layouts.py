@@ -82,3 +82,71 @@ def test_splits_may_come_from_two_layouts(tmp_path, prepared):
     want = {k: v for k, v in tree(prepared["official"]).items() if not k.startswith("test/")}
     assert tree(tmp_path / "out") == want
     assert json.loads((tmp_path / "out" / "prepared.json").read_text())["options"]["layout"] == "wds+hf-tars"
+
+
+def wds_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    path.parent.mkdir(parents=True)
+    fixtures.write_tar(path, [(f"{key}.{ext}", data) for key, members in samples for ext, data in members.items()])
+
+
+def jpeg() -> bytes:
+    return fixtures.class_images(CLASSES[0], 1)[0]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("case,want", [
+    ("no-cls", "has no .cls"),
+    ("label-1000", "label 1000 is outside 0..999"),
+    ("same-name", "two samples named"),
+    ("wrong-class", "is not an ILSVRC2012 train image of class"),
+])
+def test_bad_webdataset_samples_are_one_line(tmp_path, capsys, case, want):
+    wnid = CLASSES[0]
+    idx = fixtures.facts.wnids().index(wnid)
+    good = {"jpg": jpeg(), "cls": str(idx).encode()}
+    samples = {"no-cls": [(f"{wnid}_1", {"jpg": jpeg()})],
+               "label-1000": [(f"{wnid}_1", {**good, "cls": b"1000"})],
+               "same-name": [(f"{wnid}_1", good), (f"{wnid}_2", good), (f"{wnid}_1", good)],
+               "wrong-class": [(f"{wnid}_1", {**good, "cls": str(idx + 1).encode()})]}[case]
+    wds_shard(tmp_path / "src" / "imagenet1k-train-0000.tar", samples)
+    assert main(["prepare", "--archives", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--partial"]) == 2
+    assert want in one_line_error(capsys)
+    assert not (tmp_path / "out" / "train").exists() and not (tmp_path / "out" / "prepared.json").exists()
+
+
+def test_truncated_gzip_is_one_line_and_nothing_is_kept(tmp_path, capsys):
+    src = write("hf-tars", tmp_path / "src")
+    part = src / "data" / "train_images_1.tar.gz"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    (src / ".cache").rename(tmp_path / "cache")  # its recorded SHA-256 would refuse the file first
+    out = tmp_path / "out"
+    assert main(["prepare", "--archives", str(src), "--out", str(out), "--partial"]) == 2
+    assert "data/train_images_1.tar.gz is truncated or corrupt" in one_line_error(capsys)
+    assert not (out / "prepared.json").exists()
+    done = json.loads("[" + ",".join((out / ".partial" / "journal.jsonl").read_text().splitlines()) + "]")
+    assert [r["key"] for r in done] == ["val/@data/val_images.tar.gz", "train/@data/train_images_0.tar.gz"]
+
+
+def test_parquet_without_the_expected_columns_is_one_line(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "src" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"img": [b"x"], "label": [0]}), tmp_path / "src/data/train-00000-of-00001.parquet")
+    assert main(["prepare", "--archives", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--partial"]) == 2
+    assert "without the columns image{bytes, path} and label (it has img, label)" in one_line_error(capsys)
+
+
+def test_misfiled_validation_labels_are_refused(tmp_path, capsys):
+    """A val image labelled with another class than the ground truth (a flat folder read as one class scores 0.1%)."""
+    name, truth = next(iter(fixtures.facts.val_labels().items()))
+    other = next(w for w in CLASSES if w != truth)
+    (tmp_path / "src" / "data").mkdir(parents=True)
+    fixtures.write_tar(tmp_path / "src" / "data" / "val_images.tar.gz", [(f"{name[:-5]}_{other}.JPEG", jpeg())])
+    assert main(["prepare", "--archives", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--partial"]) == 2
+    assert f"labelled {other} but ILSVRC2012's ground truth says {truth}" in one_line_error(capsys)

@@ -193,7 +193,7 @@ def read_part(args: argparse.Namespace, part: layouts.Part, output: Output, stag
     """Stream one part to the writers, starting it over when its server cannot resume it; -> (its writes, its
     checksum record). A checksum mismatch (without --partial) discards what the part wrote."""
     for attempt in range(RESTARTS + 1):
-        offset = resume_offset(part, output)
+        offset = resume_offset(part, output) if attempt == 0 else 0  # a server that refused Range: from the start
         show = PartProgress(part, offset)
         part.open(offset, on_resume=show.resumed)
         futures: list = []
