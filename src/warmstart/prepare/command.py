@@ -21,17 +21,25 @@ from warmstart.prepare import facts, images, layouts, manifest, stores, verify
 from warmstart.prepare import shards as pack
 from warmstart.prepare.extract import Output
 
-HELP = "ILSVRC2012 archives (official or Kaggle) -> verified train/ and val/ class folders, offline"
+HELP = "ImageNet downloads (official, Kaggle, Hugging Face, WebDataset; local or a URL) -> verified class folders"
 DESCRIPTION = """\
-Turn the raw ILSVRC2012 downloads into ImageFolder trees, reading each archive once:
+Turn the ILSVRC2012 downloads into ImageFolder trees, reading each file once:
 
   warmstart prepare --archives ~/Downloads/ilsvrc --out /data/imagenet
+  warmstart prepare --archives hf://datasets/ILSVRC/imagenet-1k --out /data/imagenet
+  warmstart prepare --archives https://host/ILSVRC2012_img_train.tar https://host/ILSVRC2012_img_val.tar --out ...
 
---archives holds ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, optionally
+--archives is one or more local folders or files, http(s) URLs (a folder URL ends in /) or
+hf://datasets/OWNER/NAME[@REVISION] (HF_TOKEN or `huggingface-cli login`; HF_ENDPOINT honoured),
+holding any of: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, optionally
 ILSVRC2012_img_test[_v10102019].tar and ILSVRC2012_devkit_t12.tar.gz (and optionally MD5SUMS,
-checked in addition to the official MD5s, never instead of them), or Kaggle's
+checked in addition to the official MD5s, never instead of them); Kaggle's
 imagenet-object-localization-challenge.zip, or that zip unzipped (ILSVRC/Data/CLS-LOC/...,
-LOC_val_solution.csv).
+LOC_val_solution.csv; local only); Hugging Face's ILSVRC/imagenet-1k files
+(data/{train_images_K,val_images,test_images}.tar.gz, or data/{train,validation,test}-*.parquet,
+with the data/ folder or without); WebDataset shards imagenet1k-{train,validation}-NNNN.tar
+(timm/imagenet-1k-wds). Each split comes from one layout; several may be mixed. URLs are streamed
+(no archive copy on disk); a dropped connection resumes with Range; a rerun fetches nothing finished.
 
 Output:
   OUT/train/<wnid>/<wnid>_<n>.JPEG    1,281,167 images, 1,000 classes

@@ -467,6 +467,9 @@ def find(specs: list[str]) -> Source:
             else:
                 parts[split] = [MAKE[layout](split, store, entry) for store, entry in items]
     where = ", ".join(s.where for s in all_stores)
+    if facts.KAGGLE_ZIP in seen and seen[facts.KAGGLE_ZIP] in {s.where for s in all_stores if s.remote}:
+        raise UserError(f"{facts.KAGGLE_ZIP} is read by name, member by member, which a stream cannot do: download "
+                        "it first (kaggle competitions download ...), then give its folder to --archives")
     if parts:
         return Source(where, dict(sorted(parts.items(), key=lambda kv: ("val", "train", "test").index(kv[0]))),
                       extra.get(facts.DEVKIT), extra.get("MD5SUMS"))
