@@ -143,6 +143,20 @@ def test_official_train_tar_rerun_resumes_at_the_first_unfinished_class_and_says
     assert any("checksum not computed" in r for r in doc["unverified_reasons"]) and not doc["verified"]
 
 
+def test_an_image_that_does_not_decode_in_a_resumed_train_tar_is_rejected(tmp_path):
+    """Read from an offset, no checksum vouches for the rest of the train tar: each image is decoded whole instead."""
+    from warmstart.prepare import extract, images
+
+    output = extract.Output(tmp_path / "out", {}, 1, "", None, None, 90)
+    good = fixtures.class_images(CLASSES[0], 1)[0]
+    broken = good[: len(good) // 3]  # a valid header, then the scan ends: only a full decode notices
+    assert images.is_ok(images.kind(broken)) and not images.decodes(broken) and images.decodes(good)
+    stats = output.submit([("train/a/1.JPEG", good), ("train/a/2.JPEG", broken)], 0, decode=True).result()
+    assert stats["unreadable"] == ["train/a/2.JPEG"] and stats["files"] == 1
+    assert output.submit([("train/b/2.JPEG", broken)], 0).result()["files"] == 1  # a checksum vouches: not decoded
+    output.close()
+
+
 def test_a_server_that_ignores_range_restarts_the_file_and_says_so(sources, tmp_path):
     with serve(sources / "official", cut_after=200 << 10, cuts_per_file=1, ignore_range=True) as server:
         out = tmp_path / "out"

@@ -290,7 +290,9 @@ def stream(part: layouts.Part, output: Output, stage: str, show: "PartProgress",
         for unit, files in part.files(done):
             if files:
                 t = time.perf_counter()
-                future = output.submit(files, sum(len(d) for _, d in files), "" if unit else stage)
+                # a file no checksum will vouch for (read from an offset) is decoded whole instead
+                future = output.submit(files, sum(len(d) for _, d in files), "" if unit else stage,
+                                       decode=part.algorithm is not None and part.offset > 0)
                 timing.submit += time.perf_counter() - t
                 if unit:
                     end = getattr(part, "ends", {}).get(unit.split("/")[1])

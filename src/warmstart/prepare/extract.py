@@ -90,16 +90,17 @@ class Output:
             self.made.add(parent)
         return path
 
-    def _write(self, files: list[tuple[str, bytes | memoryview | str]], stage: str = "") -> dict:
-        """Runs on a writer thread. files: (path relative to the output root, bytes or source path)."""
+    def _write(self, files: list[tuple[str, bytes | memoryview | str]], stage: str = "", decode: bool = False) -> dict:
+        """Runs on a writer thread. files: (path relative to the output root, bytes or source path); decode: check
+        that each decodes whole (files no checksum vouches for), else it is unreadable."""
         t0 = time.perf_counter()
         try:
-            return self._write_files(files, stage)
+            return self._write_files(files, stage, decode)
         finally:
             with self.lock:
                 self.write_seconds += time.perf_counter() - t0
 
-    def _write_files(self, files: list[tuple[str, bytes | memoryview | str]], stage: str) -> dict:
+    def _write_files(self, files: list[tuple[str, bytes | memoryview | str]], stage: str, decode: bool) -> dict:
         stats = {"files": 0, "bytes": 0, "resized_bytes": 0, "repairs": [], "unreadable": [], "counts": Counter()}
         jobs = []
         for rel, data in files:
@@ -107,6 +108,9 @@ class Output:
                 with open(data, "rb") as f:
                     data = f.read()
             kind = images.kind(data)
+            if decode and images.is_ok(kind) and not images.decodes(data):
+                stats["unreadable"].append(rel)
+                continue
             if not images.is_ok(kind):
                 if self.full_dir is not None:  # the resized copy re-encodes every file anyway
                     data = images.repair(data)
@@ -134,13 +138,14 @@ class Output:
                     stats["counts"][rel.rpartition("/")[0]] -= 1
         return stats
 
-    def submit(self, files: list[tuple[str, bytes | memoryview | str]], nbytes: int, stage: str = "") -> Future:
+    def submit(self, files: list[tuple[str, bytes | memoryview | str]], nbytes: int, stage: str = "",
+               decode: bool = False) -> Future:
         """Queue files for writing (under .partial/STAGE when given); blocks while too many image bytes are queued."""
         while self.inflight and self.inflight_bytes > INFLIGHT_BYTES:
             future, n = self.inflight.popleft()
             future.result()
             self.inflight_bytes -= n
-        future = self.threads.submit(self._write, files, stage)
+        future = self.threads.submit(self._write, files, stage, decode)
         self.inflight.append((future, nbytes))
         self.inflight_bytes += nbytes
         self.settle()

@@ -88,7 +88,8 @@ def unpublished_note(checksums: list[dict]) -> list[str]:
 
 def unhashed_record(name: str, size: int, offset: int) -> dict:
     """A file a rerun did not read from its first byte (it resumed at `offset`, where the killed run stopped): its
-    checksum was never computed, so only the per-class counts and each image's header vouch for it."""
+    checksum was never computed, so the per-class counts, each image's header and (from `offset` on) each image's
+    full decode vouch for it instead."""
     return {"file": name, "size": size, "md5": None, "one_pass": False, "resumed_at": offset, "ok": None}
 
 
