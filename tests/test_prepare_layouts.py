@@ -150,3 +150,16 @@ def test_misfiled_validation_labels_are_refused(tmp_path, capsys):
     fixtures.write_tar(tmp_path / "src" / "data" / "val_images.tar.gz", [(f"{name[:-5]}_{other}.JPEG", jpeg())])
     assert main(["prepare", "--archives", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--partial"]) == 2
     assert f"labelled {other} but ILSVRC2012's ground truth says {truth}" in one_line_error(capsys)
+
+
+def test_one_name_in_two_shards_is_refused(tmp_path, capsys):
+    """The same sample in two WebDataset shards: the second would overwrite the first, and the counts would lie."""
+    wnid = CLASSES[0]
+    good = {"jpg": jpeg(), "cls": str(fixtures.facts.wnids().index(wnid)).encode()}
+    wds_shard(tmp_path / "src" / "imagenet1k-train-0000.tar", [(f"{wnid}_1", good), (f"{wnid}_2", good)])
+    fixtures.write_tar(tmp_path / "src" / "imagenet1k-train-0001.tar", [(f"{wnid}_1.jpg", good["jpg"]),
+                                                                       (f"{wnid}_1.cls", good["cls"])])
+    assert main(["prepare", "--archives", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--partial"]) == 2
+    err = capsys.readouterr()
+    assert f"train/{wnid}: 3 images written but 2 files there; two share a name" in err.err
+    assert not (tmp_path / "out" / "prepared.json").exists()

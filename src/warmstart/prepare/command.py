@@ -204,10 +204,10 @@ def read_part(args: argparse.Namespace, part: layouts.Part, output: Output, stag
         offset = resume_offset(part, output) if attempt == 0 else 0  # a server that refused Range: from the start
         show = PartProgress(part, offset)
         part.open(offset, on_resume=show.resumed)
-        futures: list = []
+        futures: list = []  # filled as the part streams, so a restart can wait for what it wrote
         finished = False
         try:
-            futures = stream(part, output, stage, show, timing)
+            stream(part, output, stage, show, timing, futures)
             output.settle(block=True)
             finished = True
             break
@@ -266,6 +266,7 @@ def write_manifest(args: argparse.Namespace, out: Path, src: layouts.Source, opt
     tally = manifest.tally(records)
     unreadable = [f for r in records for f in r["unreadable"]]
     missing, wrong = verify.count_problems({s: v["classes"] for s, v in tally.items()}, unreadable)
+    wrong += verify.on_disk(out / (resized if args.resized_only else ""), tally)
     if wrong or (missing and not args.partial):
         for line in wrong + missing:
             print(f"  {line}", file=sys.stderr)
@@ -281,11 +282,12 @@ def write_manifest(args: argparse.Namespace, out: Path, src: layouts.Source, opt
     return doc, tally
 
 
-def stream(part: layouts.Part, output: Output, stage: str, show: "PartProgress", timing: "Timing") -> list:
+def stream(part: layouts.Part, output: Output, stage: str, show: "PartProgress", timing: "Timing",
+           futures: list) -> None:
     """Feed one part to the writers: a train class of the official tar or Kaggle commits on its own; other files
-    join the part's stage. -> the writes the part's own commit waits for."""
+    join the part's stage, their writes appended to `futures` (what the part's own commit waits for)."""
     done = {k.split("/")[1] for k in output.done if k.startswith("train/n")}
-    futures, t0 = [], time.perf_counter()
+    t0 = time.perf_counter()
     try:
         for unit, files in part.files(done):
             if files:
@@ -303,7 +305,6 @@ def stream(part: layouts.Part, output: Output, stage: str, show: "PartProgress",
             show.update()
     finally:
         timing.add(part, time.perf_counter() - t0)
-    return futures
 
 
 class PartProgress:

@@ -446,6 +446,9 @@ def find(specs: list[str]) -> Source:
     extra: dict[str, tuple] = {}
     seen: dict[str, str] = {}
     all_stores = [stores.open_store(s) for s in specs]
+    if len(all_stores) == 1 and (kaggle := kaggle_files(all_stores[0])):  # before listing its 1.4M files
+        return Source(all_stores[0].where, {s: [Kaggle(s, kaggle)] for s in ("val", "train", "test")
+                                            if kaggle.members[s]}, kaggle=kaggle)
     for store in all_stores:
         for name, entry in sorted(store.entries().items(), key=lambda kv: natural(kv[0])):
             if name in seen:
@@ -473,15 +476,20 @@ def find(specs: list[str]) -> Source:
     if parts:
         return Source(where, dict(sorted(parts.items(), key=lambda kv: ("val", "train", "test").index(kv[0]))),
                       extra.get(facts.DEVKIT), extra.get("MD5SUMS"))
-    if len(all_stores) == 1 and (root := all_stores[0].path("")) is not None:
-        if (root / facts.KAGGLE_ZIP).is_file() or (root / KAGGLE_ROOT).is_dir():
-            files = KaggleFiles(root, root / facts.KAGGLE_ZIP if (root / facts.KAGGLE_ZIP).is_file() else None)
-            return Source(where, {s: [Kaggle(s, files)] for s in ("val", "train", "test") if files.members[s]},
-                          kaggle=files)
     raise UserError(f"{where} holds none of the layouts prepare reads: the official {facts.TRAIN_TAR} / "
                     f"{facts.VAL_TAR}, Kaggle's {facts.KAGGLE_ZIP} (or its folder), Hugging Face's "
                     "data/{train,val}_images*.tar.gz or data/*-NNNNN-of-NNNNN.parquet, or WebDataset shards "
                     "imagenet1k-{train,validation}-NNNN.tar; point --archives at the download")
+
+
+def kaggle_files(store: stores.Store) -> KaggleFiles | None:
+    """Kaggle's layout in a local folder that holds no official archive (those come first, as they always have)."""
+    root = store.path("")
+    if root is None or not root.is_dir() or any((root / name).is_file() for name in OFFICIAL):
+        return None
+    if (root / facts.KAGGLE_ZIP).is_file():
+        return KaggleFiles(root, root / facts.KAGGLE_ZIP)
+    return KaggleFiles(root, None) if (root / KAGGLE_ROOT).is_dir() else None
 
 
 def natural(name: str) -> list:

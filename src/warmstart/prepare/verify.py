@@ -171,3 +171,16 @@ def count_problems(counts: dict[str, dict[str, int]], unreadable: list[str]) -> 
         wrong.append(f"{len(unreadable)} files are not decodable images or declare more than "
                      f"{decode.max_pixels:,} pixels (e.g. {unreadable[0]})")
     return missing, wrong
+
+
+def on_disk(root: Path, tally: dict[str, dict]) -> list[str]:
+    """Class folders holding fewer files than were written into them: two sources gave one name (two samples of a
+    WebDataset, in different shards or runs), and the second overwrote the first."""
+    short = []
+    for split in ("train", "val"):
+        for wnid, n in tally.get(split, {}).get("classes", {}).items():
+            with os.scandir(root / split / wnid) as it:
+                have = sum(1 for _ in it)
+            if have != n:
+                short.append(f"{split}/{wnid}: {n} images written but {have} files there; two share a name")
+    return short[:1] + ([f"... and {len(short) - 1} more class folders like it"] if len(short) > 1 else [])
