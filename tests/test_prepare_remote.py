@@ -143,6 +143,26 @@ def test_official_train_tar_rerun_resumes_at_the_first_unfinished_class_and_says
     assert any("checksum not computed" in r for r in doc["unverified_reasons"]) and not doc["verified"]
 
 
+def test_a_train_tar_that_changed_since_the_killed_run_is_prepared_again_from_its_start(sources, tmp_path):
+    out, archives = tmp_path / "out", tmp_path / "official"
+    archives.mkdir()
+    for p in (sources / "official").iterdir():
+        (archives / p.name).write_bytes(p.read_bytes())
+    with serve(archives) as server:
+        args = ["prepare", "--archives", server.url, "--out", str(out), "--partial"]
+        assert run(args, tmp_path, script=killer("train/n")).returncode == -signal.SIGKILL
+        os.utime(archives / facts.TRAIN_TAR, ns=(1, 1))  # another ETag: the server holds another version now
+        before = len(server.requests)
+        again = run(args, tmp_path)
+        assert again.returncode == 0, again.stderr
+        train = [r for r in server.requests[before:] if r[0] == "GET" and r[1].endswith(facts.TRAIN_TAR)]
+    assert f"{facts.TRAIN_TAR} changed since the last run" in again.stdout
+    assert [r[2] for r in train][-1] is None  # read again from byte 0, so its MD5 is computed
+    assert tree(out) == reference(sources)
+    record = {c["file"]: c for c in json.loads((out / "prepared.json").read_text())["checksums"]}[facts.TRAIN_TAR]
+    assert record["md5"] == fixtures.md5sum(archives / facts.TRAIN_TAR)
+
+
 def test_an_image_that_does_not_decode_in_a_resumed_train_tar_is_rejected(tmp_path):
     """Read from an offset, no checksum vouches for the rest of the train tar: each image is decoded whole instead."""
     from warmstart.prepare import extract, images

@@ -201,9 +201,17 @@ def read_part(args: argparse.Namespace, part: layouts.Part, output: Output, stag
     """Stream one part to the writers, starting it over when its server cannot resume it; -> (its writes, its
     checksum record). A checksum mismatch (without --partial) discards what the part wrote."""
     for attempt in range(RESTARTS + 1):
-        offset = resume_offset(part, output) if attempt == 0 else 0  # a server that refused Range: from the start
+        offset, was = resume_offset(part, output) if attempt == 0 else (0, None)  # refused Range: from the start
         show = PartProgress(part, offset)
         part.open(offset, on_resume=show.resumed)
+        if offset and version(part) != was:  # the file changed since the killed run: its classes are not this file's
+            show.line(f"{part.name} changed since the last run (version {was} became {version(part)}); preparing "
+                      "its classes again")
+            part.close()
+            show.close(False)
+            output.discard("train")
+            offset, show = 0, PartProgress(part, 0)
+            part.open(0, on_resume=show.resumed)
         futures: list = []  # filled as the part streams, so a restart can wait for what it wrote
         finished = False
         try:
@@ -234,13 +242,23 @@ def read_part(args: argparse.Namespace, part: layouts.Part, output: Output, stag
         raise
 
 
-def resume_offset(part: layouts.Part, output: Output) -> int:
+def resume_offset(part: layouts.Part, output: Output) -> tuple[int, list | None]:
     """Where a rerun starts the official train tar over HTTP: after the last class a killed run finished (classes
-    commit in archive order). Its MD5 is then never computed, and prepared.json says so. Local files are read whole."""
+    commit in archive order), and the file version ([ETag, size]) that run read. Its MD5 is then never computed, and
+    prepared.json says so. Local files are read whole."""
     if not isinstance(part, layouts.OfficialTrain) or not part.store.remote:
-        return 0
-    ends = [r.get("end") for k, r in output.done.items() if k.startswith("train/n")]
-    return max(ends) if ends and all(type(e) is int for e in ends) else 0
+        return 0, None
+    done = [r for k, r in output.done.items() if k.startswith("train/n")]
+    if not done or not all(type(r.get("end")) is int and isinstance(r.get("version"), list) for r in done):
+        return 0, None
+    last = max(done, key=lambda r: r["end"])
+    return last["end"], last["version"]
+
+
+def version(part: layouts.Part) -> list | None:
+    """[ETag, size] of the file a remote part streams (what a later resume must find again), else None."""
+    v = getattr(part.stream, "version", None)
+    return [v[0], v[2]] if v and v[0] else None
 
 
 def devkit_record(args: argparse.Namespace, src: layouts.Source, result: tuple, sums: dict, output: Output,
@@ -298,7 +316,8 @@ def stream(part: layouts.Part, output: Output, stage: str, show: "PartProgress",
                 timing.submit += time.perf_counter() - t
                 if unit:
                     end = getattr(part, "ends", {}).get(unit.split("/")[1])
-                    output.commit(unit, [unit], [future], **({"end": end} if end is not None else {}))
+                    where = {"end": end, "version": version(part)} if end is not None and version(part) else {}
+                    output.commit(unit, [unit], [future], **where)
                 else:
                     futures.append(future)
                 show.images += len(files)
