@@ -193,3 +193,34 @@ def test_plan_measures_prints_the_schedule_and_trains_nothing(data, tmp_path, ca
     assert [r[0] for r in rows] == ["24", "32"]  # the low size, then the final one (the ramp's steps in between)
     assert sum(float(r[1]) for r in rows) == pytest.approx(480 / 96, rel=0.05)  # 5 epochs of 96 images
     assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
+
+
+SKEWED = """
+import os, sys, time
+if os.environ.get("RANK") == "1":  # this rank's clocks run twice as fast: alone, it would plan to stop much earlier
+    for name in ("time", "perf_counter", "monotonic"):
+        real = getattr(time, name)
+        t0 = real()
+        setattr(time, name, lambda real=real, t0=t0: t0 + 2 * (real() - t0))
+from warmstart.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_two_ranks_whose_clocks_disagree_stop_at_the_same_update(data, tmp_path):
+    """A time budget under torchrun x2: each rank measures its own speed, but rank 0's plan binds both, so both stop
+    at the same update (a rank that stopped on its own would leave the other waiting in an all-reduce: a hang)."""
+    model, skewed, run = tmp_path / "slow.py", tmp_path / "skewed.py", tmp_path / "run"
+    model.write_text(slow_model_source(0.05))
+    skewed.write_text(SKEWED)
+    env = {**os.environ, "WARMSTART_CACHE": str(tmp_path / "cache")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    t0 = time.time()
+    r = subprocess.run([*torchrun, str(skewed), "train", str(data), "--model", f"{model}:Slow", "--out", str(run),
+                        "--time-budget", "40s", *QUICK, "-b", "8"], env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.time() - t0 < 40 * 1.05 + 10  # the budget, plus torchrun's own start and exit
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["train_state"]["budget"]["progress"] == 1.0
+    assert ckpt["train_state"]["optimizer"]["param_groups"][0]["lr"] == 0.0
