@@ -197,3 +197,21 @@ def test_bad_remote_inputs_are_one_line_and_leave_nothing_complete(sources, tmp_
     assert r.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert {"no-token": "HF_TOKEN", "404": "HTTP 404", "scheme": "cannot read ftp:// URLs"}[case] in err
     assert not (tmp_path / "out" / "prepared.json").exists()
+
+
+def test_the_next_file_downloads_while_the_last_ones_writes_finish(sources, tmp_path, monkeypatch):
+    """The link does not idle between files: each part's successor is requested before the part is committed."""
+    from warmstart.prepare import extract
+
+    real, seen = extract.Output._commit_first, []
+    with serve(sources / "hf-tars") as server:
+        def commit(self):
+            seen.append((self.pending[0][0], [r[1] for r in server.requests if r[0] == "GET"]))
+            real(self)
+
+        monkeypatch.setattr(extract.Output, "_commit_first", commit)
+        assert main(["prepare", "--archives", server.url, "--out", str(tmp_path / "out"), "--partial"]) == 0
+    order = ["val_images", *(f"train_images_{i}" for i in range(5)), "test_images"]
+    assert [key.rsplit("/", 1)[-1].split(".")[0] for key, _ in seen] == order
+    for (key, requested), following in zip(seen, order[1:]):
+        assert any(following in path for path in requested), (key, following)

@@ -174,22 +174,24 @@ def extract(args: argparse.Namespace, src: layouts.Source, output: Output, notes
     elif src.kaggle and (text := src.kaggle.text("LOC_val_solution.csv")):
         labels = verify.kaggle_labels(text)
         verify.cross_check("LOC_val_solution.csv", labels, labels)
-    seconds = {}
-    for split in src.splits():
-        t0 = time.perf_counter()
-        for part in src.parts[split]:
-            if part.key in output.done:
-                continue
+    seconds: dict[str, float] = {}
+    todo = [p for s in src.splits() for p in src.parts[s] if p.key not in output.done]
+    try:
+        for part, after in zip(todo, todo[1:] + [None]):
+            t0 = time.perf_counter()
             stage = "" if not part.staged else "@" + part.name.replace("/", "@")
-            futures, record = read_part(args, part, output, stage, sums, notes, timing)
+            futures, record = read_part(args, part, output, stage, sums, notes, timing, after)
             if devkit:
                 checksums.append(devkit_record(args, src, devkit.result(), sums, output, notes))
                 devkit = None
-            output.commit(part.key, [split] if split != "train" and not part.staged else [], futures, stage,
+            output.commit(part.key, [part.split] if part.split != "train" and not part.staged else [], futures, stage,
                           checksum=record)
             output.settle(block=True)
             checksums.append(record)
-        seconds[split] = time.perf_counter() - t0
+            seconds[part.split] = seconds.get(part.split, 0.0) + time.perf_counter() - t0
+    finally:
+        for part in todo:  # a part opened ahead of its turn, when this one failed
+            part.close()
     return seconds
 
 
@@ -197,13 +199,16 @@ RESTARTS = 3  # times a part starts over when a server cannot resume it (ignores
 
 
 def read_part(args: argparse.Namespace, part: layouts.Part, output: Output, stage: str, sums: dict, notes: list[str],
-              timing: "Timing") -> tuple[list, dict]:
+              timing: "Timing", after: layouts.Part | None = None) -> tuple[list, dict]:
     """Stream one part to the writers, starting it over when its server cannot resume it; -> (its writes, its
-    checksum record). A checksum mismatch (without --partial) discards what the part wrote."""
+    checksum record). Once its bytes are read, the next part (`after`) starts downloading, so the link does not idle
+    while this one's writes finish. A checksum mismatch (without --partial) discards what the part wrote."""
     for attempt in range(RESTARTS + 1):
         offset, was = resume_offset(part, output) if attempt == 0 else (0, None)  # refused Range: from the start
         show = PartProgress(part, offset)
-        part.open(offset, on_resume=show.resumed)
+        if part.reader is None or attempt:
+            part.open(offset, on_resume=show.resumed)
+        part.on_resume = show.resumed
         if offset and version(part) != was:  # the file changed since the killed run: its classes are not this file's
             show.line(f"{part.name} changed since the last run (version {was} became {version(part)}); preparing "
                       "its classes again")
@@ -216,6 +221,8 @@ def read_part(args: argparse.Namespace, part: layouts.Part, output: Output, stag
         finished = False
         try:
             stream(part, output, stage, show, timing, futures)
+            if after is not None and after.reader is None and not isinstance(after, (layouts.OfficialTrain, layouts.Kaggle)):
+                after.open(0)  # its bytes flow while this part's writes end; its own offset is always 0
             output.settle(block=True)
             finished = True
             break

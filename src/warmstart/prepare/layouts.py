@@ -74,8 +74,10 @@ class Part:
         self.offset = 0
 
     def open(self, offset: int = 0, on_resume=None) -> None:
-        self.offset = offset
-        self.stream = self.store.open(self.name, offset, on_resume=on_resume)
+        """Start reading (a thread fetches ahead at once). on_resume(line): told of each resumed connection; may be
+        set later as the attribute, for a part opened ahead of its turn."""
+        self.offset, self.on_resume = offset, on_resume
+        self.stream = self.store.open(self.name, offset, on_resume=lambda line: self.on_resume and self.on_resume(line))
         self.reader = archives.HashingReader(self.stream, self.algorithm if offset == 0 else None)
 
     def files(self, done: set[str]) -> Iterator[tuple[str | None, Files | None]]:
