@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from warmstart.cli import main
+from warmstart.errors import UserError
 from warmstart.prepare import fixtures
 
 CLASSES = fixtures.pick_classes(10, (fixtures.PNG_CLASS, fixtures.CMYK_CLASS))
@@ -163,3 +164,47 @@ def test_one_name_in_two_shards_is_refused(tmp_path, capsys):
     err = capsys.readouterr()
     assert f"train/{wnid}: 3 images written but 2 files there; two share a name" in err.err
     assert not (tmp_path / "out" / "prepared.json").exists()
+
+
+def test_a_listing_with_unsafe_names_is_refused_and_other_layouts_are_said(tmp_path, capsys, monkeypatch):
+    from warmstart.prepare import layouts, stores
+
+    class Listed(stores.LocalStore):  # a remote listing someone else wrote, over a local folder
+        def __init__(self, root, names):
+            super().__init__(root)
+            self.names = names
+
+        def _list(self):
+            return {n: stores.Entry(n, 1, None) for n in self.names}
+
+    for name, said in (("../imagenet1k-validation-0000.tar", "refusing this source"),  # it would become a URL
+                       ("x\n\x1b[31m/imagenet1k-validation-0000.tar", "holds none of the layouts"),  # never read
+                       ("/abs/imagenet1k-train-0000.tar", "holds none of the layouts")):
+        monkeypatch.setattr(stores, "open_store", lambda spec, name=name: Listed(tmp_path, [name]))
+        with pytest.raises(UserError) as e:
+            layouts.find(["listed"])
+        assert said in str(e.value) and "\n" not in str(e.value) and "\x1b" not in str(e.value)
+    # two layouts for one split: the first is read, the other said, not silently dropped
+    hf, wds = write("hf-tars", tmp_path / "hf"), write("wds", tmp_path / "wds")
+    monkeypatch.undo()
+    assert main(["prepare", "--archives", str(hf), "--archives", str(wds), "--out", str(tmp_path / "o"), "--partial"]) == 0
+    out = capsys.readouterr().out
+    assert "val: read from the hf-tars files; the wds files (imagenet1k-validation-00.tar, ...) are ignored" in out
+    assert "train: read from the hf-tars files" in out
+
+
+def test_a_part_that_writes_no_file_and_duplicates_in_shards(tmp_path, capsys):
+    src = write("hf-tars", tmp_path / "src")
+    (src / ".cache").rename(tmp_path / "cache")
+    fixtures.write_tar(src / "data" / "test_images.tar.gz", [])  # an empty part: nothing to move into place
+    assert main(["prepare", "--archives", str(src), "--out", str(tmp_path / "out"), "--partial"]) == 0
+    assert not (tmp_path / "out" / "test").exists()
+    capsys.readouterr()
+    part = src / "data" / "train_images_0.tar.gz"
+    import tarfile
+    with tarfile.open(part) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    fixtures.write_tar(part, members + members[:1])  # one name twice
+    assert main(["prepare", "--archives", str(src), "--shards", str(tmp_path / "shards"), "--partial"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is given twice" in err

@@ -215,3 +215,48 @@ def test_the_next_file_downloads_while_the_last_ones_writes_finish(sources, tmp_
     assert [key.rsplit("/", 1)[-1].split(".")[0] for key, _ in seen] == order
     for (key, requested), following in zip(seen, order[1:]):
         assert any(following in path for path in requested), (key, following)
+
+
+def test_credentials_and_signatures_in_a_url_are_never_recorded_or_printed(sources, tmp_path):
+    with serve(sources / "official", status_for={f"/{facts.TEST_TARS[0]}": 404}) as server:
+        host = server.url.split("//")[1]
+        secret = f"http://alice:s3cr3tpw@{host}{facts.VAL_TAR}?X-Amz-Signature=SIGSECRET"
+        r = run(["prepare", "--archives", secret, "--out", str(tmp_path / "out"), "--partial"], tmp_path)
+        assert r.returncode == 0, r.stderr
+        bad = run(["prepare", "--archives", f"http://bob:pw2@{host}nothing.tar?sig=SIG2", "--out",
+                   str(tmp_path / "bad")], tmp_path)
+    record = (tmp_path / "out" / "prepared.json").read_text()
+    for text in (record, r.stdout, r.stderr, bad.stderr):
+        assert "s3cr3tpw" not in text and "SIGSECRET" not in text and "pw2" not in text and "SIG2" not in text
+    assert f"http://{host}{facts.VAL_TAR}?..." in record and bad.returncode == 2 and "HTTP 404" in bad.stderr
+
+
+def test_a_folder_url_answering_every_name_with_a_page_holds_nothing(tmp_path):
+    (tmp_path / "site").mkdir()
+    with serve(tmp_path / "site", status_for={}) as server:
+        import httpserver
+        real = httpserver.Handler.route
+
+        def soft_404(self):  # every name a 200 web page, as some servers answer a missing file
+            self.path_only = self.path
+            return self.reply(200, {"Content-Type": "text/html"}, b"<html>not here</html>")
+
+        httpserver.Handler.route = soft_404
+        try:
+            r = run(["prepare", "--archives", server.url, "--out", str(tmp_path / "out")], tmp_path)
+        finally:
+            httpserver.Handler.route = real
+    assert r.returncode == 2 and "holds none of" in r.stderr and "MD5SUMS line" not in r.stderr, r.stderr
+
+
+def test_a_plain_log_gets_one_line_per_file_and_a_resumed_split_shows_no_rate(sources, tmp_path):
+    with serve(sources, hf=HUB, token=TOKEN) as server:
+        args = ["prepare", "--archives", "hf://datasets/ILSVRC/imagenet-1k", "--out", str(tmp_path / "out"), "--partial"]
+        assert run(args, tmp_path, endpoint=server.url, script=killer("")).returncode == -signal.SIGKILL
+        r = run(args, tmp_path, endpoint=server.url)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for name in ("train_images_3.tar.gz", "train_images_4.tar.gz", "test_images.tar.gz"):
+        assert sum(line.startswith(f"data/{name}: ") and " in " in line for line in lines) == 1, r.stdout
+    train = next(line for line in lines if line.startswith("train "))
+    assert "earlier" in train  # part of train came from the killed run: no made-up files/s

@@ -70,20 +70,23 @@ def test_local_folder_entries_open_offset_and_path(tmp_path):
     assert read_all(single.open("a.tar")) == a
 
 
-def test_local_refuses_symlinks_and_missing_paths(tmp_path, monkeypatch):
-    write(tmp_path, {"real/a.tar": b"abc"})
-    (tmp_path / "real/b.tar").symlink_to(tmp_path / "real/a.tar")
-    with pytest.raises(UserError, match="symbolic link") as e:
-        open_store(str(tmp_path / "real")).entries()
-    one_line(e)
-    (tmp_path / "real/b.tar").unlink()
-    (tmp_path / "real/sub").symlink_to(tmp_path)  # a linked folder too
-    with pytest.raises(UserError, match="symbolic link"):
-        open_store(str(tmp_path / "real")).entries()
+def test_local_follows_links_to_files_not_to_folders_and_refuses_missing_paths(tmp_path, monkeypatch):
+    """huggingface-cli's cache links a snapshot's files to blobs: read through. A linked folder is not walked (no
+    loops), a dangling link is skipped."""
+    write(tmp_path, {"blobs/1234": b"abc", "elsewhere/x.tar": b"x"})
+    (tmp_path / "snap/data").mkdir(parents=True)
+    (tmp_path / "snap/data/val_images.tar.gz").symlink_to(tmp_path / "blobs/1234")
+    (tmp_path / "snap/loop").symlink_to(tmp_path / "snap")
+    (tmp_path / "snap/other").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "snap/dangling.tar").symlink_to(tmp_path / "nothing")
+    store = open_store(str(tmp_path / "snap"))
+    assert list(store.entries()) == ["data/val_images.tar.gz"] and store.entries()["data/val_images.tar.gz"].size == 3
+    assert store.open("data/val_images.tar.gz").read(10) == b"abc"
     with pytest.raises(UserError, match="does not exist") as e:
         open_store(str(tmp_path / "nope"))
     one_line(e)
     monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path, {"real/a.tar": b"abc"})
     assert open_store("~/real/a.tar").where == str(tmp_path / "real/a.tar")
 
 
@@ -333,3 +336,15 @@ def test_hf_errors_are_one_line(hub, monkeypatch):
     with pytest.raises(UserError, match=rf"cannot reach the Hub at {endpoint} .*HF_ENDPOINT is honoured") as e:
         HfStore(f"hf://datasets/{REPO}", endpoint=endpoint, token="").entries()
     one_line(e)
+
+
+def test_no_file_is_read_past_the_size_its_listing_gave(tmp_path):
+    """A server that sends more than the listing said (an endless body for a 'small' file) is refused, not buffered."""
+    write(tmp_path, {"ILSVRC2012_img_val.tar": b"x" * 1000})
+    with serve(tmp_path) as server:
+        store = HttpStore(server.url + "ILSVRC2012_img_val.tar")
+        assert store.entries()["ILSVRC2012_img_val.tar"].size == 1000
+        (tmp_path / "ILSVRC2012_img_val.tar").write_bytes(b"y" * 5000)  # the server now sends 5x the listed size
+        with pytest.raises(UserError, match="the file list says 1,000 bytes but the server sends 5,000") as e:
+            store.open("ILSVRC2012_img_val.tar")
+        one_line(e)

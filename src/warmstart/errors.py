@@ -37,3 +37,9 @@ def first_line(e: BaseException | str, limit: int = 160, empty: str = "no detail
     of a library's (possibly multi-line, possibly empty) message."""
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
     return lines[0][:limit] if lines else (type(e).__name__ if isinstance(e, BaseException) else empty)
+
+
+def quoted(value, limit: int = 120) -> str:
+    """A value someone else chose, for a one-line message: repr'd (control characters escaped), cut to `limit`."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

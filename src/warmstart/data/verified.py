@@ -29,7 +29,7 @@ def unverified_reasons(checksums: list[dict]) -> list[str]:
 def unhashed_reasons(checksums: list[dict]) -> list[str]:
     """Files whose checksum was never computed: a rerun resumed them where a killed run stopped, without reading
     their first bytes again. Not a mismatch (no --partial needed), but not verified either: said as it is."""
-    return [f"{c['file']}: checksum not computed (a rerun resumed it at byte {c.get('resumed_at')}); checked instead: "
+    return [f"{c['file']}: checksum not computed (a rerun resumed it at byte {c.get('resumed_at'):,}); checked instead: "
             "the per-class counts, every image's header, and that each image the rerun read decodes" for c in checksums
             if c.get("one_pass") is False]
 

@@ -11,7 +11,7 @@ import threading
 import time
 import zipfile
 
-from warmstart.errors import UserError
+from warmstart.errors import UserError, quoted
 
 TRAIN_NAME = re.compile(r"(n\d{8})_\d+\.JPEG")
 TEST_NAME = re.compile(r"ILSVRC2012_test_\d{8}\.JPEG")
@@ -67,8 +67,16 @@ class HashingReader:
         self.consumed += len(data)
         return data
 
-    def readall(self) -> bytes:
-        return b"".join(iter(lambda: self.read(self.CHUNK), b""))
+    def readall(self, limit: int, what: str) -> bytes:
+        """The rest of the file in memory; a file longer than `limit` is refused, not buffered."""
+        chunks, total = [], 0
+        while chunk := self.read(self.CHUNK):
+            total += len(chunk)
+            if total > limit:
+                raise UserError(f"{what} is larger than {limit:,} bytes, more than its size said; refusing to hold "
+                                "it in memory")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def hexdigest(self) -> str | None:
         """The hash of the whole file; reads what the parser left (a tar's end-of-archive padding)."""
@@ -95,12 +103,12 @@ def safe_name(archive: str, info: tarfile.TarInfo | zipfile.ZipInfo) -> str | No
         is_file = not is_dir and not stat.S_ISLNK(info.external_attr >> 16)
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
-        raise UserError(f"{archive}: member {name!r} has an unsafe path (absolute or '..'); refusing to extract. "
+        raise UserError(f"{archive}: member {quoted(name)} has an unsafe path (absolute or '..'); refusing to extract. "
                         "This is not an untouched ILSVRC2012 archive; download it again from image-net.org")
     if is_dir:
         return None
     if not is_file:
-        raise UserError(f"{archive}: member {name!r} is a link or device file, which an ILSVRC2012 archive never "
+        raise UserError(f"{archive}: member {quoted(name)} is a link or device file, which an ILSVRC2012 archive never "
                         "holds; refusing to extract. Download the archive again from image-net.org")
     return name.removeprefix("./")
 
@@ -113,7 +121,7 @@ def tar_error(archive: str, e: Exception) -> UserError:
 def expect(archive: str, name: str, pattern: re.Pattern | dict, what: str) -> str:
     base = name.rsplit("/", 1)[-1]
     if not (base in pattern if isinstance(pattern, dict) else pattern.fullmatch(base)):
-        raise UserError(f"{archive}: unexpected member {name!r} (want {what}); is this the right archive?")
+        raise UserError(f"{archive}: unexpected member {quoted(name)} (want {what}); is this the right archive?")
     return base
 
 
@@ -129,7 +137,7 @@ def inner_files(archive: str, wnid: str, data: bytes) -> Files:
                     continue
                 base = expect(archive, member, TRAIN_NAME, f"{wnid}_<n>.JPEG")
                 if not base.startswith(wnid + "_"):
-                    raise UserError(f"{archive}: {member!r} belongs to another class; is this the right archive?")
+                    raise UserError(f"{archive}: {quoted(member)} belongs to another class; is this the right archive?")
                 if info.offset_data + info.size > len(data):
                     raise tar_error(archive, EOFError("unexpected end of data"))
                 files.append((base, view[info.offset_data : info.offset_data + info.size]))

@@ -4,6 +4,7 @@ import argparse
 import os
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,9 +30,10 @@ Turn the ILSVRC2012 downloads into ImageFolder trees, reading each file once:
   warmstart prepare --archives hf://datasets/ILSVRC/imagenet-1k --out /data/imagenet
   warmstart prepare --archives https://host/ILSVRC2012_img_train.tar https://host/ILSVRC2012_img_val.tar --out ...
 
---archives is one or more local folders or files, http(s) URLs (a folder URL ends in /) or
-hf://datasets/OWNER/NAME[@REVISION] (HF_TOKEN or `huggingface-cli login`; HF_ENDPOINT honoured),
-holding any of: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, optionally
+--archives is one or more local folders or files, http(s) URLs or hf://datasets/OWNER/NAME[@REVISION]
+(HF_TOKEN or `huggingface-cli login`; HF_ENDPOINT honoured). A folder URL (ending in /) cannot be
+listed: the official and Hugging Face tar names are looked for there; give other files by their
+URLs. Any of these layouts: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, optionally
 ILSVRC2012_img_test[_v10102019].tar and ILSVRC2012_devkit_t12.tar.gz (and optionally MD5SUMS,
 checked in addition to the official MD5s, never instead of them); Kaggle's
 imagenet-object-localization-challenge.zip, or that zip unzipped (ILSVRC/Data/CLS-LOC/...,
@@ -39,7 +41,8 @@ LOC_val_solution.csv; local only); Hugging Face's ILSVRC/imagenet-1k files
 (data/{train_images_K,val_images,test_images}.tar.gz, or data/{train,validation,test}-*.parquet,
 with the data/ folder or without); WebDataset shards imagenet1k-{train,validation}-NNNN.tar
 (timm/imagenet-1k-wds). Each split comes from one layout; several may be mixed. URLs are streamed
-(no archive copy on disk); a dropped connection resumes with Range; a rerun fetches nothing finished.
+(no archive copy on disk); a dropped connection resumes with Range; with --out, a rerun fetches
+nothing it finished (--shards starts over).
 
 Output:
   OUT/train/<wnid>/<wnid>_<n>.JPEG    1,281,167 images, 1,000 classes
@@ -71,7 +74,7 @@ storage: copy the folder to s3://bucket/prefix and train with --data s3://bucket
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--archives", nargs="+", metavar="WHERE", help="where the download is: a folder (the official "
+    src.add_argument("--archives", nargs="+", action="extend", metavar="WHERE", help="where the download is: a folder (the official "
                      "archives, Kaggle's zip or folder, Hugging Face's data/ files, WebDataset shards), an http(s):// "
                      "folder or file URL, or hf://datasets/ILSVRC/imagenet-1k[@REV] or hf://datasets/timm/imagenet-1k-wds; "
                      "several may be given (e.g. train from one, val from another)")
@@ -168,6 +171,9 @@ def extract(args: argparse.Namespace, src: layouts.Source, output: Output, notes
     """Each part not done yet streamed to the writers and committed once its checksum is checked (the devkit's too,
     before the first part commits); appends to notes and checksums; -> seconds per split."""
     sums = verify.md5sums(src.read(src.md5sums).decode(errors="replace"), src.location(src.md5sums)) if src.md5sums else {}
+    for line in src.ignored:
+        print(line)
+    notes += src.ignored
     devkit = None
     if src.devkit and "devkit" not in output.done:  # checked on a thread while val streams; before val commits
         devkit = ThreadPoolExecutor(1).submit(lambda: verify.devkit_labels(src.devkit[1].name, src.read(src.devkit)))
@@ -176,6 +182,7 @@ def extract(args: argparse.Namespace, src: layouts.Source, output: Output, notes
         verify.cross_check("LOC_val_solution.csv", labels, labels)
     seconds: dict[str, float] = {}
     todo = [p for s in src.splits() for p in src.parts[s] if p.key not in output.done]
+    earlier = {p.split for s in src.splits() for p in src.parts[s] if p.key in output.done}
     try:
         for part, after in zip(todo, todo[1:] + [None]):
             t0 = time.perf_counter()
@@ -192,7 +199,7 @@ def extract(args: argparse.Namespace, src: layouts.Source, output: Output, notes
     finally:
         for part in todo:  # a part opened ahead of its turn, when this one failed
             part.close()
-    return seconds
+    return {s: t for s, t in seconds.items() if s not in earlier}  # rates of a split read in part earlier would lie
 
 
 RESTARTS = 3  # times a part starts over when a server cannot resume it (ignores Range, the file changed)
@@ -228,7 +235,8 @@ def read_part(args: argparse.Namespace, part: layouts.Part, output: Output, stag
             break
         except stores.Restart as e:
             if attempt == RESTARTS:
-                raise UserError(f"{part.name}: {e}; gave up after {RESTARTS} restarts, run the command again") from None
+                raise UserError(f"{part.name}: started over {RESTARTS} times, and the last try failed too ({e}); run "
+                                "the command again later") from None
             show.line(f"{e}; starting {part.name} over ({attempt + 1} of {RESTARTS})")
             if isinstance(part, (layouts.OfficialTrain, layouts.Kaggle)) and part.split == "train":
                 output.settle(block=True)  # its whole classes stay committed; the rest is read again
@@ -328,14 +336,14 @@ def stream(part: layouts.Part, output: Output, stage: str, show: "PartProgress",
                 else:
                     futures.append(future)
                 show.images += len(files)
-            show.update()
     finally:
         timing.add(part, time.perf_counter() - t0)
 
 
 class PartProgress:
-    """A part's progress: a tqdm bar on a terminal (bytes, MB/s, ETA, images), else a plain line a minute and one at
-    the end, for logs; resumes are said either way."""
+    """A part's progress: a tqdm bar on a terminal (bytes, MB/s, ETA, images; refreshed by a thread twice a second,
+    so a file parsed only once whole, parquet, moves too), else a plain line a minute and one at the end, for logs;
+    resumes are said either way."""
 
     EVERY = 60.0
 
@@ -343,32 +351,44 @@ class PartProgress:
         self.part, self.images, self.t0, self.last = part, 0, time.perf_counter(), time.perf_counter()
         self.bar = progress(part.name.rsplit("/", 1)[-1], part.size or None)
         self.bar.update(offset)
-        self.offset = offset
+        self.offset, self.plain = offset, self.bar.disable
+        self.stop = threading.Event()
+        threading.Thread(target=self._refresh, daemon=True).start()
+
+    def _refresh(self) -> None:
+        while not self.stop.wait(0.5):
+            self.update()
 
     def update(self) -> None:
+        if self.plain:
+            if time.perf_counter() - self.last > self.EVERY:
+                self.last = time.perf_counter()
+                self.line(self.status())
+            return
         self.bar.update(self.part.consumed - self.bar.n)
         self.bar.set_postfix_str(f"{self.images:,} images", refresh=False)
-        if self.bar.disable and time.perf_counter() - self.last > self.EVERY:
-            self.last = time.perf_counter()
-            self.line(self.status())
 
     def status(self) -> str:
         t, got = time.perf_counter() - self.t0, self.part.consumed - self.offset
-        return (f"{self.part.name}: {fileio.human(self.part.consumed)}" + (f" of {fileio.human(self.part.size)}" if self.part.size else "")
-                + f" in {t:.0f} s ({got / max(t, 1e-9) / 1e6:.1f} MB/s), {self.images:,} images")
+        size = f" of {fileio.human(self.part.size)}" if self.part.size else ""
+        return (f"{self.part.name}: {fileio.human(self.part.consumed)}{size} in {t:.0f} s "
+                f"({got / max(t, 1e-9) / 1e6:.1f} MB/s), {self.images:,} images")
 
     def resumed(self, line: str) -> None:
         self.line(line)
 
     def line(self, text: str) -> None:
-        if self.bar.disable:
+        if self.plain:
             print(text, flush=True)  # a log: the command's own output, one line each
         else:
             tqdm.write(text, file=sys.stderr)
 
     def close(self, finished: bool) -> None:
+        self.stop.set()
+        if not self.plain:
+            self.update()
         self.bar.close()
-        if self.bar.disable and finished:
+        if self.plain and finished:
             self.line(self.status())
 
 
@@ -388,7 +408,7 @@ class Timing:
         parse = max(0.0, self.wall - self.waited - self.submit)
         return (f"time: {self.wall:.1f} s reading; waiting for bytes {self.waited:.1f} s (network {self.network:.1f} s), "
                 f"parsing {parse:.1f} s, waiting for the writers {self.submit:.1f} s; writing took {write_seconds:.1f} s "
-                f"over {workers} threads")
+                f"over {workers} thread{'s' if workers > 1 else ''}")
 
 
 def output_names(files: list[str]) -> list[str]:

@@ -194,7 +194,7 @@ class Output:
 
     def _merge(self, stage: str) -> None:
         """Move every file of .partial/STAGE into place; a rerun after a kill half-way moves the rest (or rewrites)."""
-        root = os.path.join(self.tmp_str, stage)
+        root = os.path.join(self.tmp_str, stage)  # absent when no file of the part could be written
         for dirpath, _, files in os.walk(root):
             dst = os.path.join(str(self.root), os.path.relpath(dirpath, root))
             if files and dst not in self.made:
@@ -202,7 +202,7 @@ class Output:
                 self.made.add(dst)
             for f in files:
                 os.replace(os.path.join(dirpath, f), os.path.join(dst, f))
-        shutil.rmtree(root)
+        shutil.rmtree(root, ignore_errors=True)
 
     def drop(self, futures: list[Future], dirs: list[str], stage: str) -> None:
         """Forget a part that must start over: let its writes end, then remove what they wrote (under .partial/STAGE,

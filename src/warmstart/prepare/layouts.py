@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from warmstart import untrusted
-from warmstart.errors import UserError, first_line
+from warmstart.errors import UserError, first_line, printable, quoted
 from warmstart.prepare import archives, facts, stores
 from warmstart.prepare.archives import TAR_BUFSIZE, TEST_NAME, TRAIN_NAME, expect, safe_name, tar_error
 
@@ -23,19 +23,20 @@ Files = list[tuple[str, bytes | memoryview]]  # (path under the output root, byt
 OFFICIAL = {facts.TRAIN_TAR: "train", facts.VAL_TAR: "val", **{t: "test" for t in facts.TEST_TARS}}
 HF_TAR = re.compile(r"(?:data/)?(train|val|test)_images(?:_\d+)?\.tar\.gz")
 HF_PARQUET = re.compile(r"(?:data/)?(train|validation|test)-\d{5}-of-\d{5}\.parquet")
-WDS = re.compile(r"(?:[^/]+/)?imagenet1k-(train|validation)-\d+\.tar")
+WDS = re.compile(r"(?:[\w.-]+/)?imagenet1k-(train|validation)-\d+\.tar")
 SPLIT = {"validation": "val"}
 HF_TRAIN = re.compile(r"(n\d{8})_(\d+)_(n\d{8})\.JPEG")  # <image id>_<wnid>.JPEG
 HF_VAL = re.compile(r"(ILSVRC2012_val_\d{8})_(n\d{8})\.JPEG")
 HF_TEST = re.compile(r"(ILSVRC2012_test_\d{8})(?:_[^/]*)?\.JPEG")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+PARQUET_LIMIT = 8 << 30  # a parquet file whose size nobody stated is held in memory up to this (the Hub's are ~0.5 GB)
 
 
 def train_path(where: str, name: str, wnid: str) -> str:
     """train/<wnid>/<name> once `name` is an official train file name of class `wnid`."""
     m = TRAIN_NAME.fullmatch(name)
     if not m or m[1] != wnid or wnid not in facts.synsets():
-        raise UserError(f"{where}: {name!r} is not an ILSVRC2012 train image of class {wnid}; is this ImageNet-1k?")
+        raise UserError(f"{where}: {quoted(name)} is not an ILSVRC2012 train image of class {wnid}; is this ImageNet-1k?")
     return f"train/{wnid}/{name}"
 
 
@@ -43,7 +44,7 @@ def val_path(where: str, name: str, wnid: str) -> str:
     """val/<wnid>/<name>, checked against the shipped ground truth (a flat or misfiled val folder scores 0.1%)."""
     truth = facts.val_labels().get(name)
     if truth is None:
-        raise UserError(f"{where}: {name!r} is not an ILSVRC2012 validation file name; is this ImageNet-1k?")
+        raise UserError(f"{where}: {quoted(name)} is not an ILSVRC2012 validation file name; is this ImageNet-1k?")
     if truth != wnid:
         raise UserError(f"{where}: {name} is labelled {wnid} but ILSVRC2012's ground truth says {truth}; the "
                         "labels are corrupt or not ImageNet-1k's")
@@ -53,7 +54,7 @@ def val_path(where: str, name: str, wnid: str) -> str:
 def class_of(where: str, label) -> str:
     """The wnid of a class index (sorted-wnid order, as the Hugging Face and timm datasets number them)."""
     if type(label) is not int or not 0 <= label < 1000:
-        raise UserError(f"{where}: label {label!r} is outside 0..999; this is not ImageNet-1k's labelling")
+        raise UserError(f"{where}: label {quoted(label)} is outside 0..999; this is not ImageNet-1k's labelling")
     return facts.wnids()[label]
 
 
@@ -155,7 +156,7 @@ class OfficialTrain(Part):
         for member, data in self._members_with_ends():
             wnid = expect(self.name, member, re.compile(r"n\d{8}\.tar"), "<wnid>.tar")[:-4]
             if wnid not in facts.synsets():
-                raise UserError(f"{self.name}: {member!r} is not one of the 1,000 ILSVRC2012 classes")
+                raise UserError(f"{self.name}: {quoted(member)} is not one of the 1,000 ILSVRC2012 classes")
             yield f"train/{wnid}", None if wnid in done else [
                 (f"train/{wnid}/{name}", d) for name, d in archives.inner_files(f"{self.name}/{member}", wnid, data)]
 
@@ -206,7 +207,7 @@ class HfTar(Part):
         return batched((self.path(member.rsplit("/", 1)[-1]), data) for member, data in self._members("r|gz"))
 
     def path(self, base: str) -> str:
-        where = f"{self.name}: {base!r}"
+        where = f"{self.name}: {quoted(base)}"
         if self.split == "test":
             m = HF_TEST.fullmatch(base)
             if not m:
@@ -233,7 +234,7 @@ class HfParquet(Part):
             import pyarrow.parquet as pq
         except ImportError:
             raise UserError("reading parquet needs pyarrow: pip install 'warmstart[parquet]'") from None
-        data = self.reader.readall()
+        data = self.reader.readall(self.size or PARQUET_LIMIT, self.name)
         try:
             table = pq.ParquetFile(pa.BufferReader(data))
             image = table.schema_arrow.field("image").type if "image" in table.schema_arrow.names else None
@@ -258,12 +259,12 @@ class HfParquet(Part):
         if self.split == "test":
             m = HF_TEST.fullmatch(base)
             if not m:
-                raise UserError(f"{where}: image.path {path!r} is not an ILSVRC2012 test file name")
+                raise UserError(f"{where}: image.path {quoted(path)} is not an ILSVRC2012 test file name")
             return f"test/{m[1]}.JPEG"
         wnid = class_of(where, label)
         m = re.fullmatch(r"((?:n\d{8}|ILSVRC2012_val)_\d+)(?:_n\d{8})?\.JPEG", base)
         if not m:
-            raise UserError(f"{where}: image.path {path!r} is not an ILSVRC2012 file name; the output needs it")
+            raise UserError(f"{where}: image.path {quoted(path)} is not an ILSVRC2012 file name; the output needs it")
         name = f"{m[1]}.JPEG"
         return train_path(where, name, wnid) if self.split == "train" else val_path(where, name, wnid)
 
@@ -280,12 +281,14 @@ class Wds(Part):
     def _samples(self) -> Iterator[tuple[str, bytes]]:
         key, sample, seen = None, {}, set()
         for member, data in self._members("r|*"):
-            k, _, ext = member.partition(".")
+            folder, _, base = member.rpartition("/")  # a key is the name up to the first dot of its base name
+            k, _, ext = base.partition(".")
+            k = f"{folder}/{k}" if folder else k
             if k != key:
                 if key is not None:
                     yield self.path(key, sample, seen)
                 if k in seen:
-                    raise UserError(f"{self.name}: two samples named {k!r}; a WebDataset shard's samples are unique")
+                    raise UserError(f"{self.name}: two samples named {quoted(k)}; a WebDataset shard's samples are unique")
                 key, sample = k, {}
             sample[ext.lower()] = data
         if key is not None:
@@ -293,21 +296,22 @@ class Wds(Part):
 
     def path(self, key: str, sample: dict, seen: set) -> tuple[str, bytes]:
         seen.add(key)
-        where = f"{self.name}: sample {key!r}"
+        where = f"{self.name}: sample {quoted(key)}"
         image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
         if image is None or "cls" not in sample:
             raise UserError(f"{where} has no {'.cls' if image is not None else '.jpg'}; each sample needs an image "
                             "and its class index (.cls)")
-        try:
-            label = int(sample["cls"].decode().strip())
-        except (UnicodeDecodeError, ValueError):
-            raise UserError(f"{where}: .cls {sample['cls'][:20]!r} is not a class index") from None
+        if not re.fullmatch(rb"\s*\d{1,9}\s*", sample["cls"]):  # ASCII digits only: int() also takes "+2_0" and "٢"
+            raise UserError(f"{where}: .cls {quoted(sample['cls'])} is not a class index")
+        label = int(sample["cls"])
         wnid = class_of(where, label)
         name = key.rsplit("/", 1)[-1] + ".JPEG"
         if "json" in sample:
             meta = untrusted.parse_json(sample["json"].decode(errors="replace"), f"{where}.json")
             if isinstance(meta, dict) and isinstance(meta.get("filename"), str):
-                name = meta["filename"].replace("\\", "/").rsplit("/", 1)[-1]
+                name = meta["filename"]
+                if "/" in name or "\\" in name:
+                    raise UserError(f"{where}: .json filename {quoted(name)} is a path, not a file name")
         return (train_path(where, name, wnid) if self.split == "train" else val_path(where, name, wnid)), image
 
 
@@ -380,7 +384,7 @@ class KaggleFiles:
             if split == "train":
                 wnid, _, base = rest.partition("/")
                 if wnid not in facts.synsets() or not TRAIN_NAME.fullmatch(base) or not base.startswith(wnid + "_"):
-                    raise UserError(f"{where}: unexpected member {name!r} (want train/<wnid>/<wnid>_<n>.JPEG)")
+                    raise UserError(f"{where}: unexpected member {quoted(name)} (want train/<wnid>/<wnid>_<n>.JPEG)")
                 key = rest
             elif split == "val":
                 key = expect(where, name, facts.val_labels(), "val/ILSVRC2012_val_XXXXXXXX.JPEG")
@@ -413,6 +417,7 @@ class Source:
                  md5sums: tuple | None = None, kaggle: KaggleFiles | None = None):
         self.where, self.parts, self.devkit, self.md5sums, self.kaggle = where, parts, devkit, md5sums, kaggle
         self.layout = "+".join(dict.fromkeys(p[0].kind for p in parts.values()))
+        self.ignored: list[str] = []  # splits found in a second layout, said once
 
     def splits(self) -> list[str]:
         return [s for s in ("val", "train", "test") if self.parts.get(s)]
@@ -453,18 +458,24 @@ def find(specs: list[str]) -> Source:
                                             if kaggle.members[s]}, kaggle=kaggle)
     for store in all_stores:
         for name, entry in sorted(store.entries().items(), key=lambda kv: natural(kv[0])):
+            matches = [(layout, split) for layout, split_of in LAYOUTS if (split := split_of(name))]
+            if not matches and name not in (facts.DEVKIT, "MD5SUMS"):
+                continue
+            check_name(store, name)
             if name in seen:
                 raise UserError(f"{name} is in both {seen[name]} and {store.where}; give it once")
             seen[name] = store.where
             if name in (facts.DEVKIT, "MD5SUMS"):
                 extra[name] = (store, entry)
-            for layout, split_of in LAYOUTS:
-                if split := split_of(name):
-                    found.setdefault(layout, {}).setdefault(split, []).append((store, entry))
+            for layout, split in matches:
+                found.setdefault(layout, {}).setdefault(split, []).append((store, entry))
     parts: dict[str, list[Part]] = {}
+    ignored = []
     for layout, by_split in found.items():
         for split, items in by_split.items():
             if split in parts:
+                ignored.append(f"{split}: read from the {parts[split][0].kind} files; the {layout} files "
+                               f"({items[0][1].name}, ...) are ignored (one layout per split)")
                 continue
             if layout == "official":
                 store, entry = next(i for i in items if i[1].name != facts.TEST_TARS[1] or len(items) == 1)
@@ -476,12 +487,22 @@ def find(specs: list[str]) -> Source:
         raise UserError(f"{facts.KAGGLE_ZIP} is read by name, member by member, which a stream cannot do: download "
                         "it first (kaggle competitions download ...), then give its folder to --archives")
     if parts:
-        return Source(where, dict(sorted(parts.items(), key=lambda kv: ("val", "train", "test").index(kv[0]))),
-                      extra.get(facts.DEVKIT), extra.get("MD5SUMS"))
+        source = Source(where, dict(sorted(parts.items(), key=lambda kv: ("val", "train", "test").index(kv[0]))),
+                        extra.get(facts.DEVKIT), extra.get("MD5SUMS"))
+        source.ignored = ignored
+        return source
     raise UserError(f"{where} holds none of the layouts prepare reads: the official {facts.TRAIN_TAR} / "
                     f"{facts.VAL_TAR}, Kaggle's {facts.KAGGLE_ZIP} (or its folder), Hugging Face's "
                     "data/{train,val}_images*.tar.gz or data/*-NNNNN-of-NNNNN.parquet, or WebDataset shards "
                     "imagenet1k-{train,validation}-NNNN.tar; point --archives at the download")
+
+
+def check_name(store: stores.Store, name: str) -> None:
+    """A file name from a listing someone else wrote: printable, relative, no '..' (it becomes part of a URL)."""
+    parts = name.split("/")
+    if not printable(name) or "\\" in name or name.startswith("/") or ".." in parts or "" in parts:
+        raise UserError(f"{store.where} lists the file {quoted(name)}: control characters, '..' or an absolute path "
+                        "in a file name; refusing this source")
 
 
 def kaggle_files(store: stores.Store) -> KaggleFiles | None:

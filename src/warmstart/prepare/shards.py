@@ -21,7 +21,7 @@ from warmstart.data import verified
 from warmstart.data.shard_format import META, SPLITS
 from warmstart.data.shard_writer import SplitWriter, write_meta
 from warmstart.errors import UserError
-from warmstart.prepare import facts, images, layouts, verify
+from warmstart.prepare import facts, images, layouts, stores, verify
 
 BATCH = 64  # images per resize task
 
@@ -41,6 +41,7 @@ class Packer:
         self.tmp, self.resize, self.quality, self.chunk_bytes = tmp, args.resize_short, args.quality, args.chunk_bytes
         self.writers: dict[str, SplitWriter] = {}
         self.repairs, self.unreadable = [], []
+        self.names: set[int] = set()  # hashes of split/class/name: a second sample of one name is an error
         self.procs = ProcessPoolExecutor(args.workers) if self.resize and args.workers > 1 else None
 
     def add(self, split: str, items: list[tuple[str, str, bytes]]) -> None:
@@ -55,6 +56,10 @@ class Packer:
             out = [prepared(d, self.resize, self.quality) for d in datas]
         for (name, cls, data), result in zip(items, out):
             where = f"{split}/{cls}/{name}"
+            if hash(where) in self.names:  # as class folders would: one file, not two samples a count takes for two
+                raise UserError(f"{where} is given twice (two samples or files share the name); the source is not "
+                                "ImageNet as published")
+            self.names.add(hash(where))
             if result is None:
                 self.unreadable.append(where)
                 continue
@@ -132,6 +137,10 @@ def from_archives(args: argparse.Namespace, out: Path) -> int:
                     for _, files in part.files(set()):
                         packer.add(split, [(rel.rsplit("/", 1)[1], rel.split("/")[1], data) for rel, data in files])
                         progress.update(part.consumed - progress.n)
+                except stores.Restart as e:  # what a chunk already holds cannot be taken back; class folders can
+                    raise UserError(f"{str(e).split('; restarting')[0]}: --shards cannot start one file over; run the command again, or prepare "
+                                    "class folders with --out (they restart a file) and shard those with "
+                                    "--from-folder") from None
                 finally:
                     part.close()
                     progress.close()

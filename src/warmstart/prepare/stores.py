@@ -6,7 +6,6 @@ import concurrent.futures
 import http.client
 import os
 import re
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import requests
 import urllib3
 
-from warmstart.errors import UserError, first_line
+from warmstart.errors import UserError, first_line, shown
 from warmstart.prepare import facts
 
 TIMEOUT = (30, 60)  # connect, read (s): a stalled read is retried with Range rather than waited on
@@ -117,13 +116,11 @@ class LocalStore(Store):
         for dirpath, dirnames, filenames in os.walk(self.root):
             # hidden entries are not downloads: huggingface-cli keeps its .cache/huggingface/ metadata there
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(f for f in filenames if not f.startswith(".")) + dirnames:
+            for f in sorted(f for f in filenames if not f.startswith(".")):
                 p = os.path.join(dirpath, f)
-                mode = os.lstat(p).st_mode
-                if stat.S_ISLNK(mode):
-                    raise UserError(f"{p} is a symbolic link; --archives should hold only regular files "
-                                    "(copy the file there instead of linking it)")
-                if stat.S_ISREG(mode):
+                # a link to a file is followed (huggingface-cli's cache links snapshots to blobs); os.walk walks no
+                # link to a folder (no loops); a dangling link or a device is skipped
+                if os.path.isfile(p):
                     name = os.path.relpath(p, self.root).replace(os.sep, "/")
                     found[name] = Entry(name, os.path.getsize(p), None)
         return found
@@ -135,6 +132,13 @@ class LocalStore(Store):
 
     def path(self, name: str) -> Path | None:
         return self.folder / name
+
+
+def redact(url: str) -> str:
+    """A URL as messages and records show it: no user:password, no query (a signed link's signature), escaped."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return shown(f"{parts.scheme}://{host}{parts.path}" + ("?..." if parts.query else ""))
 
 
 def total_size(r: requests.Response) -> int | None:
@@ -154,7 +158,7 @@ class HttpStore(Store):
     def __init__(self, url: str, headers: dict[str, str] | None = None):
         if urlsplit(url).path in ("", "/") and not url.endswith("/"):
             url += "/"
-        self.url = self.where = url
+        self.url, self.where = url, redact(url)
         self.session = requests.Session()  # requests drops Authorization when a redirect leaves the host
         # identity: a server that gzips a .tar.gz on the fly would change the bytes and the sizes
         self.session.headers.update({"Accept-Encoding": "identity", **(headers or {})})
@@ -169,7 +173,7 @@ class HttpStore(Store):
                 r = self.session.get(url, headers={"Range": "bytes=0-0"}, stream=True, timeout=TIMEOUT)
                 r.close()
         except requests.RequestException as e:
-            raise UserError(f"cannot reach {url} ({kind(e)}: {first_line(e)}); check the URL and the network") from None
+            raise UserError(f"cannot reach {redact(url)} ({kind(e)}: {first_line(e)}); check the URL and the network") from None
         return r.status_code, r
 
     def _list(self) -> dict[str, Entry]:
@@ -178,23 +182,26 @@ class HttpStore(Store):
             if status not in (200, 206):
                 raise self.status_error(self.url, status)
             if r.headers.get("Content-Type", "").startswith("text/html"):
-                raise UserError(f"{self.url} is a web page, not an archive; end a folder's URL with '/'")
+                raise UserError(f"{self.where} is a web page, not an archive; end a folder's URL with '/'")
             name = unquote(urlsplit(self.url).path.rsplit("/", 1)[-1])
             return {name: Entry(name, total_size(r), None)}
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             probes = dict(zip(KNOWN, pool.map(self._probe, map(self.file_url, KNOWN))))
-        found = {n: Entry(n, total_size(r), None) for n, (status, r) in probes.items() if status in (200, 206)}
+        # a server that answers every name with a page (a "soft 404") has none of them
+        found = {n: Entry(n, total_size(r), None) for n, (status, r) in probes.items()
+                 if status in (200, 206) and not r.headers.get("Content-Type", "").startswith("text/html")}
         # 401/403 for a missing name is how a bucket that forbids listing answers: absent once something was found
         odd = [(n, s) for n, (s, _) in probes.items()
                if s not in (200, 206, 404, 410) and (s not in (401, 403) or not found)]
         if odd:
             raise self.status_error(self.file_url(odd[0][0]), odd[0][1])
         if not found:
-            raise UserError(f"{self.url} holds none of {', '.join(KNOWN)} (HTTP 404 for each); a URL cannot be "
+            raise UserError(f"{self.where} holds none of {', '.join(KNOWN)} (HTTP 404 for each); a URL cannot be "
                             "listed, so point at the folder holding them or at one file's URL")
         return found
 
     def status_error(self, url: str, status: int) -> UserError:
+        url = redact(url)
         if status in (401, 403):
             return UserError(self.denied(url, status))
         if status == 404:
@@ -216,6 +223,7 @@ class HttpStream(Stream):
     def __init__(self, store: HttpStore, name: str, url: str, offset: int, size: int | None, on_resume=None):
         super().__init__(None, offset)
         self.store, self.name, self.url, self.size, self.on_resume = store, name, url, size, on_resume
+        self.shown, self.limit = redact(url), size  # limit: the size the listing gave; no file is read past it
         self.response: requests.Response | None = None
         self.version = None  # (strong ETag, Last-Modified, size) of the first answer: what a resume must match
         self.failures, self.cause, self.done = 0, None, False
@@ -231,7 +239,7 @@ class HttpStream(Stream):
                 self.cause = self.cause or e  # what the resume line reports; `e` is what a give-up reports
                 if self.failures >= TRIES:
                     detail = kind(e) if isinstance(e, Retry) else f"{kind(e)}: {first_line(e)}"
-                    raise UserError(f"{self.url}: gave up at byte {self.position:,} after {TRIES} failed tries "
+                    raise UserError(f"{self.shown}: gave up at byte {self.position:,} after {TRIES} failed tries "
                                     f"({detail}); rerunning the command resumes") from None
                 time.sleep(min(BACKOFF[1], BACKOFF[0] * 2 ** (self.failures - 1)))
 
@@ -251,26 +259,30 @@ class HttpStream(Stream):
             if first:
                 self.done = True
                 return
-            raise Restart(f"{self.url} answered 416 to a Range request from byte {self.position:,} (the file shrank?); "
+            raise Restart(f"{self.shown} answered 416 to a Range request from byte {self.position:,} (the file shrank?); "
                           "restarting the file")
         if r.status_code not in (200, 206):
             r.close()
             raise self.store.status_error(self.url, r.status_code)
         if self.position and r.status_code == 200:
             r.close()
-            raise Restart(f"{self.url} ignores Range requests (answered 200); restarting the file")
+            raise Restart(f"{self.shown} ignores Range requests (answered 200); restarting the file")
         if r.status_code == 206:
             cr = r.headers.get("Content-Range", "")
             m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", cr)
             if not m or int(m[1]) != self.position:
                 r.close()
-                raise Restart(f"{self.url} answered Content-Range {cr!r} to a request from byte {self.position:,}; "
+                raise Restart(f"{self.shown} answered Content-Range {cr!r} to a request from byte {self.position:,}; "
                               "restarting the file")
         tag = r.headers.get("ETag")
         # a weak ETag never compares equal under the strong comparison a byte range needs: it identifies nothing
         etag = None if tag is None or tag.startswith("W/") else tag
         version = (etag, r.headers.get("Last-Modified"), total_size(r))
         if first:
+            if None not in (self.limit, version[2]) and version[2] != self.limit:
+                r.close()
+                raise UserError(f"{self.shown}: the file list says {self.limit:,} bytes but the server sends "
+                                f"{version[2]:,}; the listing and the file disagree, try again later")
             self.version, self.size = version, version[2] if version[2] is not None else self.size
         else:
             was_etag, was_modified, _ = self.version  # the same file: its ETag, else its Last-Modified; and its size
@@ -281,7 +293,7 @@ class HttpStream(Stream):
             for what, was, now in same:
                 if now != was:
                     r.close()
-                    raise Restart(f"{self.url} changed since the read began ({what} {was} became {now}); "
+                    raise Restart(f"{self.shown} changed since the read began ({what} {was} became {now}); "
                                   "restarting the file")
             line = f"{self.name}: connection dropped at byte {self.position:,} ({kind(self.cause)}); resumed with Range"
             line += f" after {self.failures} tries" if self.failures > 1 else ""
@@ -296,6 +308,11 @@ class HttpStream(Stream):
                 return b""
             self._request()
             if self.done:
+                return b""
+        if self.size is not None:  # never past the file's size, whatever a server keeps sending
+            n = min(n, self.size - self.position)
+            if n <= 0:
+                self.close()
                 return b""
         t = time.perf_counter()
         try:
