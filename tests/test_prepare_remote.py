@@ -163,6 +163,39 @@ def test_a_train_tar_that_changed_since_the_killed_run_is_prepared_again_from_it
     assert record["md5"] == fixtures.md5sum(archives / facts.TRAIN_TAR)
 
 
+def test_a_resumed_train_tar_decodes_each_image_it_reads(sources, tmp_path):
+    """A JPEG cut short in the last class passes the header check; read from an offset (no MD5 will vouch for the
+    rest), it is decoded whole, found out and named."""
+    import io
+    import tarfile
+
+    archives = tmp_path / "official"
+    archives.mkdir()
+    for p in (sources / "official").iterdir():
+        if p.name not in (facts.TRAIN_TAR, "MD5SUMS"):
+            (archives / p.name).write_bytes(p.read_bytes())
+    with tarfile.open(sources / "official" / facts.TRAIN_TAR) as outer, \
+            tarfile.open(archives / facts.TRAIN_TAR, "w", format=tarfile.GNU_FORMAT) as new:
+        members = [(m.name, outer.extractfile(m).read()) for m in outer if m.isfile()]
+        for i, (name, data) in enumerate(members):
+            if i == len(members) - 1:  # the last class: its first image cut to a third
+                with tarfile.open(fileobj=io.BytesIO(data)) as inner:
+                    files = [(m.name, inner.extractfile(m).read()) for m in inner if m.isfile()]
+                files[0] = (files[0][0], files[0][1][: len(files[0][1]) // 3])
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as inner:
+                    for n, d in files:
+                        fixtures.add_file(inner, n, d)
+                data = buf.getvalue()
+            fixtures.add_file(new, name, data)
+    with serve(archives) as server:
+        args = ["prepare", "--archives", server.url, "--out", str(tmp_path / "out"), "--partial"]
+        assert run(args, tmp_path, script=killer("train/n")).returncode == -signal.SIGKILL
+        again = run(args, tmp_path)
+    assert again.returncode == 2 and "files are not decodable images" in again.stderr, again.stderr
+    assert files[0][0] in again.stderr
+
+
 def test_an_image_that_does_not_decode_in_a_resumed_train_tar_is_rejected(tmp_path):
     """Read from an offset, no checksum vouches for the rest of the train tar: each image is decoded whole instead."""
     from warmstart.prepare import extract, images
