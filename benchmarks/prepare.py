@@ -49,6 +49,16 @@ def fs_used(path: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize  # ext4 counts delayed-allocation blocks as used
 
 
+def settle_then_read(seconds: float, inputs: list[Path]) -> None:
+    """sync, pause, then read the inputs once so every contestant finds them in the page cache."""
+    subprocess.run(["sync"])
+    time.sleep(seconds)
+    for path in inputs:
+        with open(path, "rb") as f:
+            while f.read(16 << 20):
+                pass
+
+
 def timed(cmd: list[str], cwd: Path, watch: Path, start_size: int, settle: float, inputs: list[Path]) -> tuple[float, int, float]:
     """Run cmd on `inputs`; -> (seconds, peak size of the `watch` folder, CPU seconds of cmd and its children).
 
@@ -58,12 +68,7 @@ def timed(cmd: list[str], cwd: Path, watch: Path, start_size: int, settle: float
     page cache is emptied from outside now and then (cached archives read back from disk made
     single runs 4-10x slower, with no more CPU time), so both contestants start with their
     archives in memory, and the comparison is of the work, not of the disk."""
-    subprocess.run(["sync"])
-    time.sleep(settle)
-    for path in inputs:
-        with open(path, "rb") as f:
-            while f.read(16 << 20):
-                pass
+    settle_then_read(settle, inputs)
     start, peak, stop = fs_used(cwd), [0], threading.Event()
 
     def sample():

@@ -41,6 +41,9 @@ from pathlib import Path
 
 from warmstart.prepare import facts, fixtures
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prepare import fs_used, settle_then_read as settle  # noqa: E402  (benchmarks/prepare.py's)
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 HF_REPO = "ILSVRC/imagenet-1k"
@@ -79,11 +82,6 @@ def folder_usage(root: Path) -> int:
         except FileNotFoundError:  # moved or removed while we walked
             pass
     return total
-
-
-def fs_used(path: Path) -> int:
-    st = os.statvfs(path)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize  # ext4 counts delayed-allocation blocks as used
 
 
 class Sampler:
@@ -133,16 +131,6 @@ class Sampler:
                 self.sample_fs()
             self.stop.wait(self.interval)
         self.cpu = time.thread_time() - c0
-
-
-def settle(seconds: float, inputs: list[Path]) -> None:
-    """sync, pause, then read the served files once so both contestants find them in the page cache."""
-    subprocess.run(["sync"])
-    time.sleep(seconds)
-    for path in inputs:
-        with open(path, "rb") as f:
-            while f.read(16 << 20):
-                pass
 
 
 def children_cpu() -> float:
