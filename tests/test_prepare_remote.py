@@ -31,7 +31,7 @@ def sources(tmp_path_factory) -> Path:
     """The official, hf-tars and wds fixtures side by side (the Hub emulation serves each as a repo), and the
     official tree prepared from local files: the reference every streamed prepare must equal."""
     root = tmp_path_factory.mktemp("remote")
-    for layout in ("official", "hf-tars", "wds"):
+    for layout in ("official", "hf-tars", "hf-parquet", "wds"):
         fixtures.LAYOUTS[layout](root / layout, CLASSES, **SIZES)
     assert main(["prepare", "--archives", str(root / "official"), "--out", str(root / "reference"), "--partial"]) == 0
     return root
@@ -41,7 +41,8 @@ def reference(sources: Path, test: bool = True) -> dict[str, str]:
     return {k: v for k, v in tree(sources / "reference").items() if test or not k.startswith("test/")}
 
 
-HUB = {"ILSVRC/imagenet-1k": {"main": "hf-tars"}, "timm/imagenet-1k-wds": {"main": "wds"}}
+HUB = {"ILSVRC/imagenet-1k": {"main": "hf-tars", "refs/convert/parquet": "hf-parquet"},
+       "timm/imagenet-1k-wds": {"main": "wds"}}
 
 
 def run(args: list[str], tmp_path: Path, endpoint: str | None = None, token: str | None = TOKEN,
@@ -75,7 +76,8 @@ def test_official_folder_url_cut_five_times_per_file_gives_the_same_tree(sources
     assert {c["file"]: c["md5"] for c in doc["checksums"]}[facts.VAL_TAR] == fixtures.md5sum(sources / "official" / facts.VAL_TAR)
 
 
-@pytest.mark.parametrize("repo,layout", [("ILSVRC/imagenet-1k", "hf-tars"), ("timm/imagenet-1k-wds", "wds")])
+@pytest.mark.parametrize("repo,layout", [("ILSVRC/imagenet-1k", "hf-tars"), ("timm/imagenet-1k-wds", "wds"),
+                                         ("ILSVRC/imagenet-1k@refs/convert/parquet", "hf-parquet")])
 def test_hf_dataset_through_hf_endpoint_with_cuts_gives_the_same_tree(sources, tmp_path, repo, layout):
     with serve(sources, hf=HUB, token=TOKEN, redirect=True, cut_after=48 << 10, cuts_per_file=5) as server:
         out = tmp_path / "out"
