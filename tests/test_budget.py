@@ -148,6 +148,9 @@ def test_a_budget_run_killed_and_resumed_ends_as_the_uninterrupted_one(data, tmp
         assert torch.equal(a["model"][k], b["model"][k]), k
     lrs = [json.loads(line)["lr"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == 0.0  # after the 1-epoch warmup: only down
+    for run in (full, killed):  # evaluated once, at the end: the resumed run too (its config.yaml says so)
+        evaluated = ["val_top1" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert evaluated == [False] * (len(evaluated) - 1) + [True], (run, evaluated)
 
 
 def test_flip_tta_averages_each_image_with_its_mirror(trained, data, capsys):

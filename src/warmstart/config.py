@@ -142,7 +142,8 @@ class TrainConfig:
                                       "bf16 or on a GPU, off for fp32 on a CPU)")
     compile: bool = _opt(False, "torch.compile the model")
     # bookkeeping
-    eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)")
+    eval_every: int = _opt(1, "evaluate every N epochs, and always after the last (0: only after the last, what a "
+                                 "budget does unless this is given)")
     save_every_minutes: float = _opt(10.0, "also write last.pt every N minutes inside an epoch (fractions allowed)")
 
     @property
@@ -327,6 +328,8 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
                 values[k] = max(8, int(round(recipe[k] * factor / 8) * 8))
     if getattr(args, "data_pos", None):
         values["data"] = args.data_pos
+    if budget_given and "eval_every" not in values:  # the time goes to training: evaluated once, at the end; kept
+        values["eval_every"] = 0                       # in config.yaml, so a resumed budget run does the same
     if budget_given and "img_size_start" not in values and not getattr(args, "config", None):
         img = values.get("img_size", TrainConfig.img_size)
         values["img_size_start"] = max(8, min(img, int(round(BUDGET_START * img / 8) * 8)))
@@ -354,7 +357,7 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
 # "inside", never "not outside".
 RANGES = {
     "epochs": (1, 100_000), "batch_size": (1, 2**20), "accum_steps": (1, 2**16), "global_batch": (1, 2**24),
-    "eval_every": (1, None), "seed": (0, 2**63 - 1), "workers": (0, 1024), "threads": (1, 4096),
+    "eval_every": (0, None), "seed": (0, 2**63 - 1), "workers": (0, 1024), "threads": (1, 4096),
     "nproc_per_node": (1, 1024), "world_size": (1, 100_000), "rank": (0, 100_000), "dist_timeout": (0.01, 10_000),
     "img_size": (8, 4096), "img_size_start": (8, 4096), "eval_img_size": (8, 4096), "max_image_pixels": (1, 2**40),
     "crop_pct": (1e-3, 1), "min_scale": (1e-3, 1), "label_smoothing": (0, 0.999), "reprob": (0, 1),

@@ -146,7 +146,7 @@ def _schedule(run, rates: dict, evaluation: float, startup: float) -> tuple[dict
     for e in range(cfg.epochs):
         size = budgets.size_for_epoch(cfg, e)
         images[size] = images.get(size, 0.0) + epoch_images
-    evals = len([e for e in range(1, cfg.epochs + 1) if e % cfg.eval_every == 0 or e == cfg.epochs])
+    evals = len([e for e in range(1, cfg.epochs + 1) if cfg.eval_every and e % cfg.eval_every == 0 or e == cfg.epochs])
     total_updates = cfg.epochs * run.updates_per_epoch
     lr_at = [(p, _lr(run, run.step.scheduler, int(p * total_updates))) for p in points]
     return images, evals, lr_at

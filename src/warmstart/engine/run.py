@@ -480,13 +480,13 @@ class Run:
     def _end_epoch(self, size: int, stats: dict, t0: float) -> None:
         """After an epoch's training: evaluate when due, record and say the epoch, save last.pt (and best.pt, the
         same state at this epoch's end: a hard link of last.pt's file, written once). Under a budget the epoch may
-        end early (spent), and evaluation is at the end unless --eval-every was given: the time goes to training."""
+        end early (spent); it evaluates only at the end unless --eval-every was given (config: eval_every 0)."""
         cfg, pos, improved, t_end = self.cfg, self.pos, False, time.perf_counter()
         epoch = pos.epoch + (pos.batch_in_epoch > 0)  # an epoch the budget ended counts as the one it was in
         row = {"epoch": epoch, "lr": max(g["lr"] for g in self.step.optimizer.param_groups), "img_size": size,
                **stats}
         last = self.clock.done() if self.clock else pos.epoch == cfg.epochs
-        every = cfg.eval_every if not self.clock or "eval_every" in getattr(cfg, "given", ()) else 0
+        every = cfg.eval_every  # 0: only after the last (a budget's default)
         if last or (every and pos.epoch % every == 0):
             t_eval = time.perf_counter()
             row.update(self.evaluate())
