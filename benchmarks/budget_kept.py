@@ -41,13 +41,15 @@ def train(args, out: Path, *flags: str, kill_at: float | None = None) -> dict:
     if kill_at is None:
         log = proc.communicate()[0]
     else:  # SIGKILL the whole process group once last.pt records `kill_at` of the budget's progress
-        last, progress = out / "checkpoints" / "last.pt", 0.0
+        last, progress, seen = out / "checkpoints" / "last.pt", 0.0, None
         while proc.poll() is None and progress < kill_at:
-            try:
-                progress = torch.load(last, weights_only=True)["train_state"]["budget"]["progress"]
+            time.sleep(0.2)
+            try:  # loaded only when rewritten: loading it every poll would slow the run it measures
+                if last.stat().st_mtime_ns != seen:
+                    seen = last.stat().st_mtime_ns
+                    progress = torch.load(last, weights_only=True)["train_state"]["budget"]["progress"]
             except Exception:  # not written yet, or being replaced
                 pass
-            time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
         log = proc.communicate()[0]
     wall = time.perf_counter() - t0
