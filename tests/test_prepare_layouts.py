@@ -208,3 +208,20 @@ def test_a_part_that_writes_no_file_and_duplicates_in_shards(tmp_path, capsys):
     assert main(["prepare", "--archives", str(src), "--shards", str(tmp_path / "shards"), "--partial"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is given twice" in err
+
+
+def test_the_checksum_covers_the_bytes_after_the_end_of_the_tar(tmp_path, monkeypatch):
+    """A tar's end marker may be followed by megabytes of padding the parser never reads: the hash must still see
+    every byte (read to the end before the part's stream is closed), or a good archive would fail its MD5."""
+    from warmstart.prepare import archives
+
+    monkeypatch.setattr(archives.HashingReader, "CHUNK", 64 << 10)  # read-ahead far shorter than the padding
+    src = fixtures.build_official(tmp_path / "src", CLASSES[:2], 2, 4, devkit=False)
+    with open(src / fixtures.facts.VAL_TAR, "ab") as f:
+        f.write(bytes(4 << 20))
+    want = fixtures.md5sum(src / fixtures.facts.VAL_TAR)
+    (src / "MD5SUMS").write_text("".join(f"{fixtures.md5sum(p)}  {p.name}\n" for p in sorted(src.glob("*.tar"))))
+    assert main(["prepare", "--archives", str(src), "--out", str(tmp_path / "out"), "--partial"]) == 0
+    doc = json.loads((tmp_path / "out" / "prepared.json").read_text())
+    record = {c["file"]: c for c in doc["checksums"]}[fixtures.facts.VAL_TAR]
+    assert record["md5"] == want and record["md5sums_match"] is True

@@ -228,6 +228,7 @@ def read_part(args: argparse.Namespace, part: layouts.Part, output: Output, stag
         finished = False
         try:
             stream(part, output, stage, show, timing, futures)
+            part.checksum()  # the rest of the file read and hashed while its stream is still open
             if after is not None and after.reader is None and not isinstance(after, (layouts.OfficialTrain, layouts.Kaggle)):
                 after.open(0)  # its bytes flow while this part's writes end; its own offset is always 0
             output.settle(block=True)

@@ -71,13 +71,13 @@ class Part:
         self.key = key or f"{split}/@{entry.name}"
         self.size = entry.size or 0
         self.reader: archives.HashingReader | None = None
-        self.stream = None
+        self.stream, self.digest = None, None
         self.offset = 0
 
     def open(self, offset: int = 0, on_resume=None) -> None:
         """Start reading (a thread fetches ahead at once). on_resume(line): told of each resumed connection; may be
         set later as the attribute, for a part opened ahead of its turn."""
-        self.offset, self.on_resume = offset, on_resume
+        self.offset, self.on_resume, self.digest = offset, on_resume, None
         self.stream = self.store.open(self.name, offset, on_resume=lambda line: self.on_resume and self.on_resume(line))
         self.reader = archives.HashingReader(self.stream, self.algorithm if offset == 0 else None)
 
@@ -85,8 +85,11 @@ class Part:
         raise NotImplementedError
 
     def checksum(self) -> str | None:
-        """The digest of every byte, once files() is exhausted; None when the file was not read from byte 0."""
-        return self.reader.hexdigest()
+        """The digest of every byte (the rest read first: a tar's end padding), once files() is exhausted; None when
+        the file was not read from byte 0. Kept, so closing the part after does not touch it."""
+        if self.digest is None:
+            self.digest = self.reader.hexdigest() or ""
+        return self.digest or None
 
     @property
     def consumed(self) -> int:

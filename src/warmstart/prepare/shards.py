@@ -137,6 +137,7 @@ def from_archives(args: argparse.Namespace, out: Path) -> int:
                     for _, files in part.files(set()):
                         packer.add(split, [(rel.rsplit("/", 1)[1], rel.split("/")[1], data) for rel, data in files])
                         progress.update(part.consumed - progress.n)
+                    part.checksum()  # the rest read and hashed before the part is closed
                 except stores.Restart as e:  # what a chunk already holds cannot be taken back; class folders can
                     raise UserError(f"{str(e).split('; restarting')[0]}: --shards cannot start one file over; run the command again, or prepare "
                                     "class folders with --out (they restart a file) and shard those with "
