@@ -15,7 +15,6 @@ from warmstart.errors import UserError, quoted
 
 TRAIN_NAME = re.compile(r"(n\d{8})_\d+\.JPEG")
 TEST_NAME = re.compile(r"ILSVRC2012_test_\d{8}\.JPEG")
-KAGGLE_ROOT = "ILSVRC/Data/CLS-LOC/"
 TAR_BUFSIZE = 64 << 10  # tarfile's stream reads: fewer Python calls than 10 KiB, small remainder copies
 Files = list[tuple[str, bytes | memoryview]]
 

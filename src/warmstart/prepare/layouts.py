@@ -16,7 +16,7 @@ from warmstart.errors import UserError, first_line, printable, quoted
 from warmstart.prepare import archives, facts, stores
 from warmstart.prepare.archives import TAR_BUFSIZE, TEST_NAME, TRAIN_NAME, expect, safe_name, tar_error
 
-KAGGLE_ROOT = archives.KAGGLE_ROOT
+KAGGLE_ROOT = "ILSVRC/Data/CLS-LOC/"
 BATCH = 256  # files per writer task
 Files = list[tuple[str, bytes | memoryview]]  # (path under the output root, bytes)
 
@@ -71,7 +71,7 @@ class Part:
         self.key = key or f"{split}/@{entry.name}"
         self.size = entry.size or 0
         self.reader: archives.HashingReader | None = None
-        self.stream, self.digest = None, None
+        self.stream, self.digest, self.end = None, None, 0
         self.offset = 0
 
     def open(self, offset: int = 0, on_resume=None) -> None:
@@ -129,6 +129,8 @@ class Part:
                         data = tar.extractfile(info).read()
                         if len(data) != info.size:
                             raise tar_error(self.name, EOFError("unexpected end of data"))
+                        # the byte after this member in the file: a plain tar's next header starts there
+                        self.end = self.offset + info.offset_data + -(-info.size // 512) * 512
                         yield member, data
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise tar_error(self.name, e) from None
@@ -156,27 +158,13 @@ class OfficialTrain(Part):
         self.ends: dict[str, int] = {}
 
     def files(self, done):
-        for member, data in self._members_with_ends():
+        for member, data in self._members():
             wnid = expect(self.name, member, re.compile(r"n\d{8}\.tar"), "<wnid>.tar")[:-4]
             if wnid not in facts.synsets():
                 raise UserError(f"{self.name}: {quoted(member)} is not one of the 1,000 ILSVRC2012 classes")
+            self.ends[wnid] = self.end
             yield f"train/{wnid}", None if wnid in done else [
                 (f"train/{wnid}/{name}", d) for name, d in archives.inner_files(f"{self.name}/{member}", wnid, data)]
-
-    def _members_with_ends(self) -> Iterator[tuple[str, bytes]]:
-        try:
-            with self._tar() as outer:
-                for info in outer:
-                    member = safe_name(self.name, info)
-                    if member is None:
-                        continue
-                    data = outer.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise tar_error(self.name, EOFError("unexpected end of data"))
-                    self.ends[member[:-4]] = self.offset + info.offset_data + -(-info.size // 512) * 512
-                    yield member, data
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise tar_error(self.name, e) from None
 
 
 class OfficialFlat(Part):
