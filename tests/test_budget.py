@@ -38,6 +38,25 @@ def test_the_size_stays_low_then_ramps_to_the_final_size():
     assert sizes == sorted(sizes) and all(s % 8 == 0 for s in sizes)
 
 
+def test_an_epoch_trains_at_the_size_of_its_middle_so_a_short_run_ends_at_the_final_size():
+    """Sizes change at epoch starts only: taken at the progress an epoch starts from, a 5-epoch budget would train its
+    last epoch (80-100%) at 56 px; at its middle (90%) it is 64. A resume mid-epoch keeps the epoch's size."""
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    b = budget.Budget("images", 5000.0)
+    clock = budget.Clock(b, lambda w: recipe.build_scheduler(TrainConfig(sched="linear"), opt, 1, budget_warmup=w),
+                         step=0, images_per_update=100, epoch_images=1000, warmup_images=0, start=48, final=64,
+                         time_eval=lambda: 0.0)
+    sizes, step = [], 0
+    while not clock.done():
+        sizes.append(clock.epoch_started())
+        for _ in range(10):
+            step += 1
+            clock.step_update(step)
+    assert sizes == [48, 48, 48, 48, 64]
+    b.size, b.progress, b.images = 48, 0.9, 4500  # a checkpoint from half-way through an epoch begun at 48 px
+    assert clock.epoch_started(resumed=True) == 48 and clock.epoch_started() == 64
+
+
 def _lrs_through(b: budget.Budget, replans: dict, images_per_update: int = 10) -> list[float]:
     """The LR at every update of a budget run whose plan is changed to replans[update] on the way."""
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
@@ -79,10 +98,11 @@ def test_replan_from_measured_rates_fits_the_time_left():
 
 
 def test_a_checkpoint_budget_is_checked(tmp_path):
-    good = budget.Budget("time", 60.0, progress=0.5, images=100, total=200.0, rates={48: 10.0}).state()
+    good = budget.Budget("time", 60.0, progress=0.5, images=100, total=200.0, rates={48: 10.0}, size=48).state()
     assert checkpoint._is_budget(good) and checkpoint._is_budget(None)
     for bad in ({**good, "kind": "forever"}, {**good, "progress": 2.0}, {**good, "used": float("nan")},
-                {**good, "rates": {"48": 10.0}}, {**good, "rates": {48: -1.0}}, {**good, "code": "x"}):
+                {**good, "rates": {"48": 10.0}}, {**good, "rates": {48: -1.0}}, {**good, "code": "x"},
+                {**good, "size": -8}, {**good, "size": 56.5}):
         assert not checkpoint._is_budget(bad), bad
 
 
@@ -180,7 +200,8 @@ def test_fast_yaml_is_the_budget_recipe_at_imagenet_sizes():
 
     recipe = config.load_yaml(str(Path(__file__).resolve().parents[1] / "examples" / "recipes" / "fast.yaml"))
     assert {k: recipe[k] for k in config.BUDGET_DEFAULTS} == config.BUDGET_DEFAULTS
-    assert recipe["img_size_start"] == round(config.BUDGET_START * recipe["img_size"] / 8) * 8  # 160 of 192
+    assert recipe["img_size_start"] == round(config.BUDGET_START * recipe["img_size"] / 8) * 8  # 144 of 192
+    assert recipe["eval_img_size"] == round(config.BUDGET_EVAL * recipe["img_size"] / 8) * 8  # 256 for 192
 
 
 def test_plan_measures_prints_the_schedule_and_trains_nothing(data, tmp_path, capsys, monkeypatch):

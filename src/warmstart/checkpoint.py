@@ -338,10 +338,10 @@ def _is_budget(b) -> bool:
     if b is None:
         return True
     numbers = ("amount", "progress", "total", "used", "warmup", "overhead", "reserve")
-    return (isinstance(b, dict) and not set(b) - {"kind", "images", "rates", *numbers} and b.get("kind") in ("time", "images")
+    return (isinstance(b, dict) and not set(b) - {"kind", "images", "size", "rates", *numbers} and b.get("kind") in ("time", "images")
             and all(type(b.get(k, 0.0)) in (int, float) and math.isfinite(b.get(k, 0.0)) and b.get(k, 0.0) >= 0
                     for k in numbers)
-            and b.get("progress", 0.0) <= 1 and whole_number(b.get("images", 0))
+            and b.get("progress", 0.0) <= 1 and whole_number(b.get("images", 0)) and whole_number(b.get("size", 0))
             and isinstance(b.get("rates", {}), dict)
             and all(whole_number(k, 1) and type(v) in (int, float) and math.isfinite(v) and v > 0
                     for k, v in b.get("rates", {}).items()))

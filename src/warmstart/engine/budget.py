@@ -75,6 +75,7 @@ class Budget:
     rates: dict = field(default_factory=dict)  # training images/s at each size measured so far (all ranks)
     overhead: float = 0.0     # seconds per epoch end (evaluation, checkpoint), measured
     reserve: float = 0.0      # seconds kept for the final evaluation and checkpoint
+    size: int = 0             # the image size of the epoch in progress (a resume mid-epoch keeps it)
 
     @property
     def unit(self) -> int:
@@ -170,7 +171,7 @@ class Clock:
         self.start, self.final, self.time_eval, self.eval_seconds = start, final, time_eval, None
         self.agree, self.replan_every = agree, replan_every
         self.started = process_started()
-        self.epoch_t0, self.epoch_images_done, self.size = time.perf_counter(), 0, self.next_size()
+        self.epoch_t0, self.epoch_images_done, self.size = time.perf_counter(), 0, budget.size or self.next_size()
         self.window: deque = deque(maxlen=WINDOW)  # (time, images this epoch) at the recent updates
         if budget.kind == "images" and not budget.total:
             budget.plan_images(budget.amount, warmup_images)
@@ -198,11 +199,21 @@ class Clock:
     # ---------------------------------------------------------------- epochs
 
     def next_size(self) -> int:
-        return size_at(self.budget.progress, self.start, self.final)
+        """The size at the progress the next epoch will have reached half-way through, as planned now: with a few
+        epochs in a budget, the size at an epoch's start would lag the ramp by up to an epoch (a 5-epoch run would
+        train its last 30% below the final size)."""
+        b, p = self.budget, self.budget.progress
+        left = b.total - b.images
+        if b.total and left > 0:
+            p += (1.0 - p) * min(1.0, 0.5 * self.epoch_images / left)
+        return size_at(p, self.start, self.final)
 
-    def epoch_started(self) -> int:
-        """The size of the epoch about to train; its clock starts now."""
-        self.size, self.epoch_t0, self.epoch_images_done = self.next_size(), time.perf_counter(), 0
+    def epoch_started(self, resumed: bool = False) -> int:
+        """The size of the epoch about to train (`resumed`: part of it was trained by an earlier process, whose size
+        it keeps); its clock starts now."""
+        if not (resumed and self.budget.size):
+            self.budget.size = self.next_size()
+        self.size, self.epoch_t0, self.epoch_images_done = self.budget.size, time.perf_counter(), 0
         self.window.clear()
         return self.size
 

@@ -451,7 +451,7 @@ class Run:
         pos = self.pos
         while not self.clock.done() if self.clock else pos.epoch < cfg.epochs:
             t0 = time.perf_counter()
-            size = self.clock.epoch_started() if self.clock else size_for_epoch(cfg, pos.epoch)
+            size = self.clock.epoch_started(pos.batch_in_epoch > 0) if self.clock else size_for_epoch(cfg, pos.epoch)
             self.sampler.set_epoch(pos.epoch, size, start=pos.batch_in_epoch * cfg.batch_size * dist.world_size)
             trained = pos.batch_in_epoch >= self.batches_per_epoch  # resumed from a save at the epoch's last update
             stats = self._carried_loss() if trained else train_one_epoch(
