@@ -28,7 +28,8 @@ line reporting that epoch's evaluation came down the pipe (timm: its last `Test:
 `epoch N ... | val ...` line), with top-1 from timm's summary.csv (eval_top1) and warmstart's metrics.csv (val_top1).
 --holdout F keeps F of each class of D/train out of training (seeded, stratified, symlinks under OUT/data; val/ is
 D/val) and scores the final checkpoints on it: timm's last.pth.tar with TIMM/validate.py (its default preprocessing
-at S), warmstart's checkpoints/last.pt with `warmstart evaluate --json`; both in fp32. Everything stays in OUT.
+at S), warmstart's checkpoints/last.pt with `warmstart evaluate --json` (its own preprocessing, and --tta flip where
+its run evaluated so: the budget recipe does); both in fp32. Everything stays in OUT.
 """
 
 import argparse
@@ -203,9 +204,12 @@ def score_holdout(args, name: str, side: dict, data: Path, log: Path) -> None:
         run_logged(cmd, log)
         side["holdout_top1"] = round(float(json.loads(result.read_text())["top1"]), 2)
     else:
+        # as its run evaluated: the budget recipe averages each image with its mirror (config tta), which
+        # `evaluate` applies only when asked
+        tta = torch.load(side["checkpoint"], map_location="cpu", weights_only=True)["config"].get("tta")
         cmd = [sys.executable, "-m", "warmstart", "evaluate", "--checkpoint", side["checkpoint"],
                "--data", str(data / "holdout"), "-b", str(args.batch_size), "-j", str(args.workers),
-               "--device", args.device, "--json"]
+               "--device", args.device, "--json", *(["--tta", tta] if tta else [])]
         _, lines = run_logged(cmd, log)
         side["holdout_top1"] = round(json.loads(lines[-1][1])["top1"], 2)
     side["holdout_cmd"] = cmd

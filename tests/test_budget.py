@@ -248,3 +248,32 @@ def test_torchrun_two_ranks_whose_clocks_disagree_stop_at_the_same_update(data, 
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["train_state"]["budget"]["progress"] == 1.0
     assert ckpt["train_state"]["optimizer"]["param_groups"][0]["lr"] == 0.0
+
+
+def test_finetune_under_a_budget_ramps_to_the_checkpoints_own_size(trained, data, tmp_path):
+    """finetune takes its training size from the checkpoint (32 px here) after the budget recipe derived the first
+    size from the default 224: that start (168 px) must follow the checkpoint's size, not ramp down to it."""
+    run = tmp_path / "ft"
+    assert main(["finetune", "--from", str(trained / "checkpoints" / "last.pt"), "--data", str(data), "--out", str(run),
+                 "-b", "16", "-j", "0", "--budget-images", "100"]) == 0
+    cfg = checkpoint.load(run / "checkpoints" / "last.pt")["config"]
+    assert cfg["img_size"] == 32 and cfg["img_size_start"] == 24  # 3/4 of 32
+    sizes = [json.loads(line)["img_size"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sizes == sorted(sizes) and max(sizes) <= 32, sizes
+
+
+def test_a_plan_with_less_than_half_an_update_left_ends_now():
+    """Re-planned at an epoch's end with 2 images to go (of 64 an update): the run ends there instead of starting an
+    epoch for one update (what overran a 87 s budget by 3%)."""
+    b = budget.Budget("time", 100.0, progress=0.99, images=9216, total=9300.0, rates={64: 100.0})
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    clock = budget.Clock(b, lambda w: recipe.build_scheduler(TrainConfig(sched="linear"), opt, 1, budget_warmup=w),
+                         step=144, images_per_update=64, epoch_images=1152, warmup_images=0, start=48, final=64,
+                         time_eval=lambda: 0.0)
+    clock.budget.replan = lambda *a: 9218.0  # what the measured rates said
+    clock.epoch_ended(0.3)
+    assert clock.done() and b.progress == 1.0 and b.images == 9216
+    b.total = 9400.0
+    clock.budget.replan = lambda *a: 9250.0  # half an update or more: one more update
+    clock.epoch_ended(0.3)
+    assert not clock.done() and b.total == 9250.0

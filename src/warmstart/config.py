@@ -286,6 +286,12 @@ BUDGET_DEFAULTS = {"sched": "linear", "warmup_epochs": 1.0, "label_smoothing": 0
 BUDGET_START, BUDGET_EVAL = 0.75, 4 / 3
 
 
+def budget_sizes(img_size: int) -> dict:
+    """The budget recipe's first and evaluation sizes for a final training size."""
+    return {"img_size_start": max(8, min(img_size, int(round(BUDGET_START * img_size / 8) * 8))),
+            "eval_img_size": max(8, int(round(BUDGET_EVAL * img_size / 8) * 8))}
+
+
 # how this invocation starts its processes, not what the run is: a resumed run may be launched another way
 LAUNCH = ("multiprocessing_distributed", "dist_url", "dist_backend", "world_size", "rank", "nproc_per_node", "device",
           "decoder", "threads", "workers", "cache_dir", "cache_limit")  # a --decoder gpu run resumes on a CPU machine
@@ -334,10 +340,7 @@ def resolve(args: argparse.Namespace, command: str = "train") -> TrainConfig:
         values["eval_every"] = 0                       # in config.yaml, so a resumed budget run does the same
     if budget_given and not getattr(args, "config", None):
         img = values.get("img_size", TrainConfig.img_size)
-        for k, fraction in (("img_size_start", BUDGET_START), ("eval_img_size", BUDGET_EVAL)):
-            if k not in values:
-                values[k] = max(8, int(round(fraction * img / 8) * 8))
-        values["img_size_start"] = min(img, values["img_size_start"])
+        values = {**budget_sizes(img), **values}
     cfg = TrainConfig(**values)
     cfg.given, cfg.from_yaml = given, from_yaml
     check_budget(cfg, flags)

@@ -143,6 +143,8 @@ def finetune(cfg: config.TrainConfig, dist: distributed.Dist) -> int:
         # the checkpoint's preprocessing, unless overridden: its training resolution, eval size, crop, mean/std
         if "img_size" not in cfg.given and base.config.get("img_size"):
             cfg.img_size = base.config["img_size"]
+            if cfg.img_size_start and "img_size_start" not in cfg.given:  # the budget recipe's, from the default size
+                cfg.img_size_start = config.budget_sizes(cfg.img_size)["img_size_start"]
         if "eval_img_size" not in cfg.given and "img_size" not in cfg.given and base.transform.get("size"):
             cfg.eval_img_size = base.transform["size"]
         if "crop_pct" not in cfg.given and base.transform.get("crop_pct"):

@@ -149,6 +149,7 @@ SETTLE_UPDATES = 3  # an epoch's first updates, left out of its rate once later 
 # run ahead, and progress never goes back: the rest of the budget would train at a near-zero LR. Re-planned every
 # 10 updates (one float gathered from rank 0), so a wrong estimate lives briefly.
 WINDOW = 30
+EXIT_SECONDS = 2.0  # after the final checkpoint: the save awaited, curves.png drawn (~1 s of matplotlib), exit
 
 
 class Clock:
@@ -253,7 +254,7 @@ class Clock:
         # kept aside: the final evaluation and checkpoint, and the exit (workers joined, curves drawn)
         if self.eval_seconds is None:
             self.eval_seconds = self.time_eval()
-        b.reserve = self.eval_seconds + max(1.0, b.overhead) + 0.01 * b.amount
+        b.reserve = self.eval_seconds + max(1.0, b.overhead) + EXIT_SECONDS + 0.01 * b.amount
         total = b.replan(b.seconds_left(self.started), self.start, self.final, self.epoch_images)
         total = float(self.agree(total))  # rank 0's plan for everyone
         if first and total < b.images + self.images_per_update:
@@ -264,7 +265,10 @@ class Clock:
         if first:
             b.plan_images(total, self.warmup_images)
             self.scheduler = self.make_scheduler(b.warmup)
-        b.total = max(total, b.images + 1.0)
+        if not first and total - b.images < self.images_per_update / 2:
+            b.total, b.progress = b.images, 1.0  # less than half an update left: not worth an epoch's start
+        else:
+            b.total = max(total, b.images + 1.0)
 
     def state(self) -> dict:
         """What a checkpoint keeps: the plan, and the time this run has spent so far (a resume adds to it)."""
