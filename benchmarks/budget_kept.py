@@ -2,7 +2,7 @@
 run killed at half its budget and resumed.
 
     python benchmarks/budget_kept.py --data ../shared/data/imagenette-dev [--budgets 1m=4,2m=8,4m=16] [--plan 4m]
-        [--resume 2m] [--model resnet18 --img-size 64] [--out DIR] [--json]
+        [--resume 2m] [--stopped 2m] [--model resnet18 --img-size 64] [--out DIR] [--json]
 
 For each B=E of --budgets, alternated (the budget run first in odd pairs): `train --time-budget B` and `train
 --epochs E` (E: the epoch count a person would pick to fit B on this machine), each the whole command's wall time
@@ -10,7 +10,9 @@ and its final top-1 (metrics.jsonl). --plan B: `train --plan --time-budget B` (i
 for comparison, the same budget's real wall time from the first part. --resume B: `train --time-budget B` SIGKILLed
 (data workers too) once its last.pt records half the budget's progress, then `--resume auto`: the training time it
 accounted (the checkpoint's budget `used`: the two processes' time, the dead time between them excluded), whether
-its LR ever rose (metrics.jsonl), and its top-1 against the uninterrupted run of the same budget. Each command starts
+its LR ever rose (metrics.jsonl), and its top-1 against the uninterrupted run of the same budget. --stopped B: plain
+`train` (the default 40-epoch schedule, evaluated every epoch) sent SIGTERM after B, as a job's time limit would:
+the best top-1 it reached (its best.pt) against `--time-budget B`'s. Each command starts
 after a sync and --settle seconds, the dataset read once before (benchmarks/prepare.py's settle_then_read).
 """
 
@@ -31,14 +33,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prepare import settle_then_read  # noqa: E402
 
 
-def train(args, out: Path, *flags: str, kill_at: float | None = None) -> dict:
-    """One `warmstart train`; -> wall seconds, final top-1, LRs per epoch, the budget it recorded."""
+def train(args, out: Path, *flags: str, kill_at: float | None = None, stop_after: float | None = None) -> dict:
+    """One `warmstart train`; -> wall seconds, final and best top-1, LRs per epoch, the budget it recorded.
+    stop_after: SIGTERM after that many seconds (the run saves and exits, as under a job's time limit)."""
     cmd = [sys.executable, "-m", "warmstart", "train", str(args.data), "-a", args.model, "--img-size",
            str(args.img_size), "--seed", "0", "--out", str(out), *flags]
     settle_then_read(args.settle, [p for p in args.data.rglob("*") if p.is_file()])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    if kill_at is None:
+    if stop_after is not None:
+        try:
+            log = proc.communicate(timeout=stop_after)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            log = proc.communicate()[0]
+    elif kill_at is None:
         log = proc.communicate()[0]
     else:  # SIGKILL the whole process group once last.pt records `kill_at` of the budget's progress
         last, progress, seen = out / "checkpoints" / "last.pt", 0.0, None
@@ -57,7 +66,9 @@ def train(args, out: Path, *flags: str, kill_at: float | None = None) -> dict:
         if (out / "metrics.jsonl").is_file() else []
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True) if (out / "checkpoints" / "last.pt").is_file() else None
     budget = (ckpt or {}).get("train_state", {}).get("budget") if ckpt else None
+    scored = [r["val_top1"] for r in rows if r.get("val_top1") is not None]
     return {"flags": flags, "wall": wall, "top1": rows[-1].get("val_top1") if rows else None,
+            "best_top1": max(scored) if scored else None,
             "lrs": [r.get("lr") for r in rows], "budget": budget, "log_tail": log.splitlines()[-3:]}
 
 
@@ -67,6 +78,8 @@ def main() -> None:
     p.add_argument("--budgets", default="1m=4,2m=8,4m=16", help="BUDGET=EPOCHS pairs: the fixed run's epochs")
     p.add_argument("--plan", default="4m", help="a budget to plan with --plan and compare ('' to skip)")
     p.add_argument("--resume", default="2m", help="a budget to kill at half and resume ('' to skip)")
+    p.add_argument("--stopped", default="2m", help="the default schedule (40 epochs) stopped by SIGTERM after this "
+                   "long, its best top-1 against the same --time-budget's ('' to skip)")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--settle", type=float, default=5.0)
@@ -83,6 +96,12 @@ def main() -> None:
             results["budgets"].setdefault(budget, {})[name] = r
             print(f"{budget} {name:>6} ({' '.join(flags)}): {r['wall']:.1f} s ({r['wall'] / duration(budget):.3f}x "
                   f"of {budget}), top-1 {r['top1']}", flush=True)
+    if args.stopped:
+        r = train(args, args.out / f"{args.stopped}-stopped", stop_after=duration(args.stopped))
+        results["stopped"] = r
+        own = results["budgets"].get(args.stopped, {}).get("budget", {}).get("top1")
+        print(f"default schedule stopped at {args.stopped}: {r['wall']:.1f} s, best top-1 {r['best_top1']} (its "
+              f"best.pt) against --time-budget {args.stopped}'s {own}", flush=True)
     if args.plan:
         out = subprocess.run([sys.executable, "-m", "warmstart", "train", str(args.data), "-a", args.model,
                               "--img-size", str(args.img_size), "--seed", "0", "--out", str(args.out / "plan"),

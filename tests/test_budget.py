@@ -130,6 +130,8 @@ def test_an_image_budget_trains_its_images_and_ends_with_lr_zero(data, tmp_path)
     assert b["kind"] == "images" and b["progress"] == 1.0 and b["images"] == 208 and ckpt["train_state"]["position"]["step"] == 13
     assert ckpt["train_state"]["optimizer"]["param_groups"][0]["lr"] == 0.0
     assert ckpt["config"]["sched"] == "linear"  # the budget recipe, no --config given
+    # its sizes: a start at 3/4 of --img-size 32, evaluation at 4/3 (42.7, rounded to 8) averaged with the mirror
+    assert (ckpt["config"]["img_size_start"], ckpt["transform"]["size"], ckpt["config"]["tta"]) == (24, 40, "flip")
     lines = (run / "log.txt").read_text()
     assert "epoch 3 (budget 100% spent)" in lines and "val loss" in lines
 

@@ -152,6 +152,12 @@ WINDOW = 30
 EXIT_SECONDS = 2.0  # after the final checkpoint: the save awaited, curves.png drawn (~1 s of matplotlib), exit
 
 
+def reserve(eval_seconds: float, overhead: float, amount: float) -> float:
+    """Seconds a time budget keeps aside from training: the final evaluation, its checkpoint (at least a second), the
+    exit, and 1% of the budget for the estimates' error."""
+    return eval_seconds + max(1.0, overhead) + EXIT_SECONDS + 0.01 * amount
+
+
 class Clock:
     """A budget as the training loop meets it. It stands in for the LR scheduler (`step_update(step)`: progress
     advances by the images of the updates since the last call, then timm's scheduler is stepped in progress units),
@@ -254,7 +260,7 @@ class Clock:
         # kept aside: the final evaluation and checkpoint, and the exit (workers joined, curves drawn)
         if self.eval_seconds is None:
             self.eval_seconds = self.time_eval()
-        b.reserve = self.eval_seconds + max(1.0, b.overhead) + EXIT_SECONDS + 0.01 * b.amount
+        b.reserve = reserve(self.eval_seconds, b.overhead, b.amount)
         total = b.replan(b.seconds_left(self.started), self.start, self.final, self.epoch_images)
         total = float(self.agree(total))  # rank 0's plan for everyone
         if first and total < b.images + self.images_per_update:

@@ -116,10 +116,10 @@ def show(run) -> None:
             f"{'loader' if loader < step else 'step':>7} {epoch_images / rate:>8.1f} {n / rate:>7.0f}s")
     say(f"evaluation: {evaluation:.1f} s each at {cfg.eval_size} px x {evals}")
     say("LR by progress: " + " | ".join(f"{100 * p:.0f}% {lr:.3g}" for p, lr in lr_at))
-    total = startup + training + evals * evaluation
+    total = startup + training + evals * evaluation + budgets.EXIT_SECONDS
     budget_txt = f" (budget {options.duration(cfg.time_budget):.0f} s)" if cfg.time_budget else ""
     say(f"expected wall time: start-up {startup:.0f} s + training {training:.0f} s + evaluation "
-        f"{evals * evaluation:.0f} s = {total:.0f} s{budget_txt}")
+        f"{evals * evaluation:.0f} s + exit {budgets.EXIT_SECONDS:.0f} s = {total:.0f} s{budget_txt}")
 
 
 def _schedule(run, rates: dict, evaluation: float, startup: float) -> tuple[dict, int, list]:
@@ -132,7 +132,7 @@ def _schedule(run, rates: dict, evaluation: float, startup: float) -> tuple[dict
                            options.duration(cfg.time_budget) if cfg.time_budget else cfg.budget_images, rates=dict(rates))
         warmup = cfg.warmup_epochs * epoch_images
         if cfg.time_budget:
-            b.reserve = evaluation + 1.0 + 0.01 * b.amount
+            b.reserve = budgets.reserve(evaluation, 0.0, b.amount)
             b.replan(b.amount - startup, start, final, epoch_images)
         b.plan_images(b.total if cfg.time_budget else b.amount, warmup)
         images: dict = {}
