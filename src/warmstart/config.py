@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from warmstart import fileio, lr_rules, options, untrusted
-from warmstart.errors import UserError, first_line
+from warmstart.errors import UserError
 
 
 def _opt(default, help: str, *flags: str, choices=None, metavar=None, only: str | None = None):
