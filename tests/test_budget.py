@@ -102,7 +102,8 @@ def test_a_checkpoint_budget_is_checked(tmp_path):
     assert checkpoint._is_budget(good) and checkpoint._is_budget(None)
     for bad in ({**good, "kind": "forever"}, {**good, "progress": 2.0}, {**good, "used": float("nan")},
                 {**good, "rates": {"48": 10.0}}, {**good, "rates": {48: -1.0}}, {**good, "code": "x"},
-                {**good, "size": -8}, {**good, "size": 56.5}):
+                {**good, "size": -8}, {**good, "size": 56.5}, {**good, "size": 48.0}, {**good, "size": 4},
+                {**good, "size": 10**6}, {**good, "size": True}):
         assert not checkpoint._is_budget(bad), bad
 
 
@@ -273,9 +274,20 @@ def test_a_plan_with_less_than_half_an_update_left_ends_now():
                          step=144, images_per_update=64, epoch_images=1152, warmup_images=0, start=48, final=64,
                          time_eval=lambda: 0.0)
     clock.budget.replan = lambda *a: 9218.0  # what the measured rates said
-    clock.epoch_ended(0.3)
-    assert clock.done() and b.progress == 1.0 and b.images == 9216
+    assert clock.epoch_ending() and clock.done() and b.progress == 1.0 and b.images == 9216
     b.total = 9400.0
     clock.budget.replan = lambda *a: 9250.0  # half an update or more: one more update
-    clock.epoch_ended(0.3)
-    assert not clock.done() and b.total == 9250.0
+    assert not clock.epoch_ending() and b.total == 9250.0
+
+
+def test_a_budget_that_ends_at_an_epochs_end_evaluates_there(data, tmp_path, monkeypatch):
+    """The re-plan at an epoch's end may find less than half an update left: the run ends there, and that epoch end
+    is the last one, with the final evaluation and best.pt (it once re-planned after deciding not to evaluate)."""
+    epoch = 6 * 16  # 96 images, batch 16; re-plans every 10 updates and at epoch ends (6, 12, 18)
+    monkeypatch.setattr(budget.Budget, "replan",
+                        lambda self, *a: self.images + 2.0 if self.images >= 3 * epoch else 10_000.0)
+    run = tmp_path / "run"
+    assert main(["train", str(data), *TINY, *QUICK, "--out", str(run), "--time-budget", "5m"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and "val_top1" in rows[-1] and "val_top1" not in rows[0]
+    assert (run / "checkpoints" / "best.pt").is_file()

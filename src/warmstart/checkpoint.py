@@ -330,7 +330,7 @@ def _check_train_state(train, path) -> None:
         raise _malformed(path, "train_state.optimizer", "not an optimizer state_dict")
     if not _is_budget(train.get("budget")):
         raise _malformed(path, "train_state.budget", "needs a kind (time or images), finite non-negative amounts, "
-                         "progress from 0 to 1 and rates by image size")
+                         "progress from 0 to 1, rates by image size and an image size of 8 to 4096")
 
 
 def _is_budget(b) -> bool:
@@ -342,6 +342,7 @@ def _is_budget(b) -> bool:
             and all(type(b.get(k, 0.0)) in (int, float) and math.isfinite(b.get(k, 0.0)) and b.get(k, 0.0) >= 0
                     for k in numbers)
             and b.get("progress", 0.0) <= 1 and whole_number(b.get("images", 0)) and whole_number(b.get("size", 0))
+            and (b.get("size", 0) == 0 or 8 <= b["size"] <= 4096)
             and isinstance(b.get("rates", {}), dict)
             and all(whole_number(k, 1) and type(v) in (int, float) and math.isfinite(v) and v > 0
                     for k, v in b.get("rates", {}).items()))

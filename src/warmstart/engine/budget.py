@@ -178,7 +178,7 @@ class Clock:
         self.start, self.final, self.time_eval, self.eval_seconds = start, final, time_eval, None
         self.agree, self.replan_every = agree, replan_every
         self.started = process_started()
-        self.epoch_t0, self.epoch_images_done, self.size = time.perf_counter(), 0, budget.size or self.next_size()
+        self.epoch_t0, self.epoch_images_done, self.size = time.perf_counter(), 0, self.next_size()
         self.window: deque = deque(maxlen=WINDOW)  # (time, images this epoch) at the recent updates
         if budget.kind == "images" and not budget.total:
             budget.plan_images(budget.amount, warmup_images)
@@ -218,17 +218,22 @@ class Clock:
     def epoch_started(self, resumed: bool = False) -> int:
         """The size of the epoch about to train (`resumed`: part of it was trained by an earlier process, whose size
         it keeps); its clock starts now."""
-        if not (resumed and self.budget.size):
+        if not (resumed and self.start <= self.budget.size <= self.final):  # (0: a checkpoint from before sizes)
             self.budget.size = self.next_size()
         self.size, self.epoch_t0, self.epoch_images_done = self.budget.size, time.perf_counter(), 0
         self.window.clear()
         return self.size
 
-    def epoch_ended(self, overhead: float) -> None:
-        """After an epoch end's evaluation and save (`overhead` seconds): measured, and the plan re-estimated."""
-        self.budget.overhead = overhead if not self.budget.overhead else 0.5 * (self.budget.overhead + overhead)
+    def epoch_ending(self) -> bool:
+        """At an epoch's end, before it decides whether to evaluate: a time budget re-planned (an epoch shorter than
+        the probe makes the first plan here; a plan may end the run here). True when the budget is spent."""
         if self.budget.kind == "time" and not self.budget.done():
-            self.replan(first=not self.budget.total)  # an epoch shorter than the probe: the first plan is here
+            self.replan(first=not self.budget.total)
+        return self.budget.done()
+
+    def epoch_ended(self, overhead: float) -> None:
+        """After an epoch end's evaluation and save (`overhead` seconds): measured for the next plans."""
+        self.budget.overhead = overhead if not self.budget.overhead else 0.5 * (self.budget.overhead + overhead)
 
     def evaluated(self, seconds: float) -> None:
         """An evaluation took this long: the final one will too (the reserve)."""

@@ -485,7 +485,7 @@ class Run:
         epoch = pos.epoch + (pos.batch_in_epoch > 0)  # an epoch the budget ended counts as the one it was in
         row = {"epoch": epoch, "lr": max(g["lr"] for g in self.step.optimizer.param_groups), "img_size": size,
                **stats}
-        last = self.clock.done() if self.clock else pos.epoch == cfg.epochs
+        last = self.clock.epoch_ending() if self.clock else pos.epoch == cfg.epochs
         every = cfg.eval_every  # 0: only after the last (a budget's default)
         if last or (every and pos.epoch % every == 0):
             t_eval = time.perf_counter()
