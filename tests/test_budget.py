@@ -38,6 +38,15 @@ def test_the_size_stays_low_then_ramps_to_the_final_size():
     assert sizes == sorted(sizes) and all(s % 8 == 0 for s in sizes)
 
 
+def test_the_recipes_sizes_are_three_quarters_and_four_thirds_halves_rounded_up():
+    from warmstart.config import budget_sizes
+
+    assert budget_sizes(64) == {"img_size_start": 48, "eval_img_size": 88}
+    assert budget_sizes(192) == {"img_size_start": 144, "eval_img_size": 256}  # FFCV evaluates its 192 at 256
+    assert budget_sizes(48)["img_size_start"] == 40  # 36 -> 40 (rounded to even it was 32)
+    assert budget_sizes(8) == {"img_size_start": 8, "eval_img_size": 8}
+
+
 def test_an_epoch_trains_at_the_size_of_its_middle_so_a_short_run_ends_at_the_final_size():
     """Sizes change at epoch starts only: taken at the progress an epoch starts from, a 5-epoch budget would train its
     last epoch (80-100%) at 56 px; at its middle (90%) it is 64. A resume mid-epoch keeps the epoch's size."""
