@@ -178,7 +178,7 @@ class Clock:
         self.start, self.final, self.time_eval, self.eval_seconds = start, final, time_eval, None
         self.agree, self.replan_every = agree, replan_every
         self.started = process_started()
-        self.epoch_t0, self.epoch_images_done, self.size = time.perf_counter(), 0, self.next_size()
+        self.epoch_t0, self.epoch_images_done = time.perf_counter(), 0
         self.window: deque = deque(maxlen=WINDOW)  # (time, images this epoch) at the recent updates
         if budget.kind == "images" and not budget.total:
             budget.plan_images(budget.amount, warmup_images)
@@ -205,6 +205,11 @@ class Clock:
 
     # ---------------------------------------------------------------- epochs
 
+    @property
+    def size(self) -> int:
+        """The size of the epoch in progress (the plan keeps it)."""
+        return self.budget.size
+
     def next_size(self) -> int:
         """The size at the progress the next epoch will have reached half-way through, as planned now: with a few
         epochs in a budget, the size at an epoch's start would lag the ramp by up to an epoch (a 5-epoch run would
@@ -220,7 +225,7 @@ class Clock:
         it keeps); its clock starts now."""
         if not (resumed and self.start <= self.budget.size <= self.final):  # (0: a checkpoint from before sizes)
             self.budget.size = self.next_size()
-        self.size, self.epoch_t0, self.epoch_images_done = self.budget.size, time.perf_counter(), 0
+        self.epoch_t0, self.epoch_images_done = time.perf_counter(), 0
         self.window.clear()
         return self.size
 
