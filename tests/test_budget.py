@@ -211,7 +211,9 @@ def test_fast_yaml_is_the_budget_recipe_at_imagenet_sizes():
     from warmstart import config
 
     recipe = config.load_yaml(str(Path(__file__).resolve().parents[1] / "examples" / "recipes" / "fast.yaml"))
-    assert {k: recipe[k] for k in config.BUDGET_DEFAULTS} == config.BUDGET_DEFAULTS
+    # but label smoothing: it pays over fast.yaml's 16 ImageNet epochs (FFCV) and costs at budgets of a few
+    same = [k for k in config.BUDGET_DEFAULTS if k != "label_smoothing"]
+    assert {k: recipe[k] for k in same} == {k: config.BUDGET_DEFAULTS[k] for k in same}
     assert recipe["img_size_start"] == round(config.BUDGET_START * recipe["img_size"] / 8) * 8  # 144 of 192
     assert recipe["eval_img_size"] == round(config.BUDGET_EVAL * recipe["img_size"] / 8) * 8  # 256 for 192
 
