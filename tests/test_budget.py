@@ -214,8 +214,8 @@ def test_fast_yaml_is_the_budget_recipe_at_imagenet_sizes():
     # but label smoothing: it pays over fast.yaml's 16 ImageNet epochs (FFCV) and costs at budgets of a few
     same = [k for k in config.BUDGET_DEFAULTS if k != "label_smoothing"]
     assert {k: recipe[k] for k in same} == {k: config.BUDGET_DEFAULTS[k] for k in same}
-    assert recipe["img_size_start"] == round(config.BUDGET_START * recipe["img_size"] / 8) * 8  # 144 of 192
-    assert recipe["eval_img_size"] == round(config.BUDGET_EVAL * recipe["img_size"] / 8) * 8  # 256 for 192
+    sizes = config.budget_sizes(recipe["img_size"])  # 144 of 192, evaluated at 256
+    assert recipe["img_size_start"] == sizes["img_size_start"] and recipe["eval_img_size"] == sizes["eval_img_size"]
 
 
 def test_plan_measures_prints_the_schedule_and_trains_nothing(data, tmp_path, capsys, monkeypatch):

@@ -289,8 +289,10 @@ BUDGET_START, BUDGET_EVAL = 0.75, 4 / 3
 
 def budget_sizes(img_size: int) -> dict:
     """The budget recipe's first and evaluation sizes for a final training size."""
-    return {"img_size_start": max(8, min(img_size, int(BUDGET_START * img_size / 8 + 0.5) * 8)),  # halves round up
-            "eval_img_size": max(8, int(BUDGET_EVAL * img_size / 8 + 0.5) * 8)}
+    def to8(px: float) -> int:  # the nearest multiple of 8, halves up (round() would take 36 to 32), at least 8
+        return max(8, int(px / 8 + 0.5) * 8)
+
+    return {"img_size_start": min(img_size, to8(BUDGET_START * img_size)), "eval_img_size": to8(BUDGET_EVAL * img_size)}
 
 
 # how this invocation starts its processes, not what the run is: a resumed run may be launched another way
